@@ -1,0 +1,12 @@
+"""pymeta: meta-learning for PyTorch on compiled CPU/CUDA kernels.
+
+The kernel core (``pymeta._C``) takes raw buffers and links no libtorch, so one build works
+with any torch >= 2.5 and with plain numpy. See :mod:`pymeta.ops`.
+"""
+from . import _C  # the compiled core loads before torch: both import orders must work
+from . import ops
+from ._info import info
+
+__version__: str = _C.info()["version"]
+
+__all__ = ["ops", "info", "__version__"]

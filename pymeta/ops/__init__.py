@@ -1,0 +1,13 @@
+"""pymeta's compiled ops, for torch tensors (CPU and CUDA) and numpy arrays.
+
+- :func:`pairwise_distances`: batched query-to-support distances.
+- :func:`class_prototypes`: batched per-class mean embeddings.
+- :func:`sgd_step` / :func:`sgd_step_`: one fused SGD update over a list of tensors.
+
+``pymeta.ops.reference`` holds plain-torch versions of each, used to check the kernels.
+"""
+from .class_prototypes import class_prototypes
+from .pairwise_distances import METRICS, pairwise_distances
+from .sgd_step import sgd_step, sgd_step_
+
+__all__ = ["pairwise_distances", "class_prototypes", "sgd_step", "sgd_step_", "METRICS"]

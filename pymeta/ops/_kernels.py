@@ -1,0 +1,96 @@
+"""Adapter from torch tensors and numpy arrays to the raw-buffer kernels in ``pymeta._C``.
+
+The compiled core takes data pointers, sizes, a dtype code and (on CUDA) a stream handle;
+this module turns tensors into those arguments and holds the checks every op shares.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import _C
+
+# Codes shared with csrc/common.h.
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+NUMPY_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_BUILT: bool = _C.info()["cuda"]
+
+
+def launch(t: torch.Tensor) -> tuple[int, int, int]:
+    """(device index or -1 for CPU, CUDA stream handle, CPU thread count) for a kernel call."""
+    if t.is_cuda:
+        index = t.device.index
+        return index, torch.cuda.current_stream(index).cuda_stream, 1
+    return -1, 0, torch.get_num_threads()
+
+
+def numpy_launch() -> tuple[int, int, int]:
+    return -1, 0, torch.get_num_threads()
+
+
+def functorch_active() -> bool:
+    """True inside torch.func transforms, where tensors are wrappers without data pointers."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_float_tensors(op: str, **tensors: torch.Tensor) -> torch.Tensor:
+    """Checks that all tensors share one supported floating dtype and one device."""
+    items = list(tensors.items())
+    name0, t0 = items[0]
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or numpy array, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{op}: {name0} is {t0.dtype} but {name} is {t.dtype}; use one dtype")
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {name0} is on {t0.device} but {name} is on {t.device}")
+    if t0.is_cuda:
+        if not CUDA_BUILT:
+            raise RuntimeError(f"{op}: pymeta was built without CUDA kernels; reinstall it "
+                               "with a CUDA toolkit present (PYMETA_CUDA=ON)")
+        if t0.dtype not in DTYPE_CODES:
+            raise TypeError(f"{op}: unsupported CUDA dtype {t0.dtype}")
+    elif t0.device.type != "cpu":
+        raise ValueError(f"{op}: unsupported device {t0.device}; use cpu or cuda")
+    elif t0.dtype not in CPU_DTYPES:
+        raise TypeError(f"{op}: CPU kernels support float32 and float64, got {t0.dtype}")
+    return t0
+
+
+def numpy_float(op: str, name: str, a: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+    """A C-contiguous float32/float64 copy-if-needed of ``a``."""
+    if a.dtype.kind != "f" or a.dtype not in NUMPY_DTYPE_CODES:
+        raise TypeError(f"{op}: {name} must be a float32 or float64 array, got {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{op}: arrays must share one dtype, got {dtype} and {a.dtype} ({name})")
+    return np.ascontiguousarray(a)
+
+
+def ptr(t: torch.Tensor | np.ndarray | None) -> int:
+    if t is None:
+        return 0
+    if isinstance(t, np.ndarray):
+        return t.ctypes.data
+    return t.data_ptr()
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def batch_front(batch_size: int, in_dims, *tensors):
+    """For vmap rules: the vmapped dim of every tensor moved to the front, unbatched ones
+    expanded, so ops that accept any leading (task) dims can run the whole batch at once."""
+    return tuple(
+        t if t is None else
+        t.unsqueeze(0).expand(batch_size, *t.shape) if d is None else t.movedim(d, 0)
+        for t, d in zip(tensors, in_dims))

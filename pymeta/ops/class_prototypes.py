@@ -1,0 +1,226 @@
+"""``class_prototypes``: per-class mean embeddings for a batch of tasks.
+
+Kernels: ``csrc/{cpu,cuda}/class_prototypes*``. Call paths as in ``pairwise_distances``:
+direct kernel, ``autograd.Function`` with a vmap rule, and the registered op
+``pymeta::class_prototypes`` for ``torch.compile`` (which never validates labels).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import _C
+from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, batch_front, check_float_tensors,
+                       functorch_active, launch, needs_autograd, numpy_float, numpy_launch, ptr,
+                       shape_str)
+
+_OP = "class_prototypes"
+_OUT_OF_RANGE, _EMPTY_CLASS = 1, 2
+
+
+def _check_shapes(z, labels, num_classes) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise TypeError(f"{_OP}: num_classes must be an int, got {type(num_classes).__name__}")
+    if num_classes < 0:
+        raise ValueError(f"{_OP}: num_classes must be >= 0, got {num_classes}")
+    if z.ndim < 2:
+        raise ValueError(f"{_OP}: z needs shape [..., samples, features], got {shape_str(z.shape)}")
+    if tuple(labels.shape) != tuple(z.shape[:-1]):
+        raise ValueError(f"{_OP}: labels must have shape {shape_str(z.shape[:-1])} (z without "
+                         f"its feature dim), got {shape_str(labels.shape)}")
+
+
+def _raise_label_error(status: int, task: int, index: int, value: int, lead, num_classes: int):
+    index_of_task = tuple(int(i) for i in np.unravel_index(task, lead)) if lead else ()
+    where = f"task {index_of_task[0] if len(lead) == 1 else index_of_task}" if lead else "the task"
+    if status == _OUT_OF_RANGE:
+        raise ValueError(f"{_OP}: label {value} at sample {index} of {where} is outside "
+                         f"[0, {num_classes})")
+    raise ValueError(f"{_OP}: class {index} has no example in {where}; every class in "
+                     f"[0, {num_classes}) needs at least one sample")
+
+
+def _launch_forward(dev, z, labels, out, lead, num_classes, validate, dtype_code):
+    *_, S, D = z.shape
+    B = int(np.prod(lead, dtype=np.int64))
+    status = _C.class_prototypes_forward(*dev, dtype_code, B, S, num_classes, D, ptr(z),
+                                         ptr(labels), ptr(out), validate)
+    if status[0]:
+        _raise_label_error(*status, lead, num_classes)
+
+
+def _forward_kernel(z, labels, num_classes: int, validate: bool = False) -> torch.Tensor:
+    lead = tuple(z.shape[:-2])
+    z, labels = z.contiguous(), labels.contiguous().long()
+    out = z.new_empty(*lead, num_classes, z.shape[-1])
+    if out.numel() or (validate and labels.numel()):
+        _launch_forward(launch(z), z, labels, out, lead, num_classes, validate,
+                        DTYPE_CODES[z.dtype])
+    return out
+
+
+def _backward_kernel(grad, labels, num_classes: int) -> torch.Tensor:
+    *lead, C, D = grad.shape
+    S = labels.shape[-1]
+    grad, labels = grad.contiguous(), labels.contiguous().long()
+    gz = grad.new_empty(*lead, S, D)
+    if gz.numel():
+        _C.class_prototypes_backward(*launch(grad), DTYPE_CODES[grad.dtype],
+                                     int(np.prod(lead, dtype=np.int64)), S, C, D, ptr(grad),
+                                     ptr(labels), ptr(gz))
+    return gz
+
+
+class _ClassPrototypes(torch.autograd.Function):
+    @staticmethod
+    def forward(z, labels, num_classes, validate):
+        return _forward_kernel(z, labels, num_classes, validate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, labels, num_classes, _ = inputs
+        ctx.save_for_backward(labels)
+        ctx.num_classes = num_classes
+
+    @staticmethod
+    def backward(ctx, grad):
+        (labels,) = ctx.saved_tensors
+        return _ClassPrototypesBackward.apply(grad, labels, ctx.num_classes), None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, z, labels, num_classes, validate):
+        z, labels = batch_front(info.batch_size, in_dims[:2], z, labels)
+        return _ClassPrototypes.apply(z, labels, num_classes, validate), 0
+
+
+class _ClassPrototypesBackward(torch.autograd.Function):
+    """grad_z[s] = grad[label_s] / count[label_s]. The map is linear, and its adjoint is the
+    class mean itself, so the double backward is the forward kernel."""
+
+    @staticmethod
+    def forward(grad, labels, num_classes):
+        return _backward_kernel(grad, labels, num_classes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, labels, num_classes = inputs
+        ctx.save_for_backward(labels)
+        ctx.num_classes = num_classes
+
+    @staticmethod
+    def backward(ctx, gg):
+        (labels,) = ctx.saved_tensors
+        return _ClassPrototypes.apply(gg, labels, ctx.num_classes, False), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad, labels, num_classes):
+        grad, labels = batch_front(info.batch_size, in_dims[:2], grad, labels)
+        return _ClassPrototypesBackward.apply(grad, labels, num_classes), 0
+
+
+# ---- registered ops, used under torch.compile ------------------------------------------
+
+@torch.library.custom_op("pymeta::class_prototypes", mutates_args=())
+def _class_prototypes_op(z: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return _forward_kernel(z, labels, num_classes)
+
+
+@_class_prototypes_op.register_fake
+def _(z, labels, num_classes):
+    return z.new_empty(*z.shape[:-2], num_classes, z.shape[-1])
+
+
+@torch.library.custom_op("pymeta::class_prototypes_backward", mutates_args=())
+def _class_prototypes_backward_op(grad: torch.Tensor, labels: torch.Tensor,
+                                  num_classes: int) -> torch.Tensor:
+    return _backward_kernel(grad, labels, num_classes)
+
+
+@_class_prototypes_backward_op.register_fake
+def _(grad, labels, num_classes):
+    return grad.new_empty(*labels.shape, grad.shape[-1])
+
+
+def _op_setup(ctx, inputs, output):
+    _, labels, num_classes = inputs
+    ctx.save_for_backward(labels)
+    ctx.num_classes = num_classes
+
+
+def _op_backward(ctx, grad):
+    (labels,) = ctx.saved_tensors
+    return torch.ops.pymeta.class_prototypes_backward(grad, labels, ctx.num_classes), None, None
+
+
+def _op_double_backward(ctx, gg):
+    (labels,) = ctx.saved_tensors
+    return torch.ops.pymeta.class_prototypes(gg, labels, ctx.num_classes), None, None
+
+
+_class_prototypes_op.register_autograd(_op_backward, setup_context=_op_setup)
+_class_prototypes_backward_op.register_autograd(_op_double_backward, setup_context=_op_setup)
+
+
+# ---- public API -------------------------------------------------------------------------
+
+def _check_labels_dtype(labels) -> None:
+    kind = labels.dtype.kind if isinstance(labels, np.ndarray) else (
+        "b" if labels.dtype == torch.bool else "f" if labels.is_floating_point() or
+        labels.is_complex() else "i")
+    if kind not in "iu":
+        raise TypeError(f"{_OP}: labels must be an integer array/tensor, got {labels.dtype}")
+
+
+def _numpy(z, labels, num_classes: int, validate: bool) -> np.ndarray:
+    if not (isinstance(z, np.ndarray) and isinstance(labels, np.ndarray)):
+        raise TypeError(f"{_OP}: z and labels must both be numpy arrays or both torch tensors")
+    _check_labels_dtype(labels)
+    z = numpy_float(_OP, "z", z)
+    _check_shapes(z, labels, num_classes)
+    lead = tuple(z.shape[:-2])
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    out = np.empty((*lead, num_classes, z.shape[-1]), z.dtype)
+    if out.size or (validate and labels.size):
+        _launch_forward(numpy_launch(), z, labels, out, lead, int(num_classes), validate,
+                        NUMPY_DTYPE_CODES[z.dtype])
+    return out
+
+
+def class_prototypes(z, labels, num_classes: int, validate: bool = True):
+    """Mean embedding of each class, task by task (Prototypical Networks' prototypes).
+
+    Args:
+        z: embeddings ``[..., S, D]`` (torch tensor or numpy array).
+        labels: integer class of each sample ``[..., S]``, in ``[0, num_classes)``. Need not
+            be sorted; shots may differ per class.
+        num_classes: number of classes C per task.
+        validate: check that every label is in range and every class has an example, and
+            raise ``ValueError`` naming the task and class otherwise (a host sync on CUDA).
+            Skipped under ``torch.compile``. Unvalidated, out-of-range labels are ignored and
+            an empty class gives NaN; memory is never touched out of bounds.
+
+    Returns:
+        ``[..., C, D]``, differentiable (to any order) in ``z``.
+
+    Example:
+        >>> import torch, pymeta.ops as ops
+        >>> z = torch.randn(32, 25, 64)                       # 5-way 5-shot, 32 tasks
+        >>> labels = torch.arange(5).repeat(5).expand(32, 25)
+        >>> ops.class_prototypes(z, labels, 5).shape
+        torch.Size([32, 5, 64])
+    """
+    if isinstance(z, np.ndarray) or isinstance(labels, np.ndarray):
+        return _numpy(z, labels, num_classes, validate)
+    check_float_tensors(_OP, z=z)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{_OP}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    _check_labels_dtype(labels)
+    if labels.device != z.device:
+        raise ValueError(f"{_OP}: z is on {z.device} but labels are on {labels.device}")
+    _check_shapes(z, labels, num_classes)
+    num_classes = int(num_classes)
+    if torch.compiler.is_compiling():
+        return torch.ops.pymeta.class_prototypes(z, labels, num_classes)
+    if functorch_active() or needs_autograd(z):
+        return _ClassPrototypes.apply(z, labels, num_classes, validate)
+    return _forward_kernel(z, labels, num_classes, validate)

@@ -1,0 +1,50 @@
+"""Plain-torch reference implementations of every pymeta op.
+
+They define the ops' semantics, are differentiable to any order through torch autograd, and
+are what the tests check the compiled kernels against. They are also used for the
+double-backward of ``pairwise_distances``, whose second derivative is rarely on a hot path.
+"""
+from __future__ import annotations
+
+import torch
+
+COSINE_EPS = 1e-8
+
+
+def pairwise_distances(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeuclidean") -> torch.Tensor:
+    """[..., Q, D] x [..., N, D] -> [..., Q, N] by broadcast-subtract or inner products."""
+    if metric in ("sqeuclidean", "euclidean"):
+        sq = (x.unsqueeze(-2) - y.unsqueeze(-3)).pow(2).sum(-1)
+        if metric == "sqeuclidean":
+            return sq
+        # sqrt with gradient 0 at zero distance, as torch.cdist
+        positive = sq > 0
+        return torch.where(positive, torch.where(positive, sq, 1).sqrt(), 0)
+    if metric == "dot":
+        return -(x @ y.transpose(-1, -2))
+    if metric == "cosine":
+        nx = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+        ny = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+        return 1 - (x / nx) @ (y / ny).transpose(-1, -2)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def pairwise_distances_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                                metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector-Jacobian product of :func:`pairwise_distances`, itself differentiable."""
+    _, vjp = torch.func.vjp(lambda a, b: pairwise_distances(a, b, metric), x, y)
+    return vjp(grad)
+
+
+def class_prototypes(z: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class means [..., C, D] by one-hot matrix product; empty classes give NaN."""
+    classes = torch.arange(num_classes, device=labels.device)
+    onehot = (labels.unsqueeze(-1) == classes).to(z.dtype)  # [..., S, C]
+    sums = onehot.transpose(-1, -2) @ z
+    return sums / onehot.sum(-2).unsqueeze(-1)
+
+
+def sgd_step(params, grads, lr):
+    """[p - lr * g for each tensor]; ``lr`` is a float or a list of broadcastable tensors."""
+    lrs = lr if isinstance(lr, (list, tuple)) else [lr] * len(params)
+    return [p - a * g for p, g, a in zip(params, grads, lrs)]

@@ -1,0 +1,383 @@
+"""``sgd_step`` / ``sgd_step_``: one fused SGD update over a whole list of tensors.
+
+Kernels: ``csrc/{cpu,cuda}/sgd_step*`` (one parallel region on CPU, one multi-tensor launch
+on CUDA). Each tensor's operands are described to the kernel as task slices: an operand is
+*full* (same shape as the result), *shared* (the result without its leading task dim),
+*scalar* (one element) or, for rates only, *per task* (``[T, 1, ..., 1]``). Any other
+broadcast is materialised first. Call paths as in ``pairwise_distances``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import _C
+from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, check_float_tensors, functorch_active,
+                       launch, needs_autograd, numpy_float, numpy_launch, ptr, shape_str)
+
+_OP = "sgd_step"
+_FULL, _SHARED, _SCALAR, _PER_TASK = range(4)
+
+
+def _kind(shape, out_shape) -> Optional[int]:
+    """How an operand of ``shape`` broadcasts to ``out_shape`` (None: needs materialising)."""
+    padded = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
+    if padded == tuple(out_shape):
+        return _FULL
+    if all(s == 1 for s in padded):
+        return _SCALAR
+    if padded[0] == 1 and padded[1:] == tuple(out_shape[1:]):
+        return _SHARED
+    if padded[0] == out_shape[0] and all(s == 1 for s in padded[1:]):
+        return _PER_TASK
+    return None
+
+
+class _Plan:
+    """Kernel descriptors for one call, grouped by task count (normally one group)."""
+
+    def __init__(self, params, grads, lrs, outs):
+        self.outs = outs
+        pending = []
+        for i, (p, g, out) in enumerate(zip(params, grads, outs)):
+            lr = lrs[i] if lrs is not None else None
+            out_shape = out.shape
+            ops, tasks = [], None
+            for name, t in (("p", p), ("g", g), ("lr", lr)):
+                kind = None if t is None else _kind(t.shape, out_shape)
+                if t is not None and (kind is None or (kind == _SCALAR and name != "lr")
+                                      or (kind == _PER_TASK and name != "lr")):
+                    t, kind = t.expand(out_shape).contiguous(), _FULL
+                elif t is not None:
+                    t = t.contiguous()
+                if kind in (_SHARED, _PER_TASK):
+                    tasks = out_shape[0]
+                ops.append((t, kind))
+            pending.append((out, ops, tasks))
+        forced = [t for *_, t in pending if t is not None]
+        common = max(set(forced), key=forced.count) if forced else 1
+        self.flat: dict[int, list[int]] = defaultdict(list)
+        self.keep = []  # materialised operands must live until the kernel has run
+        for out, ops, tasks in pending:
+            if tasks is not None and tasks != common:
+                T = tasks
+            elif out.numel() % max(common, 1) == 0:
+                T = common
+            else:
+                T = 1
+            self.flat[T].extend(_descriptor(out, ops, T))
+            self.keep.append(ops)
+
+
+def _descriptor(out, ops, T) -> list[int]:
+    M = out.numel() // T if T else 0
+    (p, pk), (g, gk), (lr, lk) = ops
+    stride = {_FULL: M, _SHARED: 0, _SCALAR: 0, _PER_TASK: 1}
+    return [ptr(out), ptr(p), ptr(g), ptr(lr),
+            stride[pk] if p is not None else 0, stride[gk],
+            stride[lk] if lr is not None else 0,
+            0 if lr is None or lk in (_SCALAR, _PER_TASK) else 1, M]
+
+
+def _run(plan: _Plan, dev, dtype_code: int, lr: float) -> None:
+    for T, flat in plan.flat.items():
+        if T:
+            _C.sgd_step(*dev, dtype_code, T, lr, flat)
+
+
+def _out_shapes(params, grads, lrs) -> list:
+    return [torch.broadcast_shapes(*(t.shape for t in (p, g, lrs[i] if lrs else None)
+                                     if t is not None))
+            for i, (p, g) in enumerate(zip(params, grads))]
+
+
+def _kernel(params, grads, lrs, lr: float, outs=None) -> list[torch.Tensor]:
+    """The fused step on torch tensors; params entries may be None (read as zero)."""
+    if outs is None and _trivial(params, grads, lrs):
+        return _kernel_trivial(params, grads, lr)
+    if outs is None:
+        outs = [g.new_empty(s) for g, s in zip(grads, _out_shapes(params, grads, lrs))]
+    plan = _Plan(params, grads, lrs, outs)
+    _run(plan, launch(grads[0]), DTYPE_CODES[grads[0].dtype], lr)
+    return outs
+
+
+def _trivial(params, grads, lrs) -> bool:
+    """Same-shape contiguous params and grads with a float rate: the common eager case."""
+    if lrs is not None:
+        return False
+    for p, g in zip(params, grads):
+        if p is None or p.shape != g.shape or not (p.is_contiguous() and g.is_contiguous()):
+            return False
+    return True
+
+
+def _kernel_trivial(params, grads, lr: float) -> list[torch.Tensor]:
+    sizes = [g.numel() for g in grads]
+    flat = grads[0].new_empty(sum(sizes))
+    outs = [o.view(g.shape) for o, g in zip(flat.split(sizes), grads)]
+    desc = []
+    for o, p, g, n in zip(outs, params, grads, sizes):
+        desc += (o.data_ptr(), p.data_ptr(), g.data_ptr(), 0, 0, 0, 0, 0, n)
+    _C.sgd_step(*launch(grads[0]), DTYPE_CODES[grads[0].dtype], 1, lr, desc)
+    return outs
+
+
+class _SgdStep(torch.autograd.Function):
+    """Inputs: (n, lr_float, has_lrs, *params, *grads[, *lrs])."""
+
+    @staticmethod
+    def forward(n, lr, has_lrs, *tensors):
+        params, grads, lrs = _unpack(n, has_lrs, tensors)
+        return tuple(_kernel(params, grads, lrs, lr))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        n, lr, has_lrs, *tensors = inputs
+        params, grads, lrs = _unpack(n, has_lrs, tensors)
+        ctx.n, ctx.lr, ctx.has_lrs = n, lr, has_lrs
+        ctx.param_shapes = [None if p is None else p.shape for p in params]
+        ctx.save_for_backward(*grads, *(lrs or ()))
+
+    @staticmethod
+    def backward(ctx, *gos):
+        n = ctx.n
+        grads = ctx.saved_tensors[:n]
+        lrs = ctx.saved_tensors[n:] if ctx.has_lrs else None
+        need = ctx.needs_input_grad[3:]
+        dps = [go.sum_to_size(s) if s is not None and need[i] else None
+               for i, (go, s) in enumerate(zip(gos, ctx.param_shapes))]
+        dgs = [None] * n
+        if any(need[n:2 * n]):
+            steps = sgd_step([None] * n, list(gos), list(lrs) if lrs else ctx.lr)
+            dgs = [d.sum_to_size(g.shape) if need[n + i] else None
+                   for i, (d, g) in enumerate(zip(steps, grads))]
+        dlrs = []
+        if lrs is not None:
+            dlrs = [-(go * g).sum_to_size(a.shape) if need[2 * n + i] else None
+                    for i, (go, g, a) in enumerate(zip(gos, grads, lrs))]
+        return None, None, None, *dps, *dgs, *dlrs
+
+    @staticmethod
+    def vmap(info, in_dims, n, lr, has_lrs, *tensors):
+        dims = in_dims[3:]
+        params, grads, lrs = _unpack(n, has_lrs, tensors)
+        pd, gd, ld = _unpack(n, has_lrs, dims)
+        moved = []
+        for i in range(n):
+            group = [(params[i], pd[i]), (grads[i], gd[i])]
+            if lrs is not None:
+                group.append((lrs[i], ld[i]))
+            rank = max(t.dim() - (d is not None) for t, d in group if t is not None)
+            moved.append([_batched_left_pad(t, d, rank) for t, d in group])
+        params = [m[0] for m in moved]
+        grads = [m[1] for m in moved]
+        lrs = [m[2] for m in moved] if lrs is not None else None
+        outs = _SgdStep.apply(n, lr, has_lrs, *params, *grads, *(lrs or ()))
+        batched = [any(d is not None for d in ds) for ds in zip(pd, gd, ld or [None] * n)]
+        return outs, tuple(0 if b else None for b in batched)
+
+
+def _batched_left_pad(t, d, rank):
+    """Moves a vmapped dim to the front and pads the logical shape to ``rank`` dims, so that
+    broadcasting against unbatched operands lines up (from the right) as it would unbatched."""
+    if t is None or d is None:
+        return t
+    t = t.movedim(d, 0)
+    return t.reshape(t.shape[0], *(1,) * (rank - (t.dim() - 1)), *t.shape[1:])
+
+
+def _unpack(n, has_lrs, seq):
+    params, grads = list(seq[:n]), list(seq[n:2 * n])
+    return params, grads, (list(seq[2 * n:3 * n]) if has_lrs else None)
+
+
+# ---- registered op, used under torch.compile -------------------------------------------
+
+@torch.library.custom_op("pymeta::sgd_step", mutates_args=())
+def _sgd_step_op(params: list[torch.Tensor], grads: list[torch.Tensor],
+                 lrs: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
+    return _kernel(params, grads, lrs or None, lr)
+
+
+@_sgd_step_op.register_fake
+def _(params, grads, lrs, lr):
+    lrs = lrs or [None] * len(params)
+    return [g.new_empty(torch.broadcast_shapes(*(t.shape for t in (p, g, a) if t is not None)))
+            for p, g, a in zip(params, grads, lrs)]
+
+
+def _op_setup(ctx, inputs, output):
+    params, grads, lrs, lr = inputs
+    ctx.param_shapes = [p.shape for p in params]
+    ctx.lr = lr
+    ctx.save_for_backward(*grads, *lrs)
+
+
+def _op_backward(ctx, gos):
+    n = len(gos)
+    grads, lrs = ctx.saved_tensors[:n], ctx.saved_tensors[n:] or [ctx.lr] * n
+    dps = [go.sum_to_size(s) for go, s in zip(gos, ctx.param_shapes)]
+    dgs = [(-a * go).sum_to_size(g.shape) for go, g, a in zip(gos, grads, lrs)]
+    dlrs = ([-(go * g).sum_to_size(a.shape) for go, g, a in zip(gos, grads, lrs)]
+            if ctx.saved_tensors[n:] else [])
+    return dps, dgs, dlrs, None
+
+
+_sgd_step_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+# ---- public API -------------------------------------------------------------------------
+
+def _check_lists(params, grads, lr):
+    if not isinstance(params, (list, tuple)) or not isinstance(grads, (list, tuple)):
+        raise TypeError(f"{_OP}: params and grads must be lists of tensors")
+    if len(params) != len(grads):
+        raise ValueError(f"{_OP}: got {len(params)} params but {len(grads)} grads")
+    if isinstance(lr, (list, tuple)):
+        if len(lr) != len(params):
+            raise ValueError(f"{_OP}: got {len(lr)} learning rates for {len(params)} params")
+        return list(lr)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"{_OP}: lr must be a float or a list of tensors, got "
+                        f"{type(lr).__name__}")
+    return None
+
+
+def _check_shapes(i, p, g, lr):
+    shapes = [t.shape for t in (p, g, lr) if t is not None]
+    try:
+        return torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        names = ["param", "grad", "lr"][:len(shapes)] if p is not None else ["grad", "lr"]
+        raise ValueError(f"{_OP}: tensor {i}: shapes do not broadcast: " + ", ".join(
+            f"{n} {shape_str(s)}" for n, s in zip(names, shapes))) from None
+
+
+def _check_tensors(params, grads, lrs) -> list:
+    """Checks dtypes, devices and shapes; returns the result shapes."""
+    shapes = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        a = lrs[i] if lrs is not None else None
+        named = {f"grads[{i}]": g}
+        if p is not None:
+            named[f"params[{i}]"] = p
+        if a is not None:
+            named[f"lr[{i}]"] = a
+        first = check_float_tensors(_OP, **named)
+        if i and first.device != grads[0].device:
+            raise ValueError(f"{_OP}: tensors {0} and {i} are on {grads[0].device} and "
+                             f"{first.device}; use one device")
+        if first.dtype != grads[0].dtype:
+            raise TypeError(f"{_OP}: tensors 0 and {i} have dtypes {grads[0].dtype} and "
+                            f"{first.dtype}; use one dtype")
+        shapes.append(_check_shapes(i, p, g, a))
+    return shapes
+
+
+def _numpy(params, grads, lr, inplace: bool):
+    lrs = _check_lists(params, grads, lr)
+    arrays = [*params, *grads, *(lrs or ())]
+    if not all(isinstance(a, np.ndarray) for a in arrays):
+        raise TypeError(f"{_OP}: mix of numpy arrays and other types; pass all numpy or all torch")
+    dtype = numpy_float(_OP, "params[0]", params[0]).dtype if params else np.float64
+    conv = [numpy_float(_OP, "arrays", a, dtype) for a in arrays]
+    n = len(params)
+    ps, gs = conv[:n], conv[n:2 * n]
+    ls = conv[2 * n:] if lrs is not None else None
+    shapes = [_check_shapes(i, ps[i], gs[i], ls[i] if ls else None) for i in range(n)]
+    if inplace:
+        _check_inplace_shapes(params, shapes)
+    outs = [np.empty(s, dtype) for s in shapes]
+    _run(_Plan(ps, gs, ls, outs), numpy_launch(), NUMPY_DTYPE_CODES[dtype],
+         0.0 if lrs is not None else float(lr))
+    if inplace:
+        for p, o in zip(params, outs):
+            p[...] = o
+        return list(params)
+    return outs
+
+
+def _check_inplace_shapes(params, shapes):
+    for i, (p, s) in enumerate(zip(params, shapes)):
+        if tuple(p.shape) != tuple(s):
+            raise ValueError(f"{_OP}_: params[{i}] {shape_str(p.shape)} cannot hold the "
+                             f"update of shape {shape_str(s)}; use sgd_step instead")
+
+
+def sgd_step(params: Sequence, grads: Sequence, lr):
+    """One SGD step over a whole list of tensors: ``[p - lr * g for each tensor]``, fused.
+
+    Args:
+        params: tensors ``[...]`` (shared by all tasks) or ``[T, ...]`` (one slice per task).
+            Entries may be ``None``, read as zero.
+        grads: tensors broadcastable against ``params``, typically ``[T, ...]``.
+        lr: a float, or a list with one tensor per parameter broadcastable to it: 0-d
+            (per-layer rates, MAML++), ``[...]`` (per-parameter, Meta-SGD) or ``[T, ...]``.
+
+    Returns:
+        A list of new tensors (numpy arrays for numpy input). Differentiable, to any order,
+        in params, grads and tensor rates.
+
+    Example:
+        >>> import torch, pymeta.ops as ops
+        >>> w = torch.randn(64, 32, requires_grad=True)      # shared meta-parameters
+        >>> g = torch.randn(8, 64, 32)                        # per-task gradients
+        >>> fast = ops.sgd_step([w], [g], 0.4)                # [8, 64, 32] fast weights
+        >>> rate = torch.full((64, 32), 0.1, requires_grad=True)
+        >>> fast = ops.sgd_step([w], [g], [rate])             # Meta-SGD
+    """
+    if any(isinstance(a, np.ndarray) for a in (*params, *grads)):
+        return _numpy(params, grads, lr, inplace=False)
+    lrs = _check_lists(params, grads, lr)
+    if not grads:
+        return []
+    _check_tensors(params, grads, lrs)
+    lr_float = 0.0 if lrs is not None else float(lr)
+    if torch.compiler.is_compiling():
+        if any(p is None for p in params):
+            params = [torch.zeros_like(g) if p is None else p for p, g in zip(params, grads)]
+        return torch.ops.pymeta.sgd_step(list(params), list(grads), lrs or [], lr_float)
+    if functorch_active() or needs_autograd(*params, *grads, *(lrs or ())):
+        return list(_SgdStep.apply(len(params), lr_float, lrs is not None, *params, *grads,
+                                   *(lrs or ())))
+    return _kernel(params, grads, lrs, lr_float)
+
+
+def sgd_step_(params: Sequence, grads: Sequence, lr):
+    """In-place :func:`sgd_step`: ``p -= lr * g`` for each tensor; returns ``params``.
+
+    For non-differentiable use (first-order inner loops, Reptile, fine-tuning): it refuses
+    tensors that require grad while grad mode is on. Each ``p`` must already have the
+    update's shape (task-stacked ``[T, ...]`` for per-task gradients).
+
+    Example:
+        >>> import torch, pymeta.ops as ops
+        >>> params = [torch.zeros(4, 3)]
+        >>> with torch.no_grad():
+        ...     _ = ops.sgd_step_(params, [torch.ones(4, 3)], 0.5)
+        >>> params[0][0, 0].item()
+        -0.5
+    """
+    if any(isinstance(a, np.ndarray) for a in (*params, *grads)):
+        return _numpy(params, grads, lr, inplace=True)
+    lrs = _check_lists(params, grads, lr)
+    if any(p is None for p in params):
+        raise ValueError(f"{_OP}_: params must all be tensors")
+    lr_float = 0.0 if lrs is not None else float(lr)
+    _check_inplace_shapes(params, _check_tensors(params, grads, lrs))
+    if functorch_active() or needs_autograd(*params):
+        raise RuntimeError(f"{_OP}_: in-place update of tensors that require grad; call it "
+                           "under torch.no_grad(), or use the differentiable sgd_step")
+    outs = [p if p.is_contiguous() else torch.empty_like(p, memory_format=torch.contiguous_format)
+            for p in params]
+    if grads:
+        _kernel(params, grads, lrs, lr_float, outs)
+    for p, o in zip(params, outs):
+        if o is not p:
+            p.copy_(o)
+        torch.autograd.graph.increment_version(p)
+    return params
