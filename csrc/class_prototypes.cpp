@@ -7,7 +7,7 @@ LabelCheck class_prototypes_forward(const Device& dev, DType dtype, std::int64_t
                                     std::int64_t S, std::int64_t C, std::int64_t D,
                                     const void* z, const std::int64_t* labels, void* out,
                                     bool validate) {
-  if (B * C == 0) return {};
+  if (B == 0 || (C * D == 0 && !validate)) return {};
   return PYMETA_DISPATCH(dev, class_prototypes_forward, dev, dtype, B, S, C, D, z, labels, out,
                          validate);
 }

@@ -18,7 +18,7 @@ void pairwise_distances_backward(const Device& dev, DType dtype, Metric metric, 
 
 // z [B,S,D], labels int64 [B,S] -> out [B,C,D], per-class means. Labels outside [0, C)
 // are ignored; a class without examples gets NaN. With validate, the first problem found
-// (lowest task, then lowest index) is reported.
+// (lowest task; in it an out-of-range label before an empty class) is reported.
 LabelCheck class_prototypes_forward(const Device& dev, DType dtype, std::int64_t B,
                                     std::int64_t S, std::int64_t C, std::int64_t D,
                                     const void* z, const std::int64_t* labels, void* out,

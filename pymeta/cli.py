@@ -16,9 +16,8 @@ def _bench(args) -> int:
     results = benchmark.run(suite=args.suite, ops=args.ops, device=args.device,
                             min_time=args.min_time, progress=not args.no_progress)
     print(benchmark.format_table(results))
-    if args.json:
-        benchmark.save_json(results, args.json)
-        print(f"results written to {args.json}")
+    benchmark.save_json(results, args.json)
+    print(f"results written to {args.json}")
     return 0
 
 
@@ -42,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--min-time", type=float, default=0.2, metavar="SEC",
                    help="minimum seconds spent per measurement (default 0.2)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", metavar="PATH", default="pymeta-bench.json",
+                   help="where to write the results as JSON (default: pymeta-bench.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
     return parser

@@ -25,11 +25,13 @@ std::vector<std::int64_t> class_counts(std::int64_t B, std::int64_t S, std::int6
 
 LabelCheck check_labels(std::int64_t B, std::int64_t S, std::int64_t C,
                         const std::int64_t* labels, const std::vector<std::int64_t>& counts) {
-  for (std::int64_t i = 0; i < B * S; ++i)
-    if (!in_range(labels[i], C))
-      return {LabelCheck::OutOfRange, i / S, i % S, labels[i]};
-  for (std::int64_t i = 0; i < B * C; ++i)
-    if (counts[i] == 0) return {LabelCheck::EmptyClass, i / C, i % C, 0};
+  // Lowest task first; within a task, an out-of-range label before an empty class.
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t s = 0; s < S; ++s)
+      if (!in_range(labels[b * S + s], C)) return {LabelCheck::OutOfRange, b, s, labels[b * S + s]};
+    for (std::int64_t c = 0; c < C; ++c)
+      if (counts[b * C + c] == 0) return {LabelCheck::EmptyClass, b, c, 0};
+  }
   return {};
 }
 

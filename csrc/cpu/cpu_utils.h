@@ -23,19 +23,32 @@ inline int threads_for(const Device& dev, std::int64_t work) {
   return work < kParallelGrain ? 1 : (dev.nthreads < 1 ? 1 : dev.nthreads);
 }
 
-// sum_{d<D} f(d) with a fixed association order (lane-wise partial sums, then a fixed tree),
-// so that the compiler can vectorise without -ffast-math and results never depend on threads.
-template <class T, class F>
-inline T lane_sum(std::int64_t D, F f) {
+// R sums res[r] = sum_{d<D} f(r, d) computed together (operands shared between rows are
+// loaded once). Each sum has a fixed association order, lane-wise partial sums then a fixed
+// tree, the same for every R, so the compiler can vectorise without -ffast-math and results
+// never depend on blocking or threads.
+template <int R, class T, class F>
+inline void lane_sums(std::int64_t D, F f, T* res) {
   constexpr int L = 16;
-  T acc[L] = {};
+  T acc[R][L] = {};
   std::int64_t d = 0;
   for (; d + L <= D; d += L)
-    for (int l = 0; l < L; ++l) acc[l] += f(d + l);
-  for (int l = 0; d < D; ++d, ++l) acc[l] += f(d);
-  for (int w = L / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
+    for (int r = 0; r < R; ++r)
+      for (int l = 0; l < L; ++l) acc[r][l] += f(r, d + l);
+  for (int l = 0; d < D; ++d, ++l)
+    for (int r = 0; r < R; ++r) acc[r][l] += f(r, d);
+  for (int r = 0; r < R; ++r) {
+    for (int w = L / 2; w > 0; w /= 2)
+      for (int l = 0; l < w; ++l) acc[r][l] += acc[r][l + w];
+    res[r] = acc[r][0];
+  }
+}
+
+template <class T, class F>
+inline T lane_sum(std::int64_t D, F f) {
+  T res;
+  lane_sums<1, T>(D, [&](int, std::int64_t d) { return f(d); }, &res);
+  return res;
 }
 
 template <class F>

@@ -22,60 +22,86 @@ inline T clamped_norm(const T* a, std::int64_t D) {
   return std::max(std::sqrt(dot(a, a, D)), static_cast<T>(kCosineEps));
 }
 
-template <class T>
-__attribute__((always_inline)) inline void forward_row_impl(Metric m, const T* x, const T* Y,
-                                                            const T* ny, std::int64_t N,
-                                                            std::int64_t D, T* out) {
-  switch (m) {
-    case Metric::SqEuclidean:
-    case Metric::Euclidean:
-      for (std::int64_t n = 0; n < N; ++n) {
-        const T* yn = Y + n * D;
-        T s = lane_sum<T>(D, [&](std::int64_t d) { T t = x[d] - yn[d]; return t * t; });
-        out[n] = m == Metric::Euclidean ? std::sqrt(s) : s;
+// Query rows handled together: each support row is loaded once per block, not per row.
+constexpr int kRowBlock = 4;
+
+// R query rows x (row stride D) against the N rows of Y: out (row stride N).
+template <int R, class T>
+__attribute__((always_inline)) inline void forward_rows_impl(Metric m, const T* x, const T* Y,
+                                                             const T* ny, std::int64_t N,
+                                                             std::int64_t D, T* out) {
+  T nx[R], s[R];
+  if (m == Metric::Cosine)
+    for (int r = 0; r < R; ++r) nx[r] = clamped_norm(x + r * D, D);
+  for (std::int64_t n = 0; n < N; ++n) {
+    const T* yn = Y + n * D;
+    if (m == Metric::SqEuclidean || m == Metric::Euclidean)
+      lane_sums<R, T>(D, [&](int r, std::int64_t d) { T t = x[r * D + d] - yn[d]; return t * t; }, s);
+    else
+      lane_sums<R, T>(D, [&](int r, std::int64_t d) { return x[r * D + d] * yn[d]; }, s);
+    for (int r = 0; r < R; ++r) {
+      T v = s[r];
+      switch (m) {
+        case Metric::SqEuclidean: break;
+        case Metric::Euclidean: v = std::sqrt(v); break;
+        case Metric::Dot: v = -v; break;
+        case Metric::Cosine: v = T(1) - v / (nx[r] * ny[n]); break;
       }
-      break;
-    case Metric::Dot:
-      for (std::int64_t n = 0; n < N; ++n) out[n] = -dot(x, Y + n * D, D);
-      break;
-    case Metric::Cosine: {
-      const T nx = clamped_norm(x, D);
-      for (std::int64_t n = 0; n < N; ++n) out[n] = T(1) - dot(x, Y + n * D, D) / (nx * ny[n]);
-      break;
+      out[r * N + n] = v;
     }
   }
 }
 
-// gx = alpha x + W Y (if gx) and gyp += W^T x (if gyp), for one query row x.
-template <class T>
-__attribute__((always_inline)) inline void backward_row_impl(const T* x, const T* Y, const T* W,
-                                                             T alpha, std::int64_t N,
-                                                             std::int64_t D, T* gx, T* gyp) {
-  if (gx) {
-    for (std::int64_t d = 0; d < D; ++d) gx[d] = alpha * x[d];
+// For R query rows x (stride D) with coefficients W (R x N) and alpha (R):
+// gx_r = alpha_r x_r + sum_n W_rn y_n (if gx) and gyp_n += sum_r W_rn x_r in row order (if gyp).
+// Feature blocks keep the working set in L1.
+template <int R, class T>
+__attribute__((always_inline)) inline void backward_rows_impl(const T* x, const T* Y, const T* W,
+                                                              const T* alpha, std::int64_t N,
+                                                              std::int64_t D, T* gx, T* gyp) {
+  constexpr std::int64_t kBlock = 256;
+  for (std::int64_t d0 = 0; d0 < D; d0 += kBlock) {
+    const std::int64_t d1 = std::min(D, d0 + kBlock);
+    if (gx)
+      for (int r = 0; r < R; ++r)
+        for (std::int64_t d = d0; d < d1; ++d) gx[r * D + d] = alpha[r] * x[r * D + d];
     for (std::int64_t n = 0; n < N; ++n) {
-      const T w = W[n];
       const T* yn = Y + n * D;
-      for (std::int64_t d = 0; d < D; ++d) gx[d] += w * yn[d];
-    }
-  }
-  if (gyp) {
-    for (std::int64_t n = 0; n < N; ++n) {
-      const T w = W[n];
-      T* gn = gyp + n * D;
-      for (std::int64_t d = 0; d < D; ++d) gn[d] += w * x[d];
+      if (gx)
+        for (int r = 0; r < R; ++r) {
+          const T w = W[r * N + n];
+          for (std::int64_t d = d0; d < d1; ++d) gx[r * D + d] += w * yn[d];
+        }
+      if (gyp) {
+        T* gn = gyp + n * D;
+        for (std::int64_t d = d0; d < d1; ++d) {
+          T acc = gn[d];
+          for (int r = 0; r < R; ++r) acc += W[r * N + n] * x[r * D + d];
+          gn[d] = acc;
+        }
+      }
     }
   }
 }
 
 #define PYMETA_ROW_KERNELS(T)                                                                 \
-  PYMETA_SIMD_CLONES void forward_row(Metric m, const T* x, const T* Y, const T* ny,         \
-                                      std::int64_t N, std::int64_t D, T* out) {              \
-    forward_row_impl(m, x, Y, ny, N, D, out);                                                 \
+  PYMETA_SIMD_CLONES void forward_rows(Metric m, const T* x, std::int64_t R, const T* Y,     \
+                                       const T* ny, std::int64_t N, std::int64_t D, T* out) { \
+    std::int64_t r = 0;                                                                       \
+    for (; r + kRowBlock <= R; r += kRowBlock)                                                \
+      forward_rows_impl<kRowBlock>(m, x + r * D, Y, ny, N, D, out + r * N);                   \
+    for (; r < R; ++r) forward_rows_impl<1>(m, x + r * D, Y, ny, N, D, out + r * N);          \
   }                                                                                           \
-  PYMETA_SIMD_CLONES void backward_row(const T* x, const T* Y, const T* W, T alpha,          \
-                                       std::int64_t N, std::int64_t D, T* gx, T* gyp) {       \
-    backward_row_impl(x, Y, W, alpha, N, D, gx, gyp);                                         \
+  PYMETA_SIMD_CLONES void backward_rows(const T* x, std::int64_t R, const T* Y, const T* W,  \
+                                        const T* alpha, std::int64_t N, std::int64_t D, T* gx, \
+                                        T* gyp) {                                             \
+    std::int64_t r = 0;                                                                       \
+    for (; r + kRowBlock <= R; r += kRowBlock)                                                \
+      backward_rows_impl<kRowBlock>(x + r * D, Y, W + r * N, alpha + r, N, D,                 \
+                                    gx ? gx + r * D : nullptr, gyp);                          \
+    for (; r < R; ++r)                                                                        \
+      backward_rows_impl<1>(x + r * D, Y, W + r * N, alpha + r, N, D,                         \
+                            gx ? gx + r * D : nullptr, gyp);                                  \
   }                                                                                           \
   PYMETA_SIMD_CLONES void norm_rows(const T* a, std::int64_t R, std::int64_t D, T* out) {    \
     for (std::int64_t r = 0; r < R; ++r) out[r] = std::sqrt(dot(a + r * D, a + r * D, D));    \
@@ -100,6 +126,11 @@ void clamp_eps(std::vector<T>& v) {
   for (auto& e : v) e = std::max(e, static_cast<T>(kCosineEps));
 }
 
+// Query rows per work unit: whole tasks when there are enough of them, else chunks.
+inline std::int64_t query_chunk(std::int64_t B, std::int64_t Q) {
+  return B >= 8 ? std::max<std::int64_t>(Q, 1) : std::max<std::int64_t>(8, ceil_div(Q, 8));
+}
+
 template <class T>
 void forward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::int64_t N,
              std::int64_t D, const T* x, const T* y, T* out) {
@@ -108,11 +139,12 @@ void forward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::i
     ny = row_norms(dev, y, B * N, D);
     clamp_eps(ny);
   }
+  const std::int64_t qb = query_chunk(B, Q), nqb = ceil_div(Q, qb);
 #pragma omp parallel for num_threads(threads_for(dev, B * Q * N * D)) schedule(static)
-  for (std::int64_t r = 0; r < B * Q; ++r) {
-    const std::int64_t b = r / Q;
-    forward_row(m, x + r * D, y + b * N * D, ny.empty() ? nullptr : ny.data() + b * N, N, D,
-                out + r * N);
+  for (std::int64_t u = 0; u < B * nqb; ++u) {
+    const std::int64_t b = u / nqb, q0 = (u % nqb) * qb, rows = std::min(qb, Q - q0);
+    forward_rows(m, x + (b * Q + q0) * D, rows, y + b * N * D,
+                 ny.empty() ? nullptr : ny.data() + b * N, N, D, out + (b * Q + q0) * N);
   }
 }
 
@@ -177,14 +209,14 @@ struct Coefs {
   }
 };
 
-// Query rows per work unit: whole tasks when there are enough of them, else chunks.
-inline std::int64_t query_chunk(std::int64_t B, std::int64_t Q) {
-  return B >= 8 ? std::max<std::int64_t>(Q, 1) : std::max<std::int64_t>(8, ceil_div(Q, 8));
-}
-
 template <class T>
 void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::int64_t N,
               std::int64_t D, const T* g, const T* x, const T* y, const T* out, T* gx, T* gy) {
+  if (Q == 0 || N == 0) {  // no distances: the gradients are zero
+    if (gx) std::fill(gx, gx + B * Q * D, T(0));
+    if (gy) std::fill(gy, gy + B * N * D, T(0));
+    return;
+  }
   std::vector<T> nx, ny;
   if (m == Metric::Cosine) {
     nx = row_norms(dev, x, B * Q, D);
@@ -197,17 +229,15 @@ void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::
   const int nt = threads_for(dev, B * Q * N * D);
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<T> W(N);
+    std::vector<T> W(qc * N), alpha(qc);
 #pragma omp for schedule(static)
-    for (std::int64_t u = 0; u < B * std::max<std::int64_t>(nc, 1); ++u) {
-      const std::int64_t b = direct ? u : u / nc, c = direct ? 0 : u % nc;
+    for (std::int64_t u = 0; u < B * nc; ++u) {
+      const std::int64_t b = u / nc, q0 = (u % nc) * qc, rows = std::min(qc, Q - q0);
       T* gyp = !gy ? nullptr : direct ? gy + b * N * D : partial.data() + u * N * D;
       if (gyp) std::fill(gyp, gyp + N * D, T(0));
-      for (std::int64_t q = c * qc; q < std::min(Q, (c + 1) * qc); ++q) {
-        const T alpha = coefs.row(b, q, W.data());
-        backward_row(x + (b * Q + q) * D, y + b * N * D, W.data(), alpha, N, D,
-                     gx ? gx + (b * Q + q) * D : nullptr, gyp);
-      }
+      for (std::int64_t r = 0; r < rows; ++r) alpha[r] = coefs.row(b, q0 + r, W.data() + r * N);
+      backward_rows(x + (b * Q + q0) * D, rows, y + b * N * D, W.data(), alpha.data(), N, D,
+                    gx ? gx + (b * Q + q0) * D : nullptr, gyp);
     }
     if (gy) {
 #pragma omp for schedule(static)

@@ -5,6 +5,7 @@ this module turns tensors into those arguments and holds the checks every op sha
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -19,16 +20,34 @@ CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_BUILT: bool = _C.info()["cuda"]
 
 
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    # GNU OpenMP's thread pool does not survive fork(): a forked child that opens a parallel
+    # region hangs. pymeta's kernels therefore run single-threaded in forked children (torch's
+    # DataLoader workers use one thread anyway).
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def cpu_threads() -> int:
+    return 1 if _forked else torch.get_num_threads()
+
+
 def launch(t: torch.Tensor) -> tuple[int, int, int]:
     """(device index or -1 for CPU, CUDA stream handle, CPU thread count) for a kernel call."""
     if t.is_cuda:
         index = t.device.index
         return index, torch.cuda.current_stream(index).cuda_stream, 1
-    return -1, 0, torch.get_num_threads()
+    return -1, 0, cpu_threads()
 
 
 def numpy_launch() -> tuple[int, int, int]:
-    return -1, 0, torch.get_num_threads()
+    return -1, 0, cpu_threads()
 
 
 def functorch_active() -> bool:

@@ -6,6 +6,8 @@ direct kernel, ``autograd.Function`` with a vmap rule, and the registered op
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -42,7 +44,7 @@ def _raise_label_error(status: int, task: int, index: int, value: int, lead, num
 
 def _launch_forward(dev, z, labels, out, lead, num_classes, validate, dtype_code):
     *_, S, D = z.shape
-    B = int(np.prod(lead, dtype=np.int64))
+    B = math.prod(lead)
     status = _C.class_prototypes_forward(*dev, dtype_code, B, S, num_classes, D, ptr(z),
                                          ptr(labels), ptr(out), validate)
     if status[0]:
@@ -53,7 +55,7 @@ def _forward_kernel(z, labels, num_classes: int, validate: bool = False) -> torc
     lead = tuple(z.shape[:-2])
     z, labels = z.contiguous(), labels.contiguous().long()
     out = z.new_empty(*lead, num_classes, z.shape[-1])
-    if out.numel() or (validate and labels.numel()):
+    if out.numel() or validate:
         _launch_forward(launch(z), z, labels, out, lead, num_classes, validate,
                         DTYPE_CODES[z.dtype])
     return out
@@ -66,7 +68,7 @@ def _backward_kernel(grad, labels, num_classes: int) -> torch.Tensor:
     gz = grad.new_empty(*lead, S, D)
     if gz.numel():
         _C.class_prototypes_backward(*launch(grad), DTYPE_CODES[grad.dtype],
-                                     int(np.prod(lead, dtype=np.int64)), S, C, D, ptr(grad),
+                                     math.prod(lead), S, C, D, ptr(grad),
                                      ptr(labels), ptr(gz))
     return gz
 
@@ -180,7 +182,7 @@ def _numpy(z, labels, num_classes: int, validate: bool) -> np.ndarray:
     lead = tuple(z.shape[:-2])
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     out = np.empty((*lead, num_classes, z.shape[-1]), z.dtype)
-    if out.size or (validate and labels.size):
+    if out.size or validate:
         _launch_forward(numpy_launch(), z, labels, out, lead, int(num_classes), validate,
                         NUMPY_DTYPE_CODES[z.dtype])
     return out

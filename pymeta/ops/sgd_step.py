@@ -8,6 +8,7 @@ broadcast is materialised first. Call paths as in ``pairwise_distances``.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import _C
-from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, check_float_tensors, functorch_active,
+from ._kernels import (CPU_DTYPES, DTYPE_CODES, cpu_threads, NUMPY_DTYPE_CODES, check_float_tensors, functorch_active,
                        launch, needs_autograd, numpy_float, numpy_launch, ptr, shape_str)
 
 _OP = "sgd_step"
@@ -50,9 +51,9 @@ class _Plan:
                 kind = None if t is None else _kind(t.shape, out_shape)
                 if t is not None and (kind is None or (kind == _SCALAR and name != "lr")
                                       or (kind == _PER_TASK and name != "lr")):
-                    t, kind = t.expand(out_shape).contiguous(), _FULL
+                    t, kind = _materialize(t, out_shape), _FULL
                 elif t is not None:
-                    t = t.contiguous()
+                    t = _contiguous(t)
                 if kind in (_SHARED, _PER_TASK):
                     tasks = out_shape[0]
                 ops.append((t, kind))
@@ -64,7 +65,7 @@ class _Plan:
         for out, ops, tasks in pending:
             if tasks is not None and tasks != common:
                 T = tasks
-            elif out.numel() % max(common, 1) == 0:
+            elif common and math.prod(out.shape) % common == 0:
                 T = common
             else:
                 T = 1
@@ -72,8 +73,19 @@ class _Plan:
             self.keep.append(ops)
 
 
+def _contiguous(t):
+    return np.ascontiguousarray(t) if isinstance(t, np.ndarray) else t.contiguous()
+
+
+def _materialize(t, shape):
+    """A dense copy of ``t`` broadcast to ``shape``."""
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(np.broadcast_to(t, shape))
+    return t.expand(shape).contiguous()
+
+
 def _descriptor(out, ops, T) -> list[int]:
-    M = out.numel() // T if T else 0
+    M = math.prod(out.shape) // T if T else 0
     (p, pk), (g, gk), (lr, lk) = ops
     stride = {_FULL: M, _SHARED: 0, _SCALAR: 0, _PER_TASK: 1}
     return [ptr(out), ptr(p), ptr(g), ptr(lr),
@@ -89,15 +101,12 @@ def _run(plan: _Plan, dev, dtype_code: int, lr: float) -> None:
 
 
 def _out_shapes(params, grads, lrs) -> list:
-    return [torch.broadcast_shapes(*(t.shape for t in (p, g, lrs[i] if lrs else None)
-                                     if t is not None))
+    return [_broadcast_shape([t.shape for t in (p, g, lrs[i] if lrs else None) if t is not None])
             for i, (p, g) in enumerate(zip(params, grads))]
 
 
 def _kernel(params, grads, lrs, lr: float, outs=None) -> list[torch.Tensor]:
     """The fused step on torch tensors; params entries may be None (read as zero)."""
-    if outs is None and _trivial(params, grads, lrs):
-        return _kernel_trivial(params, grads, lr)
     if outs is None:
         outs = [g.new_empty(s) for g, s in zip(grads, _out_shapes(params, grads, lrs))]
     plan = _Plan(params, grads, lrs, outs)
@@ -105,24 +114,30 @@ def _kernel(params, grads, lrs, lr: float, outs=None) -> list[torch.Tensor]:
     return outs
 
 
-def _trivial(params, grads, lrs) -> bool:
-    """Same-shape contiguous params and grads with a float rate: the common eager case."""
-    if lrs is not None:
-        return False
+def _eager_plain(params, grads, lr):
+    """The common eager case in one pass: CPU, a float rate, same-shape contiguous params and
+    grads, no autograd. Returns None whenever anything differs; the general path then checks
+    the inputs and explains any problem."""
+    if (isinstance(lr, bool) or not isinstance(lr, (float, int))
+            or not isinstance(grads, (list, tuple)) or not grads):
+        return None
+    if len(params) != len(grads) or torch.compiler.is_compiling() or functorch_active():
+        return None
+    g0 = grads[0]
+    if not isinstance(g0, torch.Tensor) or not g0.is_cpu or g0.dtype not in CPU_DTYPES:
+        return None
+    dtype, grad_mode = g0.dtype, torch.is_grad_enabled()
+    outs, desc = [], []
     for p, g in zip(params, grads):
-        if p is None or p.shape != g.shape or not (p.is_contiguous() and g.is_contiguous()):
-            return False
-    return True
-
-
-def _kernel_trivial(params, grads, lr: float) -> list[torch.Tensor]:
-    sizes = [g.numel() for g in grads]
-    flat = grads[0].new_empty(sum(sizes))
-    outs = [o.view(g.shape) for o, g in zip(flat.split(sizes), grads)]
-    desc = []
-    for o, p, g, n in zip(outs, params, grads, sizes):
-        desc += (o.data_ptr(), p.data_ptr(), g.data_ptr(), 0, 0, 0, 0, 0, n)
-    _C.sgd_step(*launch(grads[0]), DTYPE_CODES[grads[0].dtype], 1, lr, desc)
+        if not (isinstance(p, torch.Tensor) and isinstance(g, torch.Tensor)
+                and p.dtype is dtype and g.dtype is dtype and p.is_cpu and g.is_cpu
+                and p.shape == g.shape and p.is_contiguous() and g.is_contiguous()
+                and not (grad_mode and (p.requires_grad or g.requires_grad))):
+            return None
+        out = torch.empty_like(g)
+        outs.append(out)
+        desc += (out.data_ptr(), p.data_ptr(), g.data_ptr(), 0, 0, 0, 0, 0, g.numel())
+    _C.sgd_step(-1, 0, cpu_threads(), DTYPE_CODES[dtype], 1, float(lr), desc)
     return outs
 
 
@@ -207,7 +222,7 @@ def _sgd_step_op(params: list[torch.Tensor], grads: list[torch.Tensor],
 def _(params, grads, lrs, lr):
     lrs = lrs or [None] * len(params)
     return [g.new_empty(torch.broadcast_shapes(*(t.shape for t in (p, g, a) if t is not None)))
-            for p, g, a in zip(params, grads, lrs)]
+            for p, g, a in zip(params, grads, lrs)]  # symbolic shapes: keep torch's version
 
 
 def _op_setup(ctx, inputs, output):
@@ -247,33 +262,41 @@ def _check_lists(params, grads, lr):
     return None
 
 
+def _broadcast_shape(shapes):
+    """torch.broadcast_shapes without its (large) per-call overhead; None if incompatible."""
+    first = tuple(shapes[0])
+    if all(tuple(s) == first for s in shapes[1:]):
+        return first
+    rank = max(len(s) for s in shapes)
+    out = []
+    for dims in zip(*((1,) * (rank - len(s)) + tuple(s) for s in shapes)):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            return None
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
 def _check_shapes(i, p, g, lr):
-    shapes = [t.shape for t in (p, g, lr) if t is not None]
-    try:
-        return torch.broadcast_shapes(*shapes)
-    except RuntimeError:
-        names = ["param", "grad", "lr"][:len(shapes)] if p is not None else ["grad", "lr"]
+    named = [(n, t.shape) for n, t in (("param", p), ("grad", g), ("lr", lr)) if t is not None]
+    shape = _broadcast_shape([s for _, s in named])
+    if shape is None:
         raise ValueError(f"{_OP}: tensor {i}: shapes do not broadcast: " + ", ".join(
-            f"{n} {shape_str(s)}" for n, s in zip(names, shapes))) from None
+            f"{n} {shape_str(s)}" for n, s in named))
+    return shape
 
 
 def _check_tensors(params, grads, lrs) -> list:
-    """Checks dtypes, devices and shapes; returns the result shapes."""
+    """Checks types, dtypes, devices and shapes; returns the result shapes."""
+    first = check_float_tensors(_OP, **{"grads[0]": grads[0]})
+    dtype, device = first.dtype, first.device
     shapes = []
     for i, (p, g) in enumerate(zip(params, grads)):
         a = lrs[i] if lrs is not None else None
-        named = {f"grads[{i}]": g}
-        if p is not None:
-            named[f"params[{i}]"] = p
-        if a is not None:
-            named[f"lr[{i}]"] = a
-        first = check_float_tensors(_OP, **named)
-        if i and first.device != grads[0].device:
-            raise ValueError(f"{_OP}: tensors {0} and {i} are on {grads[0].device} and "
-                             f"{first.device}; use one device")
-        if first.dtype != grads[0].dtype:
-            raise TypeError(f"{_OP}: tensors 0 and {i} have dtypes {grads[0].dtype} and "
-                            f"{first.dtype}; use one dtype")
+        for name, t in (("params", p), ("grads", g), ("lr", a)):
+            if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == dtype
+                                      and t.device == device):
+                check_float_tensors(_OP, **{"grads[0]": first, f"{name}[{i}]": t})
         shapes.append(_check_shapes(i, p, g, a))
     return shapes
 
@@ -330,6 +353,9 @@ def sgd_step(params: Sequence, grads: Sequence, lr):
         >>> rate = torch.full((64, 32), 0.1, requires_grad=True)
         >>> fast = ops.sgd_step([w], [g], [rate])             # Meta-SGD
     """
+    outs = _eager_plain(params, grads, lr)
+    if outs is not None:
+        return outs
     if any(isinstance(a, np.ndarray) for a in (*params, *grads)):
         return _numpy(params, grads, lr, inplace=False)
     lrs = _check_lists(params, grads, lr)
@@ -367,6 +393,8 @@ def sgd_step_(params: Sequence, grads: Sequence, lr):
     lrs = _check_lists(params, grads, lr)
     if any(p is None for p in params):
         raise ValueError(f"{_OP}_: params must all be tensors")
+    if not grads:
+        return params
     lr_float = 0.0 if lrs is not None else float(lr)
     _check_inplace_shapes(params, _check_tensors(params, grads, lrs))
     if functorch_active() or needs_autograd(*params):

@@ -1,0 +1,103 @@
+"""Shared helpers for the pymeta test suite (imported by the test modules as ``conftest``)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+import pymeta
+from pymeta import ops
+from pymeta.ops import reference
+
+METRICS = sorted(ops.METRICS)
+DTYPES = [torch.float32, torch.float64]
+# float64 kernels must match the reference to rounding; float32 loosely (different sum orders).
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+HAS_CUDA_KERNELS = torch.cuda.is_available() and pymeta.info()["cuda_kernels"]
+requires_cuda = [pytest.mark.cuda, pytest.mark.skipif(
+    not HAS_CUDA_KERNELS, reason="needs a CUDA GPU and pymeta built with CUDA kernels")]
+
+# Hypothesis: many random shapes, reproducible (derandomized), no deadline (first calls are slow).
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+sizes = st.integers(0, 5)           # a dim that may be empty or 1
+lead_shapes = st.lists(st.integers(0, 3), max_size=2).map(tuple)   # task dims ([], [T], [T1, T2])
+seeds = st.integers(0, 2**31 - 1)
+
+
+def rand(*shape, dtype=torch.float64, gen=None, requires_grad=False):
+    """Standard normal CPU tensor, drawn in float64 so that every dtype sees the same values."""
+    return torch.randn(shape, dtype=torch.float64, generator=gen).to(dtype).requires_grad_(requires_grad)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def covering_labels(lead, S, C, g=None) -> torch.Tensor:
+    """Shuffled labels [*lead, S] in [0, C) with every class present (needs S >= C)."""
+    assert S >= C
+    base = torch.arange(S) % max(C, 1)
+    rows = [base[torch.randperm(S, generator=g)] for _ in range(torch.Size(lead).numel())]
+    return (torch.stack(rows) if rows else base.new_empty(0, S)).reshape(*lead, S)
+
+
+def vjp(fn, inputs, grad_out=None):
+    """(output, grads of <output, grad_out> w.r.t. every input); unused inputs get zeros."""
+    out = fn(*inputs)
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    if grad_out is None:
+        grad_out = [torch.randn(o.shape, dtype=torch.float64, generator=gen(1)).to(o)
+                    for o in outs]
+    grads = torch.autograd.grad(outs, inputs, grad_out, allow_unused=True)
+    return out, [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
+
+
+def assert_close(actual, expected, dtype=torch.float64, **kw):
+    if isinstance(actual, (list, tuple)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            assert_close(a, e, dtype, **kw)
+        return
+    torch.testing.assert_close(actual, expected, **{**TOL[dtype], "equal_nan": True, **kw})
+
+
+def ref_sgd(params, grads, lr):
+    """The reference step, with None params read as zero."""
+    return reference.sgd_step([torch.zeros_like(g) if p is None else p
+                               for p, g in zip(params, grads)], grads, lr)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run_python(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python *argv`` in a fresh interpreter; a hang fails the test instead of stalling it."""
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    try:
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"subprocess hung (> {timeout} s); output so far:\n{e.stdout}\n{e.stderr}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """No test may leak a changed thread count to the next."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

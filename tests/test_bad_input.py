@@ -1,0 +1,92 @@
+"""Bad input raises a clear Python exception naming the problem, never a crash.
+
+The CPU/CUDA mix is in test_cuda.py."""
+import numpy as np
+import pytest
+import torch
+
+from pymeta import ops
+
+pd, cp, sgd, sgd_ = ops.pairwise_distances, ops.class_prototypes, ops.sgd_step, ops.sgd_step_
+f = torch.randn
+d = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
+L = torch.tensor([0, 1, 0])
+
+CASES = {
+    # pairwise_distances
+    "pd rank": (lambda: pd(f(3), f(4, 3)), ValueError, r"need shape \[\.\.\., rows, features\], got x \[3\]"),
+    "pd task dims": (lambda: pd(f(2, 3, 4), f(3, 3, 4)), ValueError, r"leading \(task\) dims differ: x \[2, 3, 4\] vs y \[3, 3, 4\]"),
+    "pd task rank": (lambda: pd(f(2, 3, 4), f(3, 4)), ValueError, "leading .task. dims differ"),
+    "pd features": (lambda: pd(f(3, 4), f(3, 5)), ValueError, "feature dims differ: x has 4, y has 5"),
+    "pd metric": (lambda: pd(f(3, 4), f(3, 4), "manhattan"), ValueError, "unknown metric 'manhattan'"),
+    "pd integer": (lambda: pd(torch.ones(3, 4, dtype=torch.long), f(3, 4)), TypeError, "x must be a floating tensor, got torch.int64"),
+    "pd complex": (lambda: pd(f(3, 4, dtype=torch.complex64), f(3, 4, dtype=torch.complex64)), TypeError, "floating tensor"),
+    "pd mixed dtypes": (lambda: pd(f(3, 4), d(3, 4)), TypeError, "x is torch.float32 but y is torch.float64"),
+    "pd float16": (lambda: pd(f(3, 4).half(), f(3, 4).half()), TypeError, "float32 and float64, got torch.float16"),
+    "pd bfloat16": (lambda: pd(f(3, 4).bfloat16(), f(3, 4).bfloat16()), TypeError, "got torch.bfloat16"),
+    "pd numpy+torch": (lambda: pd(np.ones((3, 4)), f(3, 4)), TypeError, "must both be numpy arrays or both torch tensors"),
+    "pd torch+numpy": (lambda: pd(f(3, 4), np.ones((3, 4))), TypeError, "must both be numpy arrays or both torch tensors"),
+    "pd list": (lambda: pd([[1.0]], f(1, 1)), TypeError, "x must be a torch.Tensor or numpy array, got list"),
+    "pd numpy int": (lambda: pd(np.ones((3, 4), int), np.ones((3, 4))), TypeError, "x must be a float32 or float64 array, got int64"),
+    "pd numpy float16": (lambda: pd(np.ones((3, 4), np.float16), np.ones((3, 4), np.float16)), TypeError, "got float16"),
+    "pd numpy mixed": (lambda: pd(np.ones((3, 4), np.float32), np.ones((3, 4))), TypeError, "share one dtype"),
+    "pd numpy rank": (lambda: pd(np.ones(3), np.ones((3, 3))), ValueError, "rows, features"),
+    "pd meta device": (lambda: pd(f(3, 4, device="meta"), f(3, 4, device="meta")), ValueError, "unsupported device meta"),
+    # class_prototypes
+    "cp rank": (lambda: cp(f(3), L, 2), ValueError, r"z needs shape \[\.\.\., samples, features\], got \[3\]"),
+    "cp label shape": (lambda: cp(f(3, 4), torch.tensor([0, 1]), 2), ValueError, r"labels must have shape \[3\] .*got \[2\]"),
+    "cp label task dims": (lambda: cp(f(2, 3, 4), L, 2), ValueError, r"labels must have shape \[2, 3\]"),
+    "cp float labels": (lambda: cp(f(3, 4), L.float(), 2), TypeError, "labels must be an integer .*float32"),
+    "cp bool labels": (lambda: cp(f(3, 4), L.bool(), 2), TypeError, "labels must be an integer .*bool"),
+    "cp list labels": (lambda: cp(f(3, 4), [0, 1, 0], 2), TypeError, "labels must be a torch.Tensor, got list"),
+    "cp negative C": (lambda: cp(f(3, 4), L, -1), ValueError, "num_classes must be >= 0, got -1"),
+    "cp float C": (lambda: cp(f(3, 4), L, 2.0), TypeError, "num_classes must be an int, got float"),
+    "cp bool C": (lambda: cp(f(3, 4), L, True), TypeError, "num_classes must be an int, got bool"),
+    "cp tensor C": (lambda: cp(f(3, 4), L, torch.tensor(2)), TypeError, "num_classes must be an int"),
+    "cp integer z": (lambda: cp(torch.ones(3, 4, dtype=torch.long), L, 2), TypeError, "z must be a floating tensor"),
+    "cp float16": (lambda: cp(f(3, 4).half(), L, 2), TypeError, "got torch.float16"),
+    "cp numpy+torch": (lambda: cp(np.ones((3, 4)), L, 2), TypeError, "must both be numpy arrays or both torch tensors"),
+    "cp torch+numpy": (lambda: cp(f(3, 4), L.numpy(), 2), TypeError, "must both be numpy arrays or both torch tensors"),
+    "cp numpy float labels": (lambda: cp(np.ones((3, 4)), np.zeros(3), 2), TypeError, "labels must be an integer"),
+    "cp numpy int z": (lambda: cp(np.ones((3, 4), int), np.zeros(3, int), 2), TypeError, "z must be a float32 or float64 array"),
+    "cp numpy label shape": (lambda: cp(np.ones((3, 4)), np.zeros(2, int), 2), ValueError, "labels must have shape"),
+    "cp negative label": (lambda: cp(f(3, 4), torch.tensor([0, -1, 1]), 2), ValueError, r"label -1 at sample 1 of the task is outside \[0, 2\)"),
+    "cp large label": (lambda: cp(f(3, 4), torch.tensor([0, 2, 1]), 2), ValueError, r"label 2 at sample 1 .* outside \[0, 2\)"),
+    "cp empty class": (lambda: cp(f(2, 3, 4), torch.tensor([[0, 1, 0], [0, 0, 0]]), 2), ValueError, "class 1 has no example in task 1"),
+    # sgd_step
+    "sgd list lengths": (lambda: sgd([f(3)], [f(3), f(3)], 0.1), ValueError, "got 1 params but 2 grads"),
+    "sgd lr length": (lambda: sgd([f(3)], [f(3)], [f(()), f(())]), ValueError, "got 2 learning rates for 1 params"),
+    "sgd broadcast": (lambda: sgd([f(3)], [f(4)], 0.1), ValueError, r"tensor 0: shapes do not broadcast: param \[3\], grad \[4\]"),
+    "sgd broadcast lr": (lambda: sgd([f(3), f(3)], [f(3), f(3)], [f(3), f(2)]), ValueError, r"tensor 1: .*lr \[2\]"),
+    "sgd broadcast task": (lambda: sgd([f(2, 3)], [f(4, 3)], 0.1), ValueError, "do not broadcast"),
+    "sgd integer param": (lambda: sgd([torch.ones(3, dtype=torch.long)], [f(3)], 0.1), TypeError, r"params\[0\] must be a floating tensor"),
+    "sgd integer grad": (lambda: sgd([f(3)], [torch.ones(3, dtype=torch.long)], 0.1), TypeError, r"grads\[0\] must be a floating tensor"),
+    "sgd mixed in tensor": (lambda: sgd([f(3)], [d(3)], 0.1), TypeError, "float64.*float32|float32.*float64"),
+    "sgd mixed across": (lambda: sgd([f(3), d(3)], [f(3), d(3)], 0.1), TypeError, r"\[1\].*float64|float64.*\[1\]"),
+    "sgd mixed lr": (lambda: sgd([f(3)], [f(3)], [d(3)]), TypeError, r"lr\[0\] is torch.float64"),
+    "sgd float16": (lambda: sgd([f(3).half()], [f(3).half()], 0.1), TypeError, "got torch.float16"),
+    "sgd numpy+torch": (lambda: sgd([np.ones(3)], [f(3)], 0.1), TypeError, "mix of numpy arrays and other types"),
+    "sgd lr str": (lambda: sgd([f(3)], [f(3)], "0.1"), TypeError, "lr must be a float or a list of tensors, got str"),
+    "sgd lr tensor": (lambda: sgd([f(3)], [f(3)], torch.tensor(0.1)), TypeError, "lr must be a float or a list of tensors, got Tensor"),
+    "sgd lr bool": (lambda: sgd([f(3)], [f(3)], True), TypeError, "got bool"),
+    "sgd lr list of floats": (lambda: sgd([f(3)], [f(3)], [0.1]), TypeError, r"lr\[0\] must be a torch.Tensor"),
+    "sgd None grad": (lambda: sgd([f(3)], [None], 0.1), TypeError, r"grads\[0\] must be a torch.Tensor"),
+    "sgd numpy mixed": (lambda: sgd([np.ones(3, np.float32)], [np.ones(3)], 0.1), TypeError, "share one dtype"),
+    "sgd numpy int": (lambda: sgd([np.ones(3, int)], [np.ones(3, int)], 0.1), TypeError, "float32 or float64 array, got int64"),
+    "sgd numpy broadcast": (lambda: sgd([np.ones(3)], [np.ones(4)], 0.1), ValueError, "do not broadcast"),
+    "sgd_ list lengths": (lambda: sgd_([f(3)], [f(3), f(3)], 0.1), ValueError, "got 1 params but 2 grads"),
+    "sgd_ integer": (lambda: sgd_([torch.ones(3, dtype=torch.long)], [f(3)], 0.1), TypeError, "floating tensor"),
+    "sgd_ broadcast": (lambda: sgd_([f(3)], [f(4)], 0.1), ValueError, "do not broadcast"),
+}
+
+
+def test_tensor_instead_of_list():
+    with pytest.raises(TypeError, match="params and grads must be lists"):
+        sgd(f(3), f(3), 0.1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_raises(case):
+    fn, exc, match = CASES[case]
+    with pytest.raises(exc, match=match):
+        fn()

@@ -1,0 +1,147 @@
+"""The ops under torch.func (grad, vmap, vmap(grad)), torch.compile and torch.library.opcheck."""
+import pytest
+import torch
+from torch.func import grad, vmap
+
+from conftest import METRICS, assert_close, covering_labels, gen, rand, ref_sgd
+from pymeta import ops
+from pymeta.ops import reference
+
+pd, cp = ops.pairwise_distances, ops.class_prototypes
+LABELS = torch.tensor([[0, 1, 2, 0, 1, 2, 2], [2, 1, 0, 0, 1, 2, 1], [1, 1, 0, 2, 2, 0, 0]])
+
+
+# ---- torch.func -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_pairwise_distances_vmap_and_grad(metric):
+    g = gen(7)
+    x, y, y1 = rand(3, 5, 4, gen=g), rand(3, 2, 4, gen=g), rand(2, 4, gen=g)
+    fn = lambda a, b: pd(a, b, metric)  # noqa: E731
+    rfn = lambda a, b: reference.pairwise_distances(a, b, metric)  # noqa: E731
+    assert_close(vmap(fn)(x, y), pd(x, y, metric))
+    assert_close(vmap(fn, in_dims=(1, 0))(x.transpose(0, 1), y), pd(x, y, metric))
+    assert_close(vmap(fn, in_dims=(0, None))(x, y1), pd(x, y1.expand(3, 2, 4), metric))
+    xx, yy = torch.stack([x, x.flip(0)], 1), torch.stack([y, y.flip(0)], 1)  # two task dims
+    assert_close(vmap(vmap(fn))(xx, yy), rfn(xx, yy))
+    loss = lambda f: lambda a, b: (f(a, b) ** 2).sum()  # noqa: E731
+    for argnums in (0, 1, (0, 1)):
+        assert_close(grad(loss(fn), argnums)(x, y), grad(loss(rfn), argnums)(x, y))
+        # per-task gradients, the support rows shared (unbatched)
+        assert_close(vmap(grad(loss(fn), argnums), in_dims=(0, None))(x, y1),
+                     vmap(grad(loss(rfn), argnums), in_dims=(0, None))(x, y1))
+    # second order through func transforms
+    gg = lambda f: grad(lambda a: grad(loss(f))(a, y).pow(2).sum())  # noqa: E731
+    assert_close(gg(fn)(x), gg(rfn)(x))
+
+
+def test_class_prototypes_vmap_and_grad():
+    z = rand(3, 7, 4, gen=gen(8))
+    fn = lambda a, lab: cp(a, lab, 3)  # noqa: E731
+    rfn = lambda a, lab: reference.class_prototypes(a, lab, 3)  # noqa: E731
+    assert_close(vmap(fn)(z, LABELS), cp(z, LABELS, 3))
+    assert_close(vmap(fn, in_dims=(0, None))(z, LABELS[0]), cp(z, LABELS[0].expand(3, 7), 3))
+    assert_close(vmap(fn, in_dims=(None, 0))(z[0], LABELS), cp(z[0].expand(3, 7, 4), LABELS, 3))
+    loss = lambda f: lambda a, lab: (f(a, lab) ** 3).sum()  # noqa: E731
+    assert_close(grad(loss(fn))(z, LABELS), grad(loss(rfn))(z, LABELS))
+    assert_close(vmap(grad(loss(fn)))(z, LABELS), vmap(grad(loss(rfn)))(z, LABELS))
+    assert_close(vmap(grad(loss(fn)), in_dims=(0, None))(z, LABELS[1]),
+                 vmap(grad(loss(rfn)), in_dims=(0, None))(z, LABELS[1]))
+    gg = lambda f: grad(lambda a: grad(loss(f))(a, LABELS).pow(2).sum())  # noqa: E731
+    assert_close(gg(fn)(z), gg(rfn)(z))
+
+
+def test_sgd_step_vmap_and_grad():
+    g = gen(9)
+    w = [rand(4, 3, gen=g), rand(3, gen=g), rand(2, gen=g)]      # shared meta-parameters
+    gs = [rand(5, 4, 3, gen=g), rand(5, 3, gen=g), rand(2, gen=g)]  # per-task grads, last unbatched
+    lrs = [rand(gen=g), rand(5, 3, gen=g), rand(2, gen=g)]          # 0-d, per-task, per-param
+    fn = lambda p, gr, lr: ops.sgd_step(p, gr, lr)  # noqa: E731
+    dims = ([None, None, None], [0, 0, None], [None, 0, None])
+    out = vmap(fn, in_dims=dims)(w, gs, lrs)
+    expected = ref_sgd(w, gs, lrs)
+    assert_close(out[:2], expected[:2])
+    assert_close(out[2], expected[2].expand(5, 2))  # all-unbatched tensor: broadcast by vmap
+    assert_close(vmap(lambda gr: ops.sgd_step(w[:2], gr, 0.3))(gs[:2]), ref_sgd(w[:2], gs[:2], 0.3))
+    # MAML: per-task gradients of the adapted weights w.r.t. the shared weights and rates
+    def outer(f):
+        def loss(p, gr, lr):
+            return sum((t ** 2).sum() for t in f(p, gr, lr))
+        return vmap(grad(loss, argnums=(0, 2)), in_dims=([None] * 3, [0, 0, None], None))
+    assert_close(outer(ops.sgd_step)(w, gs, lrs), outer(ref_sgd)(w, gs, lrs))
+
+
+def test_maml_protonet_second_order():
+    """Inner SGD on a shared embedding, ProtoNet loss on the adapted one, meta-gradient
+    through everything (second order): kernels against the references."""
+    g = gen(10)
+    xs, xq = rand(3, 6, 5, gen=g), rand(3, 4, 5, gen=g)
+    ys = covering_labels((3,), 6, 3, g)
+    yq = covering_labels((3,), 4, 3, g)
+    w0 = rand(5, 8, gen=g, requires_grad=True)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+    def meta_loss(pdist, protos, sgd):
+        def loss(w, x, labels, xs_):
+            logits = -pdist(x @ w, protos(xs_ @ w, ys, 3), "euclidean")
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        gw = torch.autograd.grad(loss(w0, xs, ys, xs), w0, create_graph=True)[0]
+        fast = sgd([w0], [gw], [lr])[0]
+        return loss(fast, xq, yq, xs)
+
+    out = meta_loss(pd, cp, ops.sgd_step)
+    ref = meta_loss(reference.pairwise_distances, reference.class_prototypes, ref_sgd)
+    assert_close(out, ref)
+    assert_close(torch.autograd.grad(out, (w0, lr)), torch.autograd.grad(ref, (w0, lr)))
+
+
+# ---- torch.compile ----------------------------------------------------------------------
+
+def _all_ops(x, y, w, gr, lr, labels):
+    d = pd(x, y, "euclidean") + pd(x, y, "cosine")
+    p = cp(x, labels, 3)
+    s = ops.sgd_step([w, None, w], [gr, gr, gr], [lr, lr, lr])
+    t = ops.sgd_step([w], [gr], 0.25)
+    return d.sum() + (p ** 2).sum() + (s[0] ** 2).sum() + s[1].sum() + s[2].mean() + t[0].sum()
+
+
+def test_compile_fullgraph_forward_and_backward():
+    compiled = torch.compile(_all_ops, fullgraph=True)
+    g = gen(11)
+    args = [rand(3, 7, 4, gen=g), rand(3, 2, 4, gen=g), rand(4, gen=g), rand(3, 4, gen=g), rand(gen=g)]
+    args = [a.requires_grad_() for a in args]
+    out = compiled(*args, LABELS)
+    expected = _all_ops(*args, LABELS)
+    assert_close(out, expected)
+    assert_close(torch.autograd.grad(out, args), torch.autograd.grad(expected, args))
+    with torch.no_grad():  # inference graph, another dtype
+        args32 = [a.detach().float() for a in args]
+        assert_close(compiled(*args32, LABELS), _all_ops(*args32, LABELS), torch.float32)
+
+
+# ---- torch.library.opcheck --------------------------------------------------------------
+
+def _opcheck_cases():
+    g = gen(12)
+    for dtype, req in ((torch.float64, True), (torch.float64, False), (torch.float32, True)):
+        r = lambda *s: rand(*s, dtype=dtype, gen=g, requires_grad=req)  # noqa: E731
+        for metric in METRICS:
+            x, y = r(2, 3, 4), r(2, 5, 4)
+            out = pd(x.detach(), y.detach(), metric)
+            yield f"pd-{metric}-{dtype}-{req}", "pairwise_distances", (x, y, metric)
+            yield (f"pdb-{metric}-{dtype}-{req}", "pairwise_distances_backward",
+                   (r(2, 3, 5), x, y, out, metric))
+        yield f"cp-{dtype}-{req}", "class_prototypes", (r(3, 7, 4), LABELS, 3)
+        yield f"cpb-{dtype}-{req}", "class_prototypes_backward", (r(3, 3, 4), LABELS, 3)
+        yield f"sgd-{dtype}-{req}", "sgd_step", ([r(3, 4), r(5)], [r(3, 4), r(5)], [], 0.3)
+        yield (f"sgd-lrs-{dtype}-{req}", "sgd_step",
+               ([r(3, 4), r(2, 5)], [r(2, 3, 4), r(2, 5)], [r(), r(5)], 0.0))
+
+
+OPCHECK = {name: (op, args) for name, op, args in _opcheck_cases()}
+
+
+@pytest.mark.parametrize("case", list(OPCHECK))
+def test_opcheck(case):
+    op, args = OPCHECK[case]
+    torch.library.opcheck(getattr(torch.ops.pymeta, op).default, args)

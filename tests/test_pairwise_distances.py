@@ -1,0 +1,149 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import (DTYPES, METRICS, SETTINGS, assert_close, gen, lead_shapes, rand, seeds,
+                      sizes, vjp)
+from pymeta import ops
+from pymeta.ops import reference
+
+pd = ops.pairwise_distances
+
+
+def _check_against_reference(lead, Q, N, D, metric, dtype, seed):
+    g = gen(seed)
+    x = rand(*lead, Q, D, dtype=dtype, gen=g, requires_grad=True)
+    y = rand(*lead, N, D, dtype=dtype, gen=g, requires_grad=True)
+    out, grads = vjp(lambda a, b: pd(a, b, metric), (x, y))
+    ref, ref_grads = vjp(lambda a, b: reference.pairwise_distances(a, b, metric), (x, y))
+    assert out.shape == (*lead, Q, N) and out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_close(grads, ref_grads, dtype)
+    with torch.no_grad():  # the light eager path computes the same thing as the autograd one
+        assert torch.equal(pd(x, y, metric), out)
+
+
+@SETTINGS
+@given(lead=lead_shapes, Q=sizes, N=sizes, D=st.integers(0, 40), metric=st.sampled_from(METRICS),
+       seed=seeds)
+def test_matches_reference_float64(lead, Q, N, D, metric, seed):
+    _check_against_reference(lead, Q, N, D, metric, torch.float64, seed)
+
+
+@SETTINGS
+@given(lead=lead_shapes, Q=sizes, N=sizes, D=st.integers(0, 40), metric=st.sampled_from(METRICS),
+       seed=seeds)
+def test_matches_reference_float32(lead, Q, N, D, metric, seed):
+    _check_against_reference(lead, Q, N, D, metric, torch.float32, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_torch_builtins(dtype):
+    x, y = rand(3, 7, 33, dtype=dtype), rand(3, 4, 33, dtype=dtype)
+    cdist = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    cos = F.cosine_similarity(x.unsqueeze(-2), y.unsqueeze(-3), dim=-1)
+    assert_close(pd(x, y, "euclidean"), cdist, dtype)
+    assert_close(pd(x, y, "sqeuclidean"), cdist ** 2, dtype)
+    assert_close(pd(x, y, "cosine"), 1 - cos, dtype)
+    assert_close(pd(x, y, "dot"), -torch.einsum("tqd,tnd->tqn", x, y), dtype)
+    assert_close(pd(x, y), pd(x, y, "sqeuclidean"), dtype)  # the default metric
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_gradcheck_and_gradgradcheck(metric):
+    g = gen(3)
+    x = rand(2, 3, 4, gen=g, requires_grad=True)
+    y = rand(2, 5, 4, gen=g, requires_grad=True)
+    fn = lambda a, b: pd(a, b, metric)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, y))
+    assert torch.autograd.gradgradcheck(fn, (x, y))
+    # one side only needing a gradient
+    assert torch.autograd.gradgradcheck(fn, (x, y.detach()))
+
+
+def test_cosine_zero_vector_is_distance_one_with_finite_grads():
+    x = torch.zeros(2, 3, 5, dtype=torch.float64)
+    x[:, 1] = torch.randn(2, 5, dtype=torch.float64)
+    y = rand(2, 4, 5)
+    y[0, 2] = 0
+    x.requires_grad_(), y.requires_grad_()
+    out, grads = vjp(lambda a, b: pd(a, b, "cosine"), (x, y))
+    _, ref_grads = vjp(lambda a, b: reference.pairwise_distances(a, b, "cosine"), (x, y))
+    cos = F.cosine_similarity(x.unsqueeze(-2), y.unsqueeze(-3), dim=-1, eps=1e-8)
+    assert_close(out, 1 - cos)
+    assert (out[:, 0] == 1).all() and (out[0, :, 2] == 1).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_euclidean_gradient_is_zero_at_zero_distance(dtype):
+    y = rand(1, 3, 6, dtype=dtype)
+    x = torch.cat([y[:, 1:2], rand(1, 2, 6, dtype=dtype)], 1)  # query 0 == support 1
+    x.requires_grad_(), y.requires_grad_()
+    out, grads = vjp(lambda a, b: pd(a, b, "euclidean"), (x, y))
+    cd_out, cd_grads = vjp(torch.cdist, (x, y))
+    assert out[0, 0, 1] == 0
+    assert_close(out, cd_out, dtype)
+    assert_close(grads, cd_grads, dtype)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape", [  # (lead, Q, N, D)
+    ((2,), 0, 3, 4), ((2,), 3, 0, 4), ((2,), 3, 4, 0), ((0,), 3, 4, 5), ((2, 0), 1, 1, 1)])
+def test_empty_dims(metric, shape):
+    lead, Q, N, D = shape
+    x = rand(*lead, Q, D, requires_grad=True)
+    y = rand(*lead, N, D, requires_grad=True)
+    out, (gx, gy) = vjp(lambda a, b: pd(a, b, metric), (x, y))
+    ref = reference.pairwise_distances(x, y, metric)
+    assert out.shape == ref.shape == (*lead, Q, N)
+    assert_close(out, ref)
+    assert gx.shape == x.shape and gy.shape == y.shape
+    assert not gx.any() and not gy.any()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_nan_and_inf_propagate_like_reference(metric):
+    x, y = rand(2, 4, 6), rand(2, 3, 6)
+    x[0, 1, 2] = float("nan")
+    x[1, 2, 0] = float("inf")
+    y[1, 0, 5] = -float("inf")
+    out = pd(x, y, metric)
+    ref = reference.pairwise_distances(x, y, metric)
+    if metric == "euclidean":  # the reference's where(sq > 0, ...) maps NaN to 0; torch.cdist keeps it
+        ref = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    assert_close(out, ref)
+    assert out[0, 1].isnan().all() and not out[0, 0].isnan().any()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs_match_contiguous(metric, dtype):
+    base_x = rand(3, 9, 5, dtype=dtype)
+    variants = {
+        "transposed": (base_x.transpose(-1, -2).contiguous().transpose(-1, -2), rand(3, 4, 5, dtype=dtype)),
+        "sliced": (rand(3, 18, 10, dtype=dtype)[:, ::2, 1::2], rand(3, 8, 5, dtype=dtype)[:, ::2]),
+        "expanded": (base_x, rand(1, 4, 5, dtype=dtype).expand(3, 4, 5)),
+    }
+    for name, (x, y) in variants.items():
+        assert not (x.is_contiguous() and y.is_contiguous()), name
+        x, y = x.detach().requires_grad_(), y.detach().requires_grad_()
+        xc = x.detach().contiguous().requires_grad_()
+        yc = y.detach().contiguous().requires_grad_()
+        go = rand(3, x.shape[1], 4, dtype=dtype)
+        out, grads = vjp(lambda a, b: pd(a, b, metric), (x, y), [go])
+        outc, gradsc = vjp(lambda a, b: pd(a, b, metric), (xc, yc), [go])
+        assert torch.equal(out, outc), name
+        assert all(torch.equal(a, b) for a, b in zip(grads, gradsc)), name
+
+
+def test_large_values_accumulate_like_reference():
+    # a long feature dim through the lane-sum path, in float32 against a float64 reference
+    x, y = rand(2, 5, 3001, dtype=torch.float32), rand(2, 4, 3001, dtype=torch.float32)
+    for metric in METRICS:
+        ref = reference.pairwise_distances(x.double(), y.double(), metric)
+        assert_close(pd(x, y, metric).double(), ref, rtol=1e-5, atol=1e-3)

@@ -1,0 +1,169 @@
+"""Threads (bitwise determinism), import orders, forked DataLoader workers, info and the CLI."""
+import importlib.metadata
+import textwrap
+
+import pytest
+import torch
+
+import pymeta
+from conftest import (DTYPES, METRICS, assert_close, covering_labels, gen, num_threads, rand, ref_sgd,
+                      run_python)
+from pymeta import ops
+from pymeta.ops import reference
+
+THREADS = (1, 2, 3)
+
+
+def _same_at_every_thread_count(fn):
+    """Runs fn() at 1, 2 and 3 threads; all results must be bitwise equal. Returns them."""
+    results = []
+    for n in THREADS:
+        with num_threads(n):
+            results.append(fn())
+    for r in results[1:]:
+        assert len(r) == len(results[0])
+        assert all(torch.equal(a, b) for a, b in zip(r, results[0]))
+    return results[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [32, 1])
+@pytest.mark.parametrize("metric", METRICS)
+def test_pairwise_distances_threads(metric, T, dtype):
+    g = gen(T)
+    x = rand(T, 75, 1600, dtype=dtype, gen=g, requires_grad=True)
+    y = rand(T, 5, 1600, dtype=dtype, gen=g, requires_grad=True)
+    go = rand(T, 75, 5, dtype=dtype, gen=g)
+
+    def run():
+        out = ops.pairwise_distances(x, y, metric)
+        return (out, *torch.autograd.grad(out, (x, y), go))
+    out, gx, gy = _same_at_every_thread_count(run)
+    ref = reference.pairwise_distances(x, y, metric)
+    tol = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float32 else {}
+    assert_close(out, ref, dtype, **tol)
+    assert_close([gx, gy], torch.autograd.grad(ref, (x, y), go), dtype, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 100, 20, 3000), (32, 25, 5, 1600)])  # (T, S, C, D)
+def test_class_prototypes_threads(shape, dtype):
+    T, S, C, D = shape
+    g = gen(S)
+    z = rand(T, S, D, dtype=dtype, gen=g, requires_grad=True)
+    labels = covering_labels((T,), S, C, g)
+    go = rand(T, C, D, dtype=dtype, gen=g)
+
+    def run():
+        out = ops.class_prototypes(z, labels, C)
+        return out, torch.autograd.grad(out, z, go)[0]
+    out, gz = _same_at_every_thread_count(run)
+    ref = reference.class_prototypes(z, labels, C)
+    assert_close(out, ref, dtype)
+    assert_close(gz, torch.autograd.grad(ref, z, go)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_step_threads(dtype):
+    g = gen(3)
+    shapes = [(64, 3, 3, 3), (64,), *[(64, 64, 3, 3), (64,)] * 3, (5, 1600), (5,)]  # conv4
+    assert sum(torch.Size(s).numel() for s in shapes) > 113_000
+    params = [rand(*s, dtype=dtype, gen=g, requires_grad=True) for s in shapes]
+    grads = [rand(2, *s, dtype=dtype, gen=g, requires_grad=True) for s in shapes]
+    lrs = [rand(dtype=dtype, gen=g, requires_grad=True) if i % 2 else rand(*s, dtype=dtype, gen=g, requires_grad=True)
+           for i, s in enumerate(shapes)]
+    leaves = [*params, *grads, *lrs]
+    gos = [rand(2, *s, dtype=dtype, gen=g) for s in shapes]
+
+    def run(lr):
+        out = ops.sgd_step(params, grads, lr)
+        return (*out, *torch.autograd.grad(out, leaves, gos, allow_unused=True, materialize_grads=True))
+    for lr in (0.01, lrs):
+        result = _same_at_every_thread_count(lambda: run(lr))
+        with torch.no_grad():  # the plain eager path and the in-place op too
+            plain = _same_at_every_thread_count(lambda: ops.sgd_step(params, grads, lr))
+            copies = [p.detach().expand(2, *p.shape).clone() for p in params]
+            inplace = _same_at_every_thread_count(lambda: ops.sgd_step_([c.clone() for c in copies], grads, lr))
+        assert all(torch.equal(a, b) for a, b in zip(plain, result))
+        assert all(torch.equal(a, b) for a, b in zip(inplace, result))
+        assert_close(list(result[:len(shapes)]), ref_sgd(params, grads, lr), dtype)
+
+
+def test_info_reports_build_and_follows_torch_threads():
+    info = pymeta.info()
+    for key in ("version", "cuda_kernels", "cuda_archs", "simd", "cpu_threads"):
+        assert key in info
+    assert info["version"] == pymeta.__version__ == importlib.metadata.version("pymeta")
+    assert isinstance(info["cuda_kernels"], bool) and isinstance(info["cuda_archs"], str)
+    assert isinstance(info["simd"], str) and info["simd"]
+    for n in (1, 2, 3):
+        with num_threads(n):
+            assert pymeta.info()["cpu_threads"] == n
+
+
+def test_cli_info():
+    result = run_python("-m", "pymeta", "info")
+    result_main = run_python("-c", "from pymeta.cli import main; raise SystemExit(main(['info']))")
+    for r in (result, result_main):
+        assert r.returncode == 0, r.stderr
+        lines = dict(line.split(None, 1) for line in r.stdout.strip().splitlines())
+        assert lines["version"] == pymeta.__version__
+        assert lines["cuda_kernels"] in ("True", "False")
+        for key in ("cuda_archs", "simd", "cpu_threads"):
+            assert lines[key]
+
+
+# ---- subprocesses: import order and fork safety -----------------------------------------
+
+_WORKLOAD = textwrap.dedent("""
+    from pymeta import ops
+    from pymeta.ops import reference
+
+    def workload(seed):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(32, 75, 1600, generator=g), torch.randn(32, 5, 1600, generator=g)
+        z = torch.randn(2, 50, 4000, generator=g)
+        labels = (torch.arange(50) % 5).expand(2, 50)
+        p, gr = [torch.randn(120_000, generator=g)], [torch.randn(120_000, generator=g)]
+        x.requires_grad_()
+        d = ops.pairwise_distances(x, y, "cosine")
+        gx, = torch.autograd.grad(d.sum(), x)
+        out = [d.detach(), gx, ops.class_prototypes(z, labels, 5), ops.sgd_step(p, gr, 0.1)[0]]
+        ref = [reference.pairwise_distances(x, y, "cosine").detach(), None,
+               reference.class_prototypes(z, labels, 5), reference.sgd_step(p, gr, 0.1)[0]]
+        for a, b in zip(out, ref):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        return out
+""")
+
+
+@pytest.mark.parametrize("order", ["import pymeta\nimport torch", "import torch\nimport pymeta"])
+def test_import_order(order):
+    code = order + "\ntorch.set_num_threads(2)\n" + _WORKLOAD + "workload(0)\nprint('ok')\n"
+    r = run_python("-c", code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_forked_dataloader_workers_do_not_hang():
+    code = "import torch\n" + _WORKLOAD + textwrap.dedent("""
+        torch.set_num_threads(2)
+        expected = workload(0)          # the parent runs the parallel kernels first
+
+        class Tasks(torch.utils.data.Dataset):
+            def __len__(self):
+                return 4
+            def __getitem__(self, i):
+                return workload(i % 2)
+
+        loader = torch.utils.data.DataLoader(Tasks(), batch_size=None, num_workers=2,
+                                             multiprocessing_context="fork")
+        results = list(loader)
+        assert len(results) == 4
+        for got in results[0::2]:
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        workload(1)                     # and the parent still works afterwards
+        print("ok")
+    """)
+    r = run_python("-c", code, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
