@@ -167,3 +167,27 @@ def test_forked_dataloader_workers_do_not_hang():
     """)
     r = run_python("-c", code, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_raw_fork_child_runs_pymeta_ops():
+    """GNU OpenMP's pool does not survive fork(): pymeta drops to one thread in forked children
+    instead of hanging, and still gives the parent's (thread-count independent) results."""
+    code = textwrap.dedent("""
+        import os, numpy as np, torch
+        from pymeta import ops
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(32, 75, 1600, generator=g), torch.randn(32, 5, 1600, generator=g)
+        z, labels = torch.randn(2, 50, 4000, generator=g), (torch.arange(50) % 5).expand(2, 50)
+        p, gr = [torch.randn(120_000, generator=g)], [torch.randn(120_000, generator=g)]
+        run = lambda: [ops.pairwise_distances(x, y).numpy(), ops.class_prototypes(z, labels, 5).numpy(),
+                       ops.sgd_step(p, gr, 0.1)[0].numpy()]
+        expected = run()                      # the parent's OpenMP pool is now live
+        pid = os.fork()
+        if pid == 0:                          # child: numpy only besides pymeta, no torch kernels
+            os._exit(0 if all(np.array_equal(a, b) for a, b in zip(run(), expected)) else 1)
+        _, status = os.waitpid(pid, 0)
+        print("ok" if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else f"bad {status}")
+    """)
+    r = run_python("-c", code, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-3000:]
