@@ -35,6 +35,40 @@ LabelCheck check_labels(std::int64_t B, std::int64_t S, std::int64_t C,
   return {};
 }
 
+// One task's prototypes over features [d0, d0 + w): z and out point at feature d0 of the task;
+// rows are D apart.
+template <class T>
+__attribute__((always_inline)) inline void prototype_block_impl(
+    const T* __restrict__ z, const std::int64_t* __restrict__ labels,
+    const std::int64_t* __restrict__ counts, std::int64_t S, std::int64_t C, std::int64_t D,
+    std::int64_t w, T* __restrict__ out) {
+  for (std::int64_t c = 0; c < C; ++c) std::fill(out + c * D, out + c * D + w, T(0));
+  for (std::int64_t s = 0; s < S; ++s) {
+    const std::int64_t l = labels[s];
+    if (!in_range(l, C)) continue;
+    const T* __restrict__ zs = z + s * D;
+    T* __restrict__ oc = out + l * D;
+    for (std::int64_t d = 0; d < w; ++d) oc[d] += zs[d];
+  }
+  for (std::int64_t c = 0; c < C; ++c) {  // a scale, not a division, so this vectorises
+    const std::int64_t n = counts[c];
+    const T scale = n ? T(1) / static_cast<T>(n) : std::numeric_limits<T>::quiet_NaN();
+    T* __restrict__ oc = out + c * D;
+    for (std::int64_t d = 0; d < w; ++d) oc[d] *= scale;
+  }
+}
+
+#define PYMETA_BLOCK_KERNEL(T)                                                               \
+  PYMETA_SIMD_CLONES void prototype_block(const T* z, const std::int64_t* labels,           \
+                                          const std::int64_t* counts, std::int64_t S,       \
+                                          std::int64_t C, std::int64_t D, std::int64_t w,   \
+                                          T* out) {                                          \
+    prototype_block_impl(z, labels, counts, S, C, D, w, out);                                \
+  }
+PYMETA_BLOCK_KERNEL(float)
+PYMETA_BLOCK_KERNEL(double)
+#undef PYMETA_BLOCK_KERNEL
+
 template <class T>
 void forward(const Device& dev, std::int64_t B, std::int64_t S, std::int64_t C, std::int64_t D,
              const T* z, const std::int64_t* labels, const std::vector<std::int64_t>& counts,
@@ -43,40 +77,55 @@ void forward(const Device& dev, std::int64_t B, std::int64_t S, std::int64_t C, 
 #pragma omp parallel for num_threads(threads_for(dev, B * (S + C) * D)) schedule(static)
   for (std::int64_t u = 0; u < B * nblk; ++u) {
     const std::int64_t b = u / nblk, d0 = (u % nblk) * kFeatureBlock;
-    const std::int64_t w = std::min(kFeatureBlock, D - d0);
-    T* ob = out + b * C * D + d0;
-    for (std::int64_t c = 0; c < C; ++c) std::fill(ob + c * D, ob + c * D + w, T(0));
-    for (std::int64_t s = 0; s < S; ++s) {
-      const std::int64_t l = labels[b * S + s];
-      if (!in_range(l, C)) continue;
-      const T* zs = z + (b * S + s) * D + d0;
-      T* oc = ob + l * D;
-      for (std::int64_t d = 0; d < w; ++d) oc[d] += zs[d];
-    }
-    for (std::int64_t c = 0; c < C; ++c) {
-      const std::int64_t n = counts[b * C + c];
-      const T inv_nan = std::numeric_limits<T>::quiet_NaN();
-      T* oc = ob + c * D;
-      for (std::int64_t d = 0; d < w; ++d) oc[d] = n ? oc[d] / static_cast<T>(n) : inv_nan;
-    }
+    prototype_block(z + b * S * D + d0, labels + b * S, counts.data() + b * C, S, C, D,
+                    std::min(kFeatureBlock, D - d0), out + b * C * D + d0);
   }
+}
+
+// dst = scale * src over n features; streamed past the cache when asked (dst 16-byte aligned).
+template <class T>
+__attribute__((always_inline)) inline void scaled_row_impl(T* dst, const T* src, T scale,
+                                                           std::int64_t n, bool stream) {
+  constexpr int L = kLanes<T>;
+  std::int64_t d = 0;
+  for (; d + L <= n; d += L) {
+    const Vec<T> v = scale * loadu(src + d);
+    if (stream)
+      stream_store(dst + d, v);
+    else
+      storeu(dst + d, v);
+  }
+  for (; d < n; ++d) dst[d] = scale * src[d];
+}
+
+PYMETA_SIMD_CLONES void scaled_row(float* dst, const float* src, float scale, std::int64_t n,
+                                   bool stream) {
+  scaled_row_impl(dst, src, scale, n, stream);
+}
+PYMETA_SIMD_CLONES void scaled_row(double* dst, const double* src, double scale, std::int64_t n,
+                                   bool stream) {
+  scaled_row_impl(dst, src, scale, n, stream);
 }
 
 template <class T>
 void backward(const Device& dev, std::int64_t B, std::int64_t S, std::int64_t C, std::int64_t D,
               const T* g, const std::int64_t* labels, const std::vector<std::int64_t>& counts,
               T* gz) {
-#pragma omp parallel for num_threads(threads_for(dev, B * S * D)) schedule(static)
-  for (std::int64_t r = 0; r < B * S; ++r) {
-    const std::int64_t b = r / S, l = labels[r];
-    T* dst = gz + r * D;
-    if (!in_range(l, C)) {
-      std::fill(dst, dst + D, T(0));
-      continue;
+  // grad_z is written once, not read here: past the cache size it bypasses the cache.
+  const bool stream = B * S * D * std::int64_t(sizeof(T)) >= kStreamBytes && aligned16(gz) &&
+                      (D * sizeof(T)) % 16 == 0;
+#pragma omp parallel num_threads(threads_for(dev, B * S * D))
+  {
+#pragma omp for schedule(static)
+    for (std::int64_t r = 0; r < B * S; ++r) {
+      const std::int64_t b = r / S, l = labels[r];
+      if (in_range(l, C))
+        scaled_row(gz + r * D, g + (b * C + l) * D, T(1) / static_cast<T>(counts[b * C + l]), D,
+                   stream);
+      else
+        std::fill(gz + r * D, gz + r * D + D, T(0));
     }
-    const T scale = T(1) / static_cast<T>(counts[b * C + l]);
-    const T* src = g + (b * C + l) * D;
-    for (std::int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
+    if (stream) stream_fence();
   }
 }
 

@@ -3,6 +3,11 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "../common.h"
 
@@ -23,32 +28,84 @@ inline int threads_for(const Device& dev, std::int64_t work) {
   return work < kParallelGrain ? 1 : (dev.nthreads < 1 ? 1 : dev.nthreads);
 }
 
-// R sums res[r] = sum_{d<D} f(r, d) computed together (operands shared between rows are
-// loaded once). Each sum has a fixed association order, lane-wise partial sums then a fixed
-// tree, the same for every R, so the compiler can vectorise without -ffast-math and results
-// never depend on blocking or threads.
-template <int R, class T, class F>
-inline void lane_sums(std::int64_t D, F f, T* res) {
-  constexpr int L = 16;
-  T acc[R][L] = {};
-  std::int64_t d = 0;
-  for (; d + L <= D; d += L)
-    for (int r = 0; r < R; ++r)
-      for (int l = 0; l < L; ++l) acc[r][l] += f(r, d + l);
-  for (int l = 0; d < D; ++d, ++l)
-    for (int r = 0; r < R; ++r) acc[r][l] += f(r, d);
-  for (int r = 0; r < R; ++r) {
-    for (int w = L / 2; w > 0; w /= 2)
-      for (int l = 0; l < w; ++l) acc[r][l] += acc[r][l + w];
-    res[r] = acc[r][0];
-  }
+// Explicit 32-byte vectors (GCC/Clang vector extensions): 8 floats or 4 doubles, one AVX
+// register (two SSE ones in the baseline clone; wider generic vectors spill to the stack).
+// Every reduction uses the same lanes and the same final tree whatever the thread count.
+template <class T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <class T>
+using Vec = typename VecOf<T>::type;
+template <class T>
+constexpr int kLanes = 32 / sizeof(T);
+
+template <class T>
+__attribute__((always_inline)) inline Vec<T> loadu(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
-template <class T, class F>
-inline T lane_sum(std::int64_t D, F f) {
-  T res;
-  lane_sums<1, T>(D, [&](int, std::int64_t d) { return f(d); }, &res);
-  return res;
+// The first n <= kLanes elements of p, zeros after.
+template <class T>
+__attribute__((always_inline)) inline Vec<T> load_partial(const T* p, std::int64_t n) {
+  Vec<T> v = {};
+  std::memcpy(&v, p, n * sizeof(T));
+  return v;
+}
+
+template <class T>
+__attribute__((always_inline)) inline void storeu(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// Outputs at least this large bypass the cache: non-temporal stores skip the read-for-ownership
+// of every written line, a third of the traffic of a streaming kernel.
+constexpr std::int64_t kStreamBytes = std::int64_t(4) << 20;
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15) == 0; }
+
+// Non-temporal store of one vector; p must be 16-byte aligned. Callers fence (stream_fence).
+template <class T>
+__attribute__((always_inline)) inline void stream_store(T* p, Vec<T> v) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m128 half[2];
+    std::memcpy(half, &v, sizeof v);
+    _mm_stream_ps(p, half[0]);
+    _mm_stream_ps(p + 4, half[1]);
+  } else {
+    __m128d half[2];
+    std::memcpy(half, &v, sizeof v);
+    _mm_stream_pd(p, half[0]);
+    _mm_stream_pd(p + 2, half[1]);
+  }
+#else
+  storeu(p, v);
+#endif
+}
+
+// Orders this thread's non-temporal stores before anything it does next.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+template <class T>
+__attribute__((always_inline)) inline T hsum(Vec<T> v) {
+  T a[kLanes<T>];
+  std::memcpy(a, &v, sizeof v);
+  for (int w = kLanes<T> / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  return a[0];
 }
 
 template <class F>

@@ -12,14 +12,54 @@
 namespace pymeta::cpu {
 namespace {
 
-template <class T>
-inline T dot(const T* a, const T* b, std::int64_t D) {
-  return lane_sum<T>(D, [&](std::int64_t d) { return a[d] * b[d]; });
+// res[r] = sum_d (x_r[d] - y[d])^2 (Diff) or sum_d x_r[d] * y[d], for R rows x_r = x + r*D,
+// each y vector loaded once for all R rows. Two accumulators per row hide the FMA latency.
+template <int R, bool Diff, class T>
+__attribute__((always_inline)) inline void row_sums(const T* x, const T* y, std::int64_t D,
+                                                    T* res) {
+  constexpr int L = kLanes<T>;
+  Vec<T> acc[R][2] = {};
+  auto term = [](Vec<T> xv, Vec<T> yv) {
+    if constexpr (Diff) {
+      const Vec<T> t = xv - yv;
+      return t * t;
+    } else {
+      return xv * yv;
+    }
+  };
+  std::int64_t d = 0;
+  for (; d + 2 * L <= D; d += 2 * L) {
+    const Vec<T> y0 = loadu(y + d), y1 = loadu(y + d + L);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] += term(loadu(x + r * D + d), y0);
+      acc[r][1] += term(loadu(x + r * D + d + L), y1);
+    }
+  }
+  for (; d < D; d += L) {
+    const std::int64_t n = std::min<std::int64_t>(L, D - d);
+    const Vec<T> yv = load_partial(y + d, n);
+    for (int r = 0; r < R; ++r) acc[r][0] += term(load_partial(x + r * D + d, n), yv);
+  }
+  for (int r = 0; r < R; ++r) res[r] = hsum<T>(acc[r][0] + acc[r][1]);
 }
 
 template <class T>
 inline T clamped_norm(const T* a, std::int64_t D) {
-  return std::max(std::sqrt(dot(a, a, D)), static_cast<T>(kCosineEps));
+  T s;
+  row_sums<1, false>(a, a, D, &s);
+  return std::max(std::sqrt(s), static_cast<T>(kCosineEps));
+}
+
+// A distance from its reduced sum s (sum of squared differences, or inner product).
+template <class T>
+inline T finish(Metric m, T s, T nx, T ny) {
+  switch (m) {
+    case Metric::SqEuclidean: return s;
+    case Metric::Euclidean: return std::sqrt(s);
+    case Metric::Dot: return -s;
+    case Metric::Cosine: return T(1) - s / (nx * ny);
+  }
+  return s;
 }
 
 // Query rows handled together: each support row is loaded once per block, not per row.
@@ -31,56 +71,110 @@ __attribute__((always_inline)) inline void forward_rows_impl(Metric m, const T* 
                                                              const T* ny, std::int64_t N,
                                                              std::int64_t D, T* out) {
   T nx[R], s[R];
-  if (m == Metric::Cosine)
-    for (int r = 0; r < R; ++r) nx[r] = clamped_norm(x + r * D, D);
+  for (int r = 0; r < R; ++r) nx[r] = m == Metric::Cosine ? clamped_norm(x + r * D, D) : T(1);
+  const bool diff = m == Metric::SqEuclidean || m == Metric::Euclidean;
   for (std::int64_t n = 0; n < N; ++n) {
-    const T* yn = Y + n * D;
-    if (m == Metric::SqEuclidean || m == Metric::Euclidean)
-      lane_sums<R, T>(D, [&](int r, std::int64_t d) { T t = x[r * D + d] - yn[d]; return t * t; }, s);
+    if (diff)
+      row_sums<R, true>(x, Y + n * D, D, s);
     else
-      lane_sums<R, T>(D, [&](int r, std::int64_t d) { return x[r * D + d] * yn[d]; }, s);
+      row_sums<R, false>(x, Y + n * D, D, s);
+    for (int r = 0; r < R; ++r) out[r * N + n] = finish(m, s[r], nx[r], ny ? ny[n] : T(1));
+  }
+}
+
+// The same distances with support rows transposed, yT [D, Np] (Np >= N, a multiple of the
+// vector width, zero padded): vectors run over support rows, so there is no horizontal sum
+// per distance. Faster once N fills the vectors.
+template <int R, bool Diff, class T>
+__attribute__((always_inline)) inline void transposed_sums(const T* x, const T* yT,
+                                                           std::int64_t Np, std::int64_t nb,
+                                                           std::int64_t D, Vec<T>* acc) {
+  for (int r = 0; r < R; ++r) acc[r] = Vec<T>{};
+  for (std::int64_t d = 0; d < D; ++d) {
+    const Vec<T> yv = loadu(yT + d * Np + nb);
     for (int r = 0; r < R; ++r) {
-      T v = s[r];
-      switch (m) {
-        case Metric::SqEuclidean: break;
-        case Metric::Euclidean: v = std::sqrt(v); break;
-        case Metric::Dot: v = -v; break;
-        case Metric::Cosine: v = T(1) - v / (nx[r] * ny[n]); break;
+      if constexpr (Diff) {
+        const Vec<T> t = x[r * D + d] - yv;
+        acc[r] += t * t;
+      } else {
+        acc[r] += x[r * D + d] * yv;
       }
-      out[r * N + n] = v;
+    }
+  }
+}
+
+template <int R, class T>
+__attribute__((always_inline)) inline void forward_rows_t_impl(Metric m, const T* x,
+                                                               const T* yT, std::int64_t Np,
+                                                               const T* ny, std::int64_t N,
+                                                               std::int64_t D, T* out) {
+  constexpr int L = kLanes<T>;
+  T nx[R];
+  for (int r = 0; r < R; ++r) nx[r] = m == Metric::Cosine ? clamped_norm(x + r * D, D) : T(1);
+  for (std::int64_t nb = 0; nb < N; nb += L) {
+    Vec<T> acc[R];
+    if (m == Metric::SqEuclidean || m == Metric::Euclidean)
+      transposed_sums<R, true>(x, yT, Np, nb, D, acc);
+    else
+      transposed_sums<R, false>(x, yT, Np, nb, D, acc);
+    for (int r = 0; r < R; ++r) {
+      T lanes[L];
+      std::memcpy(lanes, &acc[r], sizeof lanes);
+      for (std::int64_t l = 0; l < std::min<std::int64_t>(L, N - nb); ++l)
+        out[r * N + nb + l] = finish(m, lanes[l], nx[r], ny ? ny[nb + l] : T(1));
     }
   }
 }
 
 // For R query rows x (stride D) with coefficients W (R x N) and alpha (R):
 // gx_r = alpha_r x_r + sum_n W_rn y_n (if gx) and gyp_n += sum_r W_rn x_r in row order (if gyp).
-// Feature blocks keep the working set in L1.
+// One pass over the features: each x, y and gyp vector is loaded once per row block.
 template <int R, class T>
 __attribute__((always_inline)) inline void backward_rows_impl(const T* x, const T* Y, const T* W,
                                                               const T* alpha, std::int64_t N,
-                                                              std::int64_t D, T* gx, T* gyp) {
-  constexpr std::int64_t kBlock = 256;
-  for (std::int64_t d0 = 0; d0 < D; d0 += kBlock) {
-    const std::int64_t d1 = std::min(D, d0 + kBlock);
-    if (gx)
-      for (int r = 0; r < R; ++r)
-        for (std::int64_t d = d0; d < d1; ++d) gx[r * D + d] = alpha[r] * x[r * D + d];
+                                                              std::int64_t D, T* gx, T* gyp,
+                                                              bool stream) {
+  constexpr int L = kLanes<T>;
+  std::int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    Vec<T> xv[R], gv[R];
+    for (int r = 0; r < R; ++r) {
+      xv[r] = loadu(x + r * D + d);
+      gv[r] = alpha[r] * xv[r];
+    }
     for (std::int64_t n = 0; n < N; ++n) {
-      const T* yn = Y + n * D;
-      if (gx)
-        for (int r = 0; r < R; ++r) {
-          const T w = W[r * N + n];
-          for (std::int64_t d = d0; d < d1; ++d) gx[r * D + d] += w * yn[d];
-        }
+      const T* wn = W + n;  // W[r * N + n]
+      if (gx) {
+        const Vec<T> yv = loadu(Y + n * D + d);
+        for (int r = 0; r < R; ++r) gv[r] += wn[r * N] * yv;
+      }
       if (gyp) {
-        T* gn = gyp + n * D;
-        for (std::int64_t d = d0; d < d1; ++d) {
-          T acc = gn[d];
-          for (int r = 0; r < R; ++r) acc += W[r * N + n] * x[r * D + d];
-          gn[d] = acc;
-        }
+        Vec<T> acc = loadu(gyp + n * D + d);
+        for (int r = 0; r < R; ++r) acc += wn[r * N] * xv[r];
+        storeu(gyp + n * D + d, acc);
       }
     }
+    if (gx)
+      for (int r = 0; r < R; ++r) {
+        if (stream)
+          stream_store(gx + r * D + d, gv[r]);
+        else
+          storeu(gx + r * D + d, gv[r]);
+      }
+  }
+  for (; d < D; ++d) {  // the same arithmetic, one feature at a time
+    if (gx)
+      for (int r = 0; r < R; ++r) {
+        T acc = alpha[r] * x[r * D + d];
+        for (std::int64_t n = 0; n < N; ++n) acc += W[r * N + n] * Y[n * D + d];
+        gx[r * D + d] = acc;
+      }
+    if (gyp)
+      for (std::int64_t n = 0; n < N; ++n) {
+        T acc = gyp[n * D + d];
+        for (int r = 0; r < R; ++r) acc += W[r * N + n] * x[r * D + d];
+        gyp[n * D + d] = acc;
+      }
   }
 }
 
@@ -92,19 +186,28 @@ __attribute__((always_inline)) inline void backward_rows_impl(const T* x, const 
       forward_rows_impl<kRowBlock>(m, x + r * D, Y, ny, N, D, out + r * N);                   \
     for (; r < R; ++r) forward_rows_impl<1>(m, x + r * D, Y, ny, N, D, out + r * N);          \
   }                                                                                           \
+  PYMETA_SIMD_CLONES void forward_rows_t(Metric m, const T* x, std::int64_t R, const T* yT,  \
+                                         std::int64_t Np, const T* ny, std::int64_t N,       \
+                                         std::int64_t D, T* out) {                           \
+    std::int64_t r = 0;                                                                       \
+    for (; r + kRowBlock <= R; r += kRowBlock)                                                \
+      forward_rows_t_impl<kRowBlock>(m, x + r * D, yT, Np, ny, N, D, out + r * N);            \
+    for (; r < R; ++r) forward_rows_t_impl<1>(m, x + r * D, yT, Np, ny, N, D, out + r * N);   \
+  }                                                                                           \
   PYMETA_SIMD_CLONES void backward_rows(const T* x, std::int64_t R, const T* Y, const T* W,  \
                                         const T* alpha, std::int64_t N, std::int64_t D, T* gx, \
-                                        T* gyp) {                                             \
+                                        T* gyp, bool stream) {                                \
     std::int64_t r = 0;                                                                       \
     for (; r + kRowBlock <= R; r += kRowBlock)                                                \
       backward_rows_impl<kRowBlock>(x + r * D, Y, W + r * N, alpha + r, N, D,                 \
-                                    gx ? gx + r * D : nullptr, gyp);                          \
+                                    gx ? gx + r * D : nullptr, gyp, stream);                  \
     for (; r < R; ++r)                                                                        \
       backward_rows_impl<1>(x + r * D, Y, W + r * N, alpha + r, N, D,                         \
-                            gx ? gx + r * D : nullptr, gyp);                                  \
+                            gx ? gx + r * D : nullptr, gyp, stream);                          \
   }                                                                                           \
   PYMETA_SIMD_CLONES void norm_rows(const T* a, std::int64_t R, std::int64_t D, T* out) {    \
-    for (std::int64_t r = 0; r < R; ++r) out[r] = std::sqrt(dot(a + r * D, a + r * D, D));    \
+    for (std::int64_t r = 0; r < R; ++r) row_sums<1, false>(a + r * D, a + r * D, D, out + r);  \
+    for (std::int64_t r = 0; r < R; ++r) out[r] = std::sqrt(out[r]);                         \
   }
 PYMETA_ROW_KERNELS(float)
 PYMETA_ROW_KERNELS(double)
@@ -140,11 +243,30 @@ void forward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::i
     clamp_eps(ny);
   }
   const std::int64_t qb = query_chunk(B, Q), nqb = ceil_div(Q, qb);
-#pragma omp parallel for num_threads(threads_for(dev, B * Q * N * D)) schedule(static)
-  for (std::int64_t u = 0; u < B * nqb; ++u) {
-    const std::int64_t b = u / nqb, q0 = (u % nqb) * qb, rows = std::min(qb, Q - q0);
-    forward_rows(m, x + (b * Q + q0) * D, rows, y + b * N * D,
-                 ny.empty() ? nullptr : ny.data() + b * N, N, D, out + (b * Q + q0) * N);
+  // Vectors over support rows once they fill a vector (see forward_rows_t).
+  const bool transposed = N >= kLanes<T>;
+  const std::int64_t Np = ceil_div(N, kLanes<T>) * kLanes<T>;
+#pragma omp parallel num_threads(threads_for(dev, B * Q * N * D))
+  {
+    std::vector<T> yT(transposed ? D * Np : 0);
+    std::int64_t yT_task = -1;
+#pragma omp for schedule(static)
+    for (std::int64_t u = 0; u < B * nqb; ++u) {
+      const std::int64_t b = u / nqb, q0 = (u % nqb) * qb, rows = std::min(qb, Q - q0);
+      const T* yb = y + b * N * D;
+      const T* nyb = ny.empty() ? nullptr : ny.data() + b * N;
+      if (!transposed) {
+        forward_rows(m, x + (b * Q + q0) * D, rows, yb, nyb, N, D, out + (b * Q + q0) * N);
+        continue;
+      }
+      if (yT_task != b) {  // transpose this task's support rows once per thread
+        for (std::int64_t d = 0; d < D; ++d)
+          for (std::int64_t n = 0; n < Np; ++n) yT[d * Np + n] = n < N ? yb[n * D + d] : T(0);
+        yT_task = b;
+      }
+      forward_rows_t(m, x + (b * Q + q0) * D, rows, yT.data(), Np, nyb, N, D,
+                     out + (b * Q + q0) * N);
+    }
   }
 }
 
@@ -227,6 +349,9 @@ void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::
   const bool direct = nc <= 1;  // accumulate straight into gy
   std::vector<T> partial(gy && !direct ? B * nc * N * D : 0);
   const int nt = threads_for(dev, B * Q * N * D);
+  // gx is written once and not read here: past the cache size it bypasses the cache.
+  const bool stream = gx && B * Q * D * std::int64_t(sizeof(T)) >= kStreamBytes &&
+                      aligned16(gx) && (D * sizeof(T)) % 16 == 0;
 #pragma omp parallel num_threads(nt)
   {
     std::vector<T> W(qc * N), alpha(qc);
@@ -237,8 +362,9 @@ void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::
       if (gyp) std::fill(gyp, gyp + N * D, T(0));
       for (std::int64_t r = 0; r < rows; ++r) alpha[r] = coefs.row(b, q0 + r, W.data() + r * N);
       backward_rows(x + (b * Q + q0) * D, rows, y + b * N * D, W.data(), alpha.data(), N, D,
-                    gx ? gx + (b * Q + q0) * D : nullptr, gyp);
+                    gx ? gx + (b * Q + q0) * D : nullptr, gyp, stream);
     }
+    if (stream) stream_fence();
     if (gy) {
 #pragma omp for schedule(static)
       for (std::int64_t r = 0; r < B * N; ++r) {

@@ -55,8 +55,29 @@ def functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def apply_function(cls, *args):
+    """``cls.apply(*args)`` without the per-call ``inspect.signature`` binding that
+    ``Function.apply`` does for setup_context-style functions (the larger part of an eager
+    small-op call). All our arguments are positional; functorch keeps the full path."""
+    if functorch_active():
+        return cls.apply(*args)
+    return super(torch.autograd.Function, cls).apply(*args)
+
+
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def valid_float_tensors(*tensors) -> bool:
+    """The cheap common-case test behind :func:`check_float_tensors` (no message built)."""
+    t0 = tensors[0]
+    if not isinstance(t0, torch.Tensor):
+        return False
+    dtype, device = t0.dtype, t0.device
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.device != device:
+            return False
+    return dtype in CPU_DTYPES if t0.is_cpu else (t0.is_cuda and CUDA_BUILT and dtype in DTYPE_CODES)
 
 
 def check_float_tensors(op: str, **tensors: torch.Tensor) -> torch.Tensor:

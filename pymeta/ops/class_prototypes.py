@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import _C
-from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, batch_front, check_float_tensors,
+from ._kernels import (DTYPE_CODES, apply_function, valid_float_tensors, NUMPY_DTYPE_CODES, batch_front, check_float_tensors,
                        functorch_active, launch, needs_autograd, numpy_float, numpy_launch, ptr,
                        shape_str)
 
@@ -87,7 +87,11 @@ class _ClassPrototypes(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (labels,) = ctx.saved_tensors
-        return _ClassPrototypesBackward.apply(grad, labels, ctx.num_classes), None, None, None
+        if functorch_active() or torch.is_grad_enabled():  # a graph of the backward is built
+            gz = apply_function(_ClassPrototypesBackward, grad, labels, ctx.num_classes)
+        else:
+            gz = _backward_kernel(grad, labels, ctx.num_classes)
+        return gz, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, z, labels, num_classes, validate):
@@ -112,7 +116,7 @@ class _ClassPrototypesBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gg):
         (labels,) = ctx.saved_tensors
-        return _ClassPrototypes.apply(gg, labels, ctx.num_classes, False), None, None
+        return apply_function(_ClassPrototypes, gg, labels, ctx.num_classes, False), None, None
 
     @staticmethod
     def vmap(info, in_dims, grad, labels, num_classes):
@@ -213,7 +217,8 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
     """
     if isinstance(z, np.ndarray) or isinstance(labels, np.ndarray):
         return _numpy(z, labels, num_classes, validate)
-    check_float_tensors(_OP, z=z)
+    if not valid_float_tensors(z):
+        check_float_tensors(_OP, z=z)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{_OP}: labels must be a torch.Tensor, got {type(labels).__name__}")
     _check_labels_dtype(labels)
@@ -224,5 +229,5 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
     if torch.compiler.is_compiling():
         return torch.ops.pymeta.class_prototypes(z, labels, num_classes)
     if functorch_active() or needs_autograd(z):
-        return _ClassPrototypes.apply(z, labels, num_classes, validate)
+        return apply_function(_ClassPrototypes, z, labels, num_classes, validate)
     return _forward_kernel(z, labels, num_classes, validate)

@@ -14,7 +14,7 @@ import torch
 
 from .. import _C
 from . import reference
-from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, batch_front, check_float_tensors,
+from ._kernels import (DTYPE_CODES, apply_function, valid_float_tensors, NUMPY_DTYPE_CODES, batch_front, check_float_tensors,
                        functorch_active, launch, needs_autograd, numpy_float, numpy_launch, ptr,
                        shape_str)
 
@@ -77,7 +77,11 @@ class _PairwiseDistances(torch.autograd.Function):
     def backward(ctx, grad):
         x, y, out = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[:2]
-        gx, gy = _PairwiseDistancesBackward.apply(grad, x, y, out, ctx.metric, need_x, need_y)
+        if functorch_active() or torch.is_grad_enabled():  # a graph of the backward is built
+            gx, gy = apply_function(_PairwiseDistancesBackward, grad, x, y, out, ctx.metric,
+                                    need_x, need_y)
+        else:
+            gx, gy = _backward_kernel(grad, x, y, out, METRICS[ctx.metric], need_x, need_y)
         return gx, gy, None
 
     @staticmethod
@@ -213,10 +217,11 @@ def pairwise_distances(x, y, metric: str = "sqeuclidean"):
     """
     if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
         return _numpy(x, y, metric)
-    check_float_tensors(_OP, x=x, y=y)
+    if not valid_float_tensors(x, y):
+        check_float_tensors(_OP, x=x, y=y)
     code = _check_shapes(x, y, metric)
     if torch.compiler.is_compiling():
         return torch.ops.pymeta.pairwise_distances(x, y, metric)
     if functorch_active() or needs_autograd(x, y):
-        return _PairwiseDistances.apply(x, y, metric)
+        return apply_function(_PairwiseDistances, x, y, metric)
     return _forward_kernel(x, y, code)

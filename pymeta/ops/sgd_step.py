@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import _C
-from ._kernels import (CPU_DTYPES, DTYPE_CODES, cpu_threads, NUMPY_DTYPE_CODES, check_float_tensors, functorch_active,
+from ._kernels import (CPU_DTYPES, DTYPE_CODES, apply_function, cpu_threads, NUMPY_DTYPE_CODES, check_float_tensors, functorch_active,
                        launch, needs_autograd, numpy_float, numpy_launch, ptr, shape_str)
 
 _OP = "sgd_step"
@@ -107,6 +107,10 @@ def _out_shapes(params, grads, lrs) -> list:
 
 def _kernel(params, grads, lrs, lr: float, outs=None) -> list[torch.Tensor]:
     """The fused step on torch tensors; params entries may be None (read as zero)."""
+    if outs is None and lrs is None:
+        simple = _simple_plan(params, grads)
+        if simple is not None:
+            return _run_simple(simple, params, grads, lr)
     if outs is None:
         outs = [g.new_empty(s) for g, s in zip(grads, _out_shapes(params, grads, lrs))]
     plan = _Plan(params, grads, lrs, outs)
@@ -114,31 +118,66 @@ def _kernel(params, grads, lrs, lr: float, outs=None) -> list[torch.Tensor]:
     return outs
 
 
-def _eager_plain(params, grads, lr):
-    """The common eager case in one pass: CPU, a float rate, same-shape contiguous params and
-    grads, no autograd. Returns None whenever anything differs; the general path then checks
-    the inputs and explains any problem."""
-    if (isinstance(lr, bool) or not isinstance(lr, (float, int))
-            or not isinstance(grads, (list, tuple)) or not grads):
-        return None
-    if len(params) != len(grads) or torch.compiler.is_compiling() or functorch_active():
-        return None
-    g0 = grads[0]
-    if not isinstance(g0, torch.Tensor) or not g0.is_cpu or g0.dtype not in CPU_DTYPES:
-        return None
-    dtype, grad_mode = g0.dtype, torch.is_grad_enabled()
-    outs, desc = [], []
+def _simple_plan(params, grads):
+    """(T, shared flags) when every param is either the grad's shape or the grad without its
+    leading task dim T (MAML's first inner step), all contiguous; else None. This covers
+    nearly every call and skips the general planner's per-tensor work."""
+    T = 1
     for p, g in zip(params, grads):
-        if not (isinstance(p, torch.Tensor) and isinstance(g, torch.Tensor)
-                and p.dtype is dtype and g.dtype is dtype and p.is_cpu and g.is_cpu
-                and p.shape == g.shape and p.is_contiguous() and g.is_contiguous()
-                and not (grad_mode and (p.requires_grad or g.requires_grad))):
+        if p is None or p.shape == g.shape:
+            continue
+        if g.dim() != p.dim() + 1 or g.shape[1:] != p.shape or (T != 1 and g.shape[0] != T):
             return None
+        T = g.shape[0]
+    shared = []
+    for p, g in zip(params, grads):
+        if p is not None and not p.is_contiguous() or not g.is_contiguous():
+            return None
+        is_shared = p is not None and p.shape != g.shape
+        if T != 1 and not is_shared and (g.dim() == 0 or g.shape[0] != T):
+            return None
+        shared.append(is_shared)
+    return T, shared
+
+
+def _run_simple(simple, params, grads, lr: float) -> list[torch.Tensor]:
+    T, shared = simple
+    outs, desc = [], []
+    for p, g, is_shared in zip(params, grads, shared):
         out = torch.empty_like(g)
         outs.append(out)
-        desc += (out.data_ptr(), p.data_ptr(), g.data_ptr(), 0, 0, 0, 0, 0, g.numel())
-    _C.sgd_step(-1, 0, cpu_threads(), DTYPE_CODES[dtype], 1, float(lr), desc)
+        M = g.numel() // T if T else 0
+        desc += (out.data_ptr(), 0 if p is None else p.data_ptr(), g.data_ptr(), 0,
+                 0 if is_shared else M, M, 0, 0, M)
+    if T and grads:
+        _C.sgd_step(*launch(grads[0]), DTYPE_CODES[grads[0].dtype], T, lr, desc)
     return outs
+
+
+def _eager_plain(params, grads, lr):
+    """The common eager call without autograd: a float rate and the layouts of _simple_plan.
+    Checks types, dtypes and devices in the same pass. Returns None whenever anything
+    differs; the general path then checks the inputs and explains any problem."""
+    if (isinstance(lr, bool) or not isinstance(lr, (float, int))
+            or not isinstance(grads, (list, tuple)) or not isinstance(params, (list, tuple))
+            or not grads or len(params) != len(grads)):
+        return None
+    if torch.compiler.is_compiling() or functorch_active():
+        return None
+    g0 = grads[0]
+    if not isinstance(g0, torch.Tensor) or g0.dtype not in DTYPE_CODES:
+        return None
+    dtype, device, grad_mode = g0.dtype, g0.device, torch.is_grad_enabled()
+    if not g0.is_cuda and dtype not in CPU_DTYPES:
+        return None
+    for p, g in zip(params, grads):
+        if not (isinstance(p, torch.Tensor) and isinstance(g, torch.Tensor)
+                and p.dtype is dtype and g.dtype is dtype and p.device == device
+                and g.device == device
+                and not (grad_mode and (p.requires_grad or g.requires_grad))):
+            return None
+    simple = _simple_plan(params, grads)
+    return None if simple is None else _run_simple(simple, params, grads, float(lr))
 
 
 class _SgdStep(torch.autograd.Function):
@@ -167,7 +206,10 @@ class _SgdStep(torch.autograd.Function):
                for i, (go, s) in enumerate(zip(gos, ctx.param_shapes))]
         dgs = [None] * n
         if any(need[n:2 * n]):
-            steps = sgd_step([None] * n, list(gos), list(lrs) if lrs else ctx.lr)
+            if functorch_active() or torch.is_grad_enabled():  # a graph of the backward
+                steps = sgd_step([None] * n, list(gos), list(lrs) if lrs else ctx.lr)
+            else:
+                steps = _kernel([None] * n, [go.contiguous() for go in gos], lrs, ctx.lr)
             dgs = [d.sum_to_size(g.shape) if need[n + i] else None
                    for i, (d, g) in enumerate(zip(steps, grads))]
         dlrs = []
@@ -368,8 +410,8 @@ def sgd_step(params: Sequence, grads: Sequence, lr):
             params = [torch.zeros_like(g) if p is None else p for p, g in zip(params, grads)]
         return torch.ops.pymeta.sgd_step(list(params), list(grads), lrs or [], lr_float)
     if functorch_active() or needs_autograd(*params, *grads, *(lrs or ())):
-        return list(_SgdStep.apply(len(params), lr_float, lrs is not None, *params, *grads,
-                                   *(lrs or ())))
+        return list(apply_function(_SgdStep, len(params), lr_float, lrs is not None, *params,
+                                   *grads, *(lrs or ())))
     return _kernel(params, grads, lrs, lr_float)
 
 
