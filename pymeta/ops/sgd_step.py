@@ -306,9 +306,16 @@ def _check_lists(params, grads, lr):
 
 def _broadcast_shape(shapes):
     """torch.broadcast_shapes without its (large) per-call overhead; None if incompatible."""
-    first = tuple(shapes[0])
-    if all(tuple(s) == first for s in shapes[1:]):
-        return first
+    out = tuple(shapes[0])
+    for s in map(tuple, shapes[1:]):  # common cases: equal shapes, or one a suffix of the other
+        if s == out or (len(s) < len(out) and out[len(out) - len(s):] == s):
+            continue
+        if len(s) > len(out) and s[len(s) - len(out):] == out:
+            out = s
+            continue
+        break
+    else:
+        return out
     rank = max(len(s) for s in shapes)
     out = []
     for dims in zip(*((1,) * (rank - len(s)) + tuple(s) for s in shapes)):
