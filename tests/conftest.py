@@ -5,6 +5,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -88,9 +89,9 @@ def num_threads(n: int):
 def run_python(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """``python *argv`` in a fresh interpreter; a hang fails the test instead of stalling it."""
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    try:
+    try:  # run outside the checkout, so `import pymeta` finds the installed package
         return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+                              timeout=timeout, env=env, cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"subprocess hung (> {timeout} s); output so far:\n{e.stdout}\n{e.stderr}")
 

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from .. import _C
-from ._kernels import (CPU_DTYPES, DTYPE_CODES, apply_function, cpu_threads, NUMPY_DTYPE_CODES, check_float_tensors, functorch_active,
-                       launch, needs_autograd, numpy_float, numpy_launch, ptr, shape_str)
+from ._kernels import (CPU_DTYPES, DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function,
+                       check_float_tensors, functorch_active, launch, needs_autograd,
+                       numpy_float, numpy_launch, ptr, shape_str)
 
 _OP = "sgd_step"
 _FULL, _SHARED, _SCALAR, _PER_TASK = range(4)
