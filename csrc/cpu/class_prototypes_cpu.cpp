@@ -74,12 +74,14 @@ void forward(const Device& dev, std::int64_t B, std::int64_t S, std::int64_t C, 
              const T* z, const std::int64_t* labels, const std::vector<std::int64_t>& counts,
              T* out) {
   const std::int64_t nblk = std::max<std::int64_t>(ceil_div(D, kFeatureBlock), 1);
-#pragma omp parallel for num_threads(threads_for(dev, B * (S + C) * D)) schedule(static)
-  for (std::int64_t u = 0; u < B * nblk; ++u) {
-    const std::int64_t b = u / nblk, d0 = (u % nblk) * kFeatureBlock;
-    prototype_block(z + b * S * D + d0, labels + b * S, counts.data() + b * C, S, C, D,
-                    std::min(kFeatureBlock, D - d0), out + b * C * D + d0);
-  }
+  parallel_region(threads_for(dev, B * (S + C) * D), [&] {
+#pragma omp for schedule(static)
+    for (std::int64_t u = 0; u < B * nblk; ++u) {
+      const std::int64_t b = u / nblk, d0 = (u % nblk) * kFeatureBlock;
+      prototype_block(z + b * S * D + d0, labels + b * S, counts.data() + b * C, S, C, D,
+                      std::min(kFeatureBlock, D - d0), out + b * C * D + d0);
+    }
+  });
 }
 
 // dst = scale * src over n features; streamed past the cache when asked (dst 16-byte aligned).
@@ -114,8 +116,7 @@ void backward(const Device& dev, std::int64_t B, std::int64_t S, std::int64_t C,
   // grad_z is written once, not read here: past the cache size it bypasses the cache.
   const bool stream = B * S * D * std::int64_t(sizeof(T)) >= kStreamBytes && aligned16(gz) &&
                       (D * sizeof(T)) % 16 == 0;
-#pragma omp parallel num_threads(threads_for(dev, B * S * D))
-  {
+  parallel_region(threads_for(dev, B * S * D), [&] {
 #pragma omp for schedule(static)
     for (std::int64_t r = 0; r < B * S; ++r) {
       const std::int64_t b = r / S, l = labels[r];
@@ -126,7 +127,7 @@ void backward(const Device& dev, std::int64_t B, std::int64_t S, std::int64_t C,
         std::fill(gz + r * D, gz + r * D + D, T(0));
     }
     if (stream) stream_fence();
-  }
+  });
 }
 
 }  // namespace

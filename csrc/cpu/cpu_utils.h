@@ -28,6 +28,19 @@ inline int threads_for(const Device& dev, std::int64_t work) {
   return work < kParallelGrain ? 1 : (dev.nthreads < 1 ? 1 : dev.nthreads);
 }
 
+// Runs body in a parallel region of nt threads, or directly when nt == 1 (an OpenMP team,
+// even of one thread, costs more than a small op). Worksharing loops (`#pragma omp for`)
+// inside body then run all their iterations in the calling thread.
+template <class F>
+inline void parallel_region(int nt, F body) {
+  if (nt <= 1) {
+    body();
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  body();
+}
+
 // Explicit 32-byte vectors (GCC/Clang vector extensions): 8 floats or 4 doubles, one AVX
 // register (two SSE ones in the baseline clone; wider generic vectors spill to the stack).
 // Every reduction uses the same lanes and the same final tree whatever the thread count.
@@ -99,13 +112,20 @@ inline void stream_fence() {
 #endif
 }
 
-template <class T>
-__attribute__((always_inline)) inline T hsum(Vec<T> v) {
-  T a[kLanes<T>];
-  std::memcpy(a, &v, sizeof v);
-  for (int w = kLanes<T> / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) a[l] += a[l + w];
-  return a[0];
+// Sum of the lanes by a fixed shuffle tree (halves, then quarters, then pairs).
+__attribute__((always_inline)) inline float hsum(Vec<float> v) {
+  typedef std::int32_t Mask __attribute__((vector_size(32)));
+  v += __builtin_shuffle(v, Mask{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, Mask{2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, Mask{1, 0, 3, 2, 5, 4, 7, 6});
+  return v[0];
+}
+
+__attribute__((always_inline)) inline double hsum(Vec<double> v) {
+  typedef std::int64_t Mask __attribute__((vector_size(32)));
+  v += __builtin_shuffle(v, Mask{2, 3, 0, 1});
+  v += __builtin_shuffle(v, Mask{1, 0, 3, 2});
+  return v[0];
 }
 
 template <class F>

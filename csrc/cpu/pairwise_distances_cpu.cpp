@@ -40,7 +40,7 @@ __attribute__((always_inline)) inline void row_sums(const T* x, const T* y, std:
     const Vec<T> yv = load_partial(y + d, n);
     for (int r = 0; r < R; ++r) acc[r][0] += term(load_partial(x + r * D + d, n), yv);
   }
-  for (int r = 0; r < R; ++r) res[r] = hsum<T>(acc[r][0] + acc[r][1]);
+  for (int r = 0; r < R; ++r) res[r] = hsum(acc[r][0] + acc[r][1]);
 }
 
 template <class T>
@@ -218,9 +218,11 @@ template <class T>
 std::vector<T> row_norms(const Device& dev, const T* a, std::int64_t R, std::int64_t D) {
   std::vector<T> out(R);
   const std::int64_t block = 64;
-#pragma omp parallel for num_threads(threads_for(dev, R * D)) schedule(static)
-  for (std::int64_t r0 = 0; r0 < R; r0 += block)
-    norm_rows(a + r0 * D, std::min(block, R - r0), D, out.data() + r0);
+  parallel_region(threads_for(dev, R * D), [&] {
+#pragma omp for schedule(static)
+    for (std::int64_t r0 = 0; r0 < R; r0 += block)
+      norm_rows(a + r0 * D, std::min(block, R - r0), D, out.data() + r0);
+  });
   return out;
 }
 
@@ -242,12 +244,15 @@ void forward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::i
     ny = row_norms(dev, y, B * N, D);
     clamp_eps(ny);
   }
-  const std::int64_t qb = query_chunk(B, Q), nqb = ceil_div(Q, qb);
+  // Each distance's arithmetic is the same however rows are grouped, so the grouping may
+  // follow the thread count: one thread takes whole tasks.
+  const int nt = threads_for(dev, B * Q * N * D);
+  const std::int64_t qb = nt == 1 ? std::max<std::int64_t>(Q, 1) : query_chunk(B, Q);
+  const std::int64_t nqb = ceil_div(Q, qb);
   // Vectors over support rows once they fill a vector (see forward_rows_t).
   const bool transposed = N >= kLanes<T>;
   const std::int64_t Np = ceil_div(N, kLanes<T>) * kLanes<T>;
-#pragma omp parallel num_threads(threads_for(dev, B * Q * N * D))
-  {
+  parallel_region(nt, [&] {
     std::vector<T> yT(transposed ? D * Np : 0);
     std::int64_t yT_task = -1;
 #pragma omp for schedule(static)
@@ -267,7 +272,8 @@ void forward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::i
       forward_rows_t(m, x + (b * Q + q0) * D, rows, yT.data(), Np, nyb, N, D,
                      out + (b * Q + q0) * N);
     }
-  }
+  });
+
 }
 
 // Per-(q, n) coefficients of the backward. W multiplies the other side's row; the row
@@ -352,8 +358,7 @@ void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::
   // gx is written once and not read here: past the cache size it bypasses the cache.
   const bool stream = gx && B * Q * D * std::int64_t(sizeof(T)) >= kStreamBytes &&
                       aligned16(gx) && (D * sizeof(T)) % 16 == 0;
-#pragma omp parallel num_threads(nt)
-  {
+  parallel_region(nt, [&] {
     std::vector<T> W(qc * N), alpha(qc);
 #pragma omp for schedule(static)
     for (std::int64_t u = 0; u < B * nc; ++u) {
@@ -382,7 +387,8 @@ void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::
         for (std::int64_t d = 0; d < D; ++d) dst[d] += beta * yn[d];
       }
     }
-  }
+  });
+
 }
 
 }  // namespace

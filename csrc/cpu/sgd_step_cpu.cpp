@@ -60,8 +60,7 @@ void step(const Device& dev, std::int64_t T_, const std::vector<SgdTensor>& ts, 
   // In place (out == p), the lines are read anyway: streaming would only evict them.
   const bool stream = total * std::int64_t(sizeof(T)) >= kStreamBytes &&
                       std::none_of(ts.begin(), ts.end(), [](const SgdTensor& t) { return t.out == t.p; });
-#pragma omp parallel num_threads(threads_for(dev, total))
-  {
+  parallel_region(threads_for(dev, total), [&] {
     std::size_t i = 0;
 #pragma omp for schedule(static)
     for (std::int64_t c = 0; c < first.back(); ++c) {
@@ -77,7 +76,8 @@ void step(const Device& dev, std::int64_t T_, const std::vector<SgdTensor>& ts, 
            static_cast<T>(lr), std::min(kChunk, s.numel - e0), stream);
     }
     if (stream) stream_fence();
-  }
+  });
+
 }
 
 }  // namespace

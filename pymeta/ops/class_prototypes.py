@@ -169,6 +169,19 @@ _class_prototypes_backward_op.register_autograd(_op_double_backward, setup_conte
 
 # ---- public API -------------------------------------------------------------------------
 
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_tensors(z, labels, num_classes) -> None:
+    check_float_tensors(_OP, z=z)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{_OP}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    _check_labels_dtype(labels)
+    if labels.device != z.device:
+        raise ValueError(f"{_OP}: z is on {z.device} but labels are on {labels.device}")
+    _check_shapes(z, labels, num_classes)
+
+
 def _check_labels_dtype(labels) -> None:
     kind = labels.dtype.kind if isinstance(labels, np.ndarray) else (
         "b" if labels.dtype == torch.bool else "f" if labels.is_floating_point() or
@@ -217,14 +230,11 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
     """
     if isinstance(z, np.ndarray) or isinstance(labels, np.ndarray):
         return _numpy(z, labels, num_classes, validate)
-    if not valid_float_tensors(z):
-        check_float_tensors(_OP, z=z)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{_OP}: labels must be a torch.Tensor, got {type(labels).__name__}")
-    _check_labels_dtype(labels)
-    if labels.device != z.device:
-        raise ValueError(f"{_OP}: z is on {z.device} but labels are on {labels.device}")
-    _check_shapes(z, labels, num_classes)
+    if not (valid_float_tensors(z) and isinstance(labels, torch.Tensor)
+            and labels.dtype in _INDEX_DTYPES and labels.device == z.device
+            and type(num_classes) is int and num_classes >= 0 and z.ndim >= 2
+            and labels.shape == z.shape[:-1]):
+        _check_tensors(z, labels, num_classes)  # the slow path names the problem
     num_classes = int(num_classes)
     if torch.compiler.is_compiling():
         return torch.ops.pymeta.class_prototypes(z, labels, num_classes)
