@@ -14,7 +14,8 @@
 // Hot loops are compiled for several SIMD levels and picked at load time (GCC/Clang ifunc),
 // so one wheel runs everywhere and still uses AVX2/AVX-512 where present.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYMETA_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define PYMETA_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PYMETA_SIMD_CLONES
 #endif

@@ -59,7 +59,8 @@ void step(const Device& dev, std::int64_t T_, const std::vector<SgdTensor>& ts, 
   }
   // In place (out == p), the lines are read anyway: streaming would only evict them.
   const bool stream = total * std::int64_t(sizeof(T)) >= kStreamBytes &&
-                      std::none_of(ts.begin(), ts.end(), [](const SgdTensor& t) { return t.out == t.p; });
+                      std::none_of(ts.begin(), ts.end(),
+                                   [](const SgdTensor& t) { return t.out == t.p; });
   parallel_region(threads_for(dev, total), [&] {
     std::size_t i = 0;
 #pragma omp for schedule(static)

@@ -77,7 +77,9 @@ def valid_float_tensors(*tensors) -> bool:
     for t in tensors:
         if not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.device != device:
             return False
-    return dtype in CPU_DTYPES if t0.is_cpu else (t0.is_cuda and CUDA_BUILT and dtype in DTYPE_CODES)
+    if t0.is_cpu:
+        return dtype in CPU_DTYPES
+    return t0.is_cuda and CUDA_BUILT and dtype in DTYPE_CODES
 
 
 def check_float_tensors(op: str, **tensors: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,8 @@ def check_float_tensors(op: str, **tensors: torch.Tensor) -> torch.Tensor:
     name0, t0 = items[0]
     for name, t in items:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor or numpy array, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or numpy array, "
+                            f"got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
         if t.dtype != t0.dtype:

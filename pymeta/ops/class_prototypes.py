@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from .. import _C
-from ._kernels import (DTYPE_CODES, apply_function, valid_float_tensors, NUMPY_DTYPE_CODES, batch_front, check_float_tensors,
-                       functorch_active, launch, needs_autograd, numpy_float, numpy_launch, ptr,
-                       shape_str)
+from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, batch_front,
+                       check_float_tensors, functorch_active, launch, needs_autograd, numpy_float,
+                       numpy_launch, ptr, shape_str, valid_float_tensors)
 
 _OP = "class_prototypes"
 _OUT_OF_RANGE, _EMPTY_CLASS = 1, 2

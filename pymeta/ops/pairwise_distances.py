@@ -14,9 +14,9 @@ import torch
 
 from .. import _C
 from . import reference
-from ._kernels import (DTYPE_CODES, apply_function, valid_float_tensors, NUMPY_DTYPE_CODES, batch_front, check_float_tensors,
-                       functorch_active, launch, needs_autograd, numpy_float, numpy_launch, ptr,
-                       shape_str)
+from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, batch_front,
+                       check_float_tensors, functorch_active, launch, needs_autograd, numpy_float,
+                       numpy_launch, ptr, shape_str, valid_float_tensors)
 
 METRICS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
 _OP = "pairwise_distances"

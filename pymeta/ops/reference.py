@@ -11,7 +11,8 @@ import torch
 COSINE_EPS = 1e-8
 
 
-def pairwise_distances(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeuclidean") -> torch.Tensor:
+def pairwise_distances(x: torch.Tensor, y: torch.Tensor,
+                       metric: str = "sqeuclidean") -> torch.Tensor:
     """[..., Q, D] x [..., N, D] -> [..., Q, N] by broadcast-subtract or inner products."""
     if metric in ("sqeuclidean", "euclidean"):
         sq = (x.unsqueeze(-2) - y.unsqueeze(-3)).pow(2).sum(-1)
