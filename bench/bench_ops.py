@@ -19,8 +19,11 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=0.2, metavar="SEC",
                         help="minimum seconds timed per implementation and case (default 0.2)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="glibc's default malloc (page faults on every big output)")
     args = parser.parse_args()
-    results = benchmark.run(suite="full", device=args.device, min_time=args.min_time)
+    results = benchmark.run(suite="full", device=args.device, min_time=args.min_time,
+                            fresh_pages=args.fresh_pages)
     print(benchmark.format_table(results))
     benchmark.save_json(results, OUT)
     print(f"results written to {OUT}")

@@ -14,7 +14,8 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from . import benchmark
     results = benchmark.run(suite=args.suite, ops=args.ops, device=args.device,
-                            min_time=args.min_time, progress=not args.no_progress)
+                            min_time=args.min_time, progress=not args.no_progress,
+                            fresh_pages=args.fresh_pages)
     print(benchmark.format_table(results))
     benchmark.save_json(results, args.json)
     print(f"results written to {args.json}")
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum seconds spent per measurement (default 0.2)")
     p.add_argument("--json", metavar="PATH", default="pymeta-bench.json",
                    help="where to write the results as JSON (default: pymeta-bench.json)")
+    p.add_argument("--fresh-pages", action="store_true",
+                   help="keep glibc's default of returning freed memory to the OS, so that "
+                        "big outputs pay page faults on every call (default: memory is reused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
     return parser
