@@ -85,24 +85,52 @@ __attribute__((always_inline)) inline void forward_rows_impl(Metric m, const T* 
 // The same distances with support rows transposed, yT [D, Np] (Np >= N, a multiple of the
 // vector width, zero padded): vectors run over support rows, so there is no horizontal sum
 // per distance. Faster once N fills the vectors.
-template <int R, bool Diff, class T>
+template <int R, int V, bool Diff, class T>
 __attribute__((always_inline)) inline void transposed_sums(const T* x, const T* yT,
                                                            std::int64_t Np, std::int64_t nb,
-                                                           std::int64_t D, Vec<T>* acc) {
-  for (int r = 0; r < R; ++r) acc[r] = Vec<T>{};
+                                                           std::int64_t D, Vec<T> (*acc)[V]) {
+  constexpr int L = kLanes<T>;
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = Vec<T>{};
   for (std::int64_t d = 0; d < D; ++d) {
-    const Vec<T> yv = loadu(yT + d * Np + nb);
+    Vec<T> yv[V];
+    for (int v = 0; v < V; ++v) yv[v] = loadu(yT + d * Np + nb + v * L);
     for (int r = 0; r < R; ++r) {
-      if constexpr (Diff) {
-        const Vec<T> t = x[r * D + d] - yv;
-        acc[r] += t * t;
-      } else {
-        acc[r] += x[r * D + d] * yv;
+      const T xs = x[r * D + d];
+      for (int v = 0; v < V; ++v) {
+        if constexpr (Diff) {
+          const Vec<T> t = xs - yv[v];
+          acc[r][v] += t * t;
+        } else {
+          acc[r][v] += xs * yv[v];
+        }
       }
     }
   }
 }
 
+// R query rows against support rows [nb, nb + V*L) of yT; writes the valid ones.
+template <int R, int V, class T>
+__attribute__((always_inline)) inline void transposed_tile(Metric m, const T* x, const T* yT,
+                                                           std::int64_t Np, std::int64_t nb,
+                                                           const T* nx, const T* ny,
+                                                           std::int64_t N, std::int64_t D,
+                                                           T* out) {
+  constexpr int L = kLanes<T>;
+  Vec<T> acc[R][V];
+  if (m == Metric::SqEuclidean || m == Metric::Euclidean)
+    transposed_sums<R, V, true>(x, yT, Np, nb, D, acc);
+  else
+    transposed_sums<R, V, false>(x, yT, Np, nb, D, acc);
+  for (int r = 0; r < R; ++r) {
+    T lanes[V * L];
+    std::memcpy(lanes, acc[r], sizeof lanes);
+    for (std::int64_t l = 0; l < std::min<std::int64_t>(V * L, N - nb); ++l)
+      out[r * N + nb + l] = finish(m, lanes[l], nx[r], ny ? ny[nb + l] : T(1));
+  }
+}
+
+// Two vectors of support rows per pass where they exist (more work per load of x), then one.
 template <int R, class T>
 __attribute__((always_inline)) inline void forward_rows_t_impl(Metric m, const T* x,
                                                                const T* yT, std::int64_t Np,
@@ -111,19 +139,9 @@ __attribute__((always_inline)) inline void forward_rows_t_impl(Metric m, const T
   constexpr int L = kLanes<T>;
   T nx[R];
   for (int r = 0; r < R; ++r) nx[r] = m == Metric::Cosine ? clamped_norm(x + r * D, D) : T(1);
-  for (std::int64_t nb = 0; nb < N; nb += L) {
-    Vec<T> acc[R];
-    if (m == Metric::SqEuclidean || m == Metric::Euclidean)
-      transposed_sums<R, true>(x, yT, Np, nb, D, acc);
-    else
-      transposed_sums<R, false>(x, yT, Np, nb, D, acc);
-    for (int r = 0; r < R; ++r) {
-      T lanes[L];
-      std::memcpy(lanes, &acc[r], sizeof lanes);
-      for (std::int64_t l = 0; l < std::min<std::int64_t>(L, N - nb); ++l)
-        out[r * N + nb + l] = finish(m, lanes[l], nx[r], ny ? ny[nb + l] : T(1));
-    }
-  }
+  std::int64_t nb = 0;
+  for (; nb + 2 * L <= Np; nb += 2 * L) transposed_tile<R, 2>(m, x, yT, Np, nb, nx, ny, N, D, out);
+  for (; nb < N; nb += L) transposed_tile<R, 1>(m, x, yT, Np, nb, nx, ny, N, D, out);
 }
 
 // For R query rows x (stride D) with coefficients W (R x N) and alpha (R):
