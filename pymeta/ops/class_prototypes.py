@@ -80,7 +80,7 @@ class _ClassPrototypes(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, labels, num_classes, _ = inputs
+        _, labels, num_classes = inputs[:3]  # the registered op passes no validate
         ctx.save_for_backward(labels)
         ctx.num_classes = num_classes
 
@@ -147,12 +147,6 @@ def _(grad, labels, num_classes):
     return grad.new_empty(*labels.shape, grad.shape[-1])
 
 
-def _op_setup(ctx, inputs, output):
-    _, labels, num_classes = inputs
-    ctx.save_for_backward(labels)
-    ctx.num_classes = num_classes
-
-
 def _op_backward(ctx, grad):
     (labels,) = ctx.saved_tensors
     return torch.ops.pymeta.class_prototypes_backward(grad, labels, ctx.num_classes), None, None
@@ -163,8 +157,10 @@ def _op_double_backward(ctx, gg):
     return torch.ops.pymeta.class_prototypes(gg, labels, ctx.num_classes), None, None
 
 
-_class_prototypes_op.register_autograd(_op_backward, setup_context=_op_setup)
-_class_prototypes_backward_op.register_autograd(_op_double_backward, setup_context=_op_setup)
+# The Functions' setup_context also serve the registered ops (same leading inputs).
+_class_prototypes_op.register_autograd(_op_backward, setup_context=_ClassPrototypes.setup_context)
+_class_prototypes_backward_op.register_autograd(
+    _op_double_backward, setup_context=_ClassPrototypesBackward.setup_context)
 
 
 # ---- public API -------------------------------------------------------------------------

@@ -99,7 +99,7 @@ class _PairwiseDistancesBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad, x, y, _, metric, _, _ = inputs
+        grad, x, y, _, metric = inputs[:5]  # the registered op passes no need_x, need_y
         ctx.save_for_backward(grad, x, y)
         ctx.metric = metric
 
@@ -149,22 +149,10 @@ def _(grad, x, y, out, metric):
     return torch.empty_like(x), torch.empty_like(y)
 
 
-def _op_setup(ctx, inputs, output):
-    x, y, metric = inputs
-    ctx.save_for_backward(x, y, output)
-    ctx.metric = metric
-
-
 def _op_backward(ctx, grad):
     x, y, out = ctx.saved_tensors
     gx, gy = torch.ops.pymeta.pairwise_distances_backward(grad, x, y, out, ctx.metric)
     return gx, gy, None
-
-
-def _op_backward_setup(ctx, inputs, output):
-    grad, x, y, _, metric = inputs
-    ctx.save_for_backward(grad, x, y)
-    ctx.metric = metric
 
 
 def _op_double_backward(ctx, ggx, ggy):
@@ -172,9 +160,11 @@ def _op_double_backward(ctx, ggx, ggy):
     return *_double_backward(grad, x, y, ctx.metric, ggx, ggy), None, None
 
 
-_pairwise_distances_op.register_autograd(_op_backward, setup_context=_op_setup)
-_pairwise_distances_backward_op.register_autograd(_op_double_backward,
-                                                  setup_context=_op_backward_setup)
+# The Functions' setup_context also serve the registered ops (same leading inputs).
+_pairwise_distances_op.register_autograd(_op_backward,
+                                         setup_context=_PairwiseDistances.setup_context)
+_pairwise_distances_backward_op.register_autograd(
+    _op_double_backward, setup_context=_PairwiseDistancesBackward.setup_context)
 
 
 # ---- public API -------------------------------------------------------------------------
