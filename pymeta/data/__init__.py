@@ -1,0 +1,4 @@
+"""Few-shot data: in-memory class stores, dataset readers and episode samplers."""
+from .classes import ImageClasses, concat
+
+__all__ = ["ImageClasses", "concat"]
