@@ -9,4 +9,15 @@ from ._info import info
 
 __version__: str = _C.info()["version"]
 
-__all__ = ["ops", "info", "__version__"]
+
+
+def load(path, map_location="cpu"):
+    """Restore a trained learner from a checkpoint written by ``pymeta train``.
+
+    See :func:`pymeta.engine.load`.
+    """
+    from .engine import load as _load  # the engine (and its data readers) load on demand
+    return _load(path, map_location)
+
+
+__all__ = ["ops", "info", "load", "__version__"]

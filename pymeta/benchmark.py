@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from ._info import info
+from ._malloc import retain_freed_memory
 from .ops import class_prototypes, pairwise_distances, sgd_step
 
 OPS = ("pairwise_distances", "class_prototypes", "sgd_step")
@@ -359,27 +360,6 @@ def _check_args(suite: str, op_names, device: str, min_time: float) -> None:
         raise RuntimeError("device cuda needs a CUDA GPU and pymeta built with CUDA kernels")
     if not min_time > 0:
         raise ValueError(f"min_time must be > 0, got {min_time}")
-
-
-def retain_freed_memory() -> str:
-    """Makes glibc keep freed memory for reuse instead of returning it to the OS.
-
-    By default glibc serves big allocations with fresh mmap pages and hands them back on free,
-    so every op output of a few MB pays first-touch page faults on every call (about 2.3 us per
-    4 KiB page on the reference VM), which swamps kernels of a millisecond and varies with the
-    malloc history. A training loop that keeps allocating tensors of the same sizes reuses
-    its heap instead; this setting measures that steady state, for every implementation
-    alike. Returns a description for the results.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
-            return "retained (glibc mmap and trim thresholds 1 GiB)"
-    except (OSError, AttributeError):
-        pass
-    return "default"
 
 
 def run(suite: str = "targets", ops=OPS, device: str = "cpu", min_time: float = 0.2,

@@ -2,7 +2,31 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+
+ALGOS = ["protonet", "matching", "siamese", "relation"]
+DATASETS = ["digits", "omniglot", "folder"]
+
+# The accuracy protocol of bench/RESULTS.md, as one preset: Omniglot small1 with rotations
+# for training, a held-out fifth of small1 for validation, small2-only alphabets for test.
+PRESETS = {
+    "omniglot": dict(data="omniglot", protocol="small", rotations=True, ways=20, shots=1,
+                     queries=5, eval_ways=20, eval_shots=1, test_settings=[[5, 1], [20, 1]],
+                     steps=3000, val_every=250, val_episodes=200, lr_step=1000),
+    "digits": dict(data="digits", ways=5, shots=5, queries=10, eval_ways=5, eval_shots=1,
+                   test_settings=[[5, 5]], steps=300, val_every=100, val_episodes=100,
+                   test_episodes=1000, lr_step=200),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: no usage dump, a pointer to --help instead."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _info(args) -> int:
@@ -22,14 +46,203 @@ def _bench(args) -> int:
     return 0
 
 
+def _config_from_args(args):
+    from .engine import RunConfig
+    fields = dict(PRESETS.get(args.preset, {})) if args.preset else {}
+    for name in ("algo", "backbone", "data", "root", "protocol", "image_size", "ways", "shots",
+                 "queries", "meta_batch", "eval_ways", "eval_shots", "eval_queries", "steps",
+                 "lr", "schedule", "lr_step", "val_every", "val_episodes", "test_episodes",
+                 "checkpoint_every", "log_every", "seed", "device", "amp", "workers"):
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    if args.no_rotations:
+        fields["rotations"] = False
+    if fields.get("device") == "cuda":
+        _require_cuda()
+    return RunConfig(**fields).validate()
+
+
+def _require_cuda() -> None:
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda was given, but torch sees no CUDA device")
+
+
+def _print_results(res: dict, out: Path) -> None:
+    for t in res["tests"]:
+        print(f"test {t['ways']}-way {t['shots']}-shot: accuracy {100 * t['acc']:.2f}% "
+              f"± {100 * t['ci95']:.2f}% (95% CI, {t['episodes']} episodes)")
+    print(f"best validation accuracy {100 * res['best_acc']:.2f}% at step {res['best_step']}; "
+          f"{res['tasks_seen']} training tasks")
+    print(f"checkpoints: {out / 'best.pt'}, {out / 'last.pt'}")
+    print(f"learning curves: {res['plot']}; metrics: {out / 'metrics.csv'}")
+
+
+def _train(args) -> int:
+    from .engine import train
+    _prepare_process(args.threads)
+    cfg = _config_from_args(args)
+    out = Path(args.out or f"runs/{cfg.algo}-{cfg.data}")
+    if not args.resume and (out / "last.pt").exists():
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose "
+                         f"another --out")
+    res = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    _print_results(res, out)
+    return 0
+
+
+def _demo(args) -> int:
+    from .engine import RunConfig, train
+    _prepare_process(args.threads)
+    cfg = RunConfig(algo="protonet", **PRESETS["digits"], device=args.device or "cpu")
+    out = Path(args.out)
+    print("pymeta demo: ProtoNet (conv4) meta-trained on digits 0-4 (scikit-learn's 8x8 "
+          "digits, upsampled to 28x28), tested on the unseen digits 5-9")
+    res = train(cfg, out, resume=(out / "last.pt").exists(), progress=not args.no_progress)
+    _print_results(res, out)
+    return 0
+
+
+def _eval(args) -> int:
+    from .engine import build_splits, evaluate, load
+    from .engine.setup import TEST_SEED, VAL_SEED, eval_sampler
+    _prepare_process(args.threads)
+    learner = load(args.checkpoint, args.device)
+    cfg = learner.config
+    if args.root:
+        cfg.root = args.root
+    splits = build_splits(cfg)
+    classes = splits.val if args.split == "val" else splits.test
+    sampler = eval_sampler(cfg, classes, args.episodes, VAL_SEED if args.split == "val"
+                           else TEST_SEED, args.ways, args.shots, args.queries)
+    res = evaluate(learner, sampler, args.device, cfg.amp, progress=not args.no_progress)
+    print(f"{args.split} {sampler.ways}-way {sampler.shots}-shot ({sampler.queries} queries): "
+          f"accuracy {100 * res['acc']:.2f}% ± {100 * res['ci95']:.2f}% (95% CI, "
+          f"{res['episodes']} episodes)")
+    return 0
+
+
+def _eval_runs(args) -> int:
+    from .data.runs import load_runs
+    from .engine import evaluate_runs, load
+    _prepare_process(args.threads)
+    learner = load(args.checkpoint, args.device)
+    pre = learner.preprocessing
+    if pre.get("dataset") != "omniglot":
+        raise ValueError(f"{args.checkpoint} was trained on {pre.get('dataset')!r}; one-shot "
+                         f"runs need an Omniglot-trained learner")
+    runs = load_runs(args.runs, image_size=pre["image_size"])
+    res = evaluate_runs(learner, runs, args.device)
+    for name, err in res["runs"].items():
+        print(f"{name}: {err:.1f}% error")
+    print(f"mean error over {len(runs)} runs: {res['error']:.2f}%")
+    if args.json:
+        from ._atomic import atomic_open
+        with atomic_open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def _prepare_process(n: int | None) -> None:
+    from ._malloc import retain_freed_memory
+    retain_freed_memory()  # the CLI owns this process: reuse freed pages (see _malloc)
+    if n:
+        import torch
+        torch.set_num_threads(n)
+
+
+def _add_common(p, device=True) -> None:
+    if device:
+        p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                       help="where to run (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="meta-train a few-shot learner",
+                       description="Meta-train a learner on episodes, validating on held-out "
+                                   "classes; writes best/last checkpoints, metrics.csv/jsonl and "
+                                   "curves.png to --out, then tests the best checkpoint.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named protocol; explicit "
+                   "options override it (omniglot: the bench/RESULTS.md accuracy protocol)")
+    p.add_argument("--algo", choices=ALGOS, help="learner (default protonet)")
+    p.add_argument("--backbone", choices=["conv4", "resnet12"], help="default conv4")
+    p.add_argument("--data", choices=DATASETS, help="default digits (embedded, no download)")
+    p.add_argument("--root", help="data directory (default: $PYMETA_DATA or ~/.cache/pymeta)")
+    p.add_argument("--protocol", choices=["small", "lake", "vinyals"],
+                   help="omniglot split protocol (default small)")
+    p.add_argument("--no-rotations", action="store_true",
+                   help="omniglot: no 90/180/270-degree rotated training classes")
+    p.add_argument("--image-size", type=int, help="images are resized to this square size")
+    for name, help_ in (("ways", "N classes per task"), ("shots", "K support images per class"),
+                        ("queries", "Q query images per class"),
+                        ("meta-batch", "tasks per outer step"),
+                        ("eval-ways", "N for validation and test (default: --ways)"),
+                        ("eval-shots", "K for validation and test (default: --shots)"),
+                        ("eval-queries", "Q for validation and test (default 15)"),
+                        ("steps", "outer steps"), ("lr-step", "halve the rate every this many "
+                                                   "steps (schedule step)"),
+                        ("val-every", "validate and checkpoint every this many steps"),
+                        ("val-episodes", "validation episodes"),
+                        ("test-episodes", "final test episodes (default 1000)"),
+                        ("checkpoint-every", "also checkpoint every this many steps"),
+                        ("log-every", "log training metrics every this many steps"),
+                        ("seed", "run seed"), ("workers", "DataLoader workers for episodes")):
+        p.add_argument(f"--{name}", type=int, help=help_)
+    p.add_argument("--lr", type=float, help="outer learning rate (Adam, default 1e-3)")
+    p.add_argument("--schedule", choices=["step", "cosine", "none"])
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--out", help="run directory (default runs/<algo>-<data>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    _add_common(p)
+    p.set_defaults(func=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pymeta", description="pymeta: meta-learning for PyTorch on compiled kernels.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="pymeta",
+                     description="pymeta: meta-learning for PyTorch on compiled kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="the quick-start job: ProtoNet on the embedded digits",
+                       description="Meta-train ProtoNet on digits 0-4 and test it on the unseen "
+                                   "digits 5-9 (no download; a few minutes on 2 CPU cores).")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    _add_common(p)
+    p.set_defaults(func=_demo, device="cpu")
+
+    _add_train(sub)
+
+    p = sub.add_parser("eval", help="accuracy ± 95%% CI of a checkpoint on held-out classes")
+    p.add_argument("--checkpoint", required=True, help="a .pt file written by pymeta train")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--root", help="data directory, if it moved since training")
+    p.add_argument("--ways", type=int)
+    p.add_argument("--shots", type=int)
+    p.add_argument("--queries", type=int)
+    p.add_argument("--episodes", type=int, default=1000, help="default 1000")
+    _add_common(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("eval-runs", help="Lake et al.'s Omniglot one-shot runs: mean error %%",
+                       description="Score an Omniglot-trained metric learner on one-shot runs "
+                                   "(runNN/ folders with class_labels.txt, or a zip of them).")
+    p.add_argument("--runs", required=True, help="folder or zip of runNN/ folders")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--json", help="also write the per-run errors here")
+    _add_common(p)
+    p.set_defaults(func=_eval_runs)
 
     p = sub.add_parser("info", help="version, CUDA kernels and archs, threads, SIMD level")
     p.set_defaults(func=_info)
 
+    _add_bench(sub)
+    return parser
+
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the ops against their best torch equivalents",
                        description="Times each op and its torch alternatives side by side in "
                                    "one process and prints medians and ratios.")
@@ -49,15 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "big outputs pay page faults on every call (default: memory is reused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
-    return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"pymeta {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError, KeyError, IndexError) as e:
+        msg = " ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__
+        print(f"pymeta {args.command}: error: {msg}", file=sys.stderr)
+        if os.environ.get("PYMETA_DEBUG"):
+            raise
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -102,3 +102,43 @@ def _restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+# --- dataset readers ---------------------------------------------------------------------
+OMNIGLOT_SMALL = ("images_background_small1.zip", "images_background_small2.zip")
+
+
+def _omniglot_data_root():
+    """``$PYMETA_DATA``, else ``<repo>/../shared/data``: the first holding both small zips."""
+    from pathlib import Path
+
+    candidates = [Path(os.environ["PYMETA_DATA"])] if os.environ.get("PYMETA_DATA") else []
+    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    for root in candidates:
+        if all((root / "omniglot" / name).is_file() for name in OMNIGLOT_SMALL):
+            return root
+    return None
+
+
+@pytest.fixture(scope="session")
+def omniglot_root():
+    """Data root holding ``omniglot/images_background_small{1,2}.zip``; skips without it.
+
+    Treat it as read-only: load with ``cache=False`` or a temp cache directory.
+    """
+    root = _omniglot_data_root()
+    if root is None:
+        pytest.skip("Omniglot small archives not found: set PYMETA_DATA to a folder with "
+                    "omniglot/images_background_small1.zip and ..._small2.zip")
+    return root
+
+
+def reference_omniglot(png: bytes, size: int):
+    """Independent Omniglot preprocessing: ink (< 128) via a PIL lookup table, LANCZOS resize."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ink = Image.open(io.BytesIO(png)).convert("L").point(lambda v: 255 if v < 128 else 0)
+    return np.array(ink.resize((size, size), Image.LANCZOS))

@@ -87,6 +87,26 @@ class ImageClasses:
         held, rest = perm[:n_held].sort().values, perm[n_held:].sort().values
         return self.subset(rest), self.subset(held)
 
+    def split_examples(self, fraction: float, seed: int = 0) -> tuple["ImageClasses", "ImageClasses"]:
+        """Split each class's images at random into (rest, held-out ``fraction``); same classes."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        g = torch.Generator().manual_seed(seed)
+        rest, held = [], []
+        for c in range(self.num_classes):  # setup-time only: a loop over classes is fine here
+            start, n = int(self.offsets[c]), int(self.counts[c])
+            perm = torch.randperm(n, generator=g) + start
+            k = min(n - 1, max(1, round(n * fraction))) if n > 1 else 0
+            held.append(perm[:k].sort().values)
+            rest.append(perm[k:].sort().values)
+        return self._take(rest), self._take(held)
+
+    def _take(self, rows_per_class: list) -> "ImageClasses":
+        counts = torch.tensor([len(r) for r in rows_per_class], dtype=torch.int64)
+        return ImageClasses(self.images[torch.cat(rows_per_class)],
+                            torch.cat([counts.new_zeros(1), counts.cumsum(0)]), list(self.names),
+                            dict(self.preprocessing))
+
     def with_rotations(self, angles=(90, 180, 270)) -> "ImageClasses":
         """Add each class rotated by each angle as a new class (Omniglot's augmentation)."""
         parts = [self]

@@ -1,0 +1,155 @@
+"""N-way K-shot episodes gathered from an :class:`ImageClasses` store, batched over tasks.
+
+Episode ``i`` depends only on ``(seed, i)``: the same episodes come out in any order, with any
+number of DataLoader workers, and a resumed run sees exactly the episodes it would have seen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .classes import ImageClasses
+
+
+@dataclass
+class Episode:
+    """A meta-batch of ``T`` tasks; labels ``0..ways-1`` are assigned to classes at random.
+
+    Attributes:
+        support_x: float ``[T, ways * shots, C, H, W]``, class-major.
+        support_y: int64 ``[T, ways * shots]``.
+        query_x: float ``[T, ways * queries, C, H, W]``, class-major.
+        query_y: int64 ``[T, ways * queries]``.
+        ways: the number of classes per task.
+        classes: int64 ``[T, ways]``: the store's class index behind each label.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    ways: int
+    classes: torch.Tensor
+
+    @property
+    def tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device, non_blocking: bool = False) -> "Episode":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Episode(move(self.support_x), move(self.support_y), move(self.query_x),
+                       move(self.query_y), self.ways, self.classes)
+
+
+class EpisodeSampler(Dataset):
+    """Seeded N-way K-shot Q-query episodes; ``sampler[i]`` is episode ``i``.
+
+    Each item is an :class:`Episode` of ``tasks`` tasks. Images are gathered from the store's
+    uint8 tensor in one indexing op and scaled to [0, 1]; nothing is decoded here.
+
+    Args:
+        classes: the class store to draw from.
+        ways, shots, queries: N, K and Q.
+        tasks: tasks per episode (the meta-batch).
+        seed: episodes of different seeds are independent.
+        length: ``len(sampler)``; defaults to 2**62 (an endless stream).
+
+    Example:
+        >>> import torch
+        >>> from pymeta.data import ImageClasses, EpisodeSampler
+        >>> store = ImageClasses(torch.zeros(60, 1, 8, 8, dtype=torch.uint8),
+        ...                      torch.arange(0, 61, 6), [f"c{i}" for i in range(10)])
+        >>> ep = EpisodeSampler(store, ways=5, shots=1, queries=2, tasks=4, seed=0)[0]
+        >>> tuple(ep.support_x.shape), tuple(ep.query_y.shape)
+        ((4, 5, 1, 8, 8), (4, 10))
+    """
+
+    def __init__(self, classes: ImageClasses, ways: int, shots: int, queries: int,
+                 tasks: int = 1, seed: int = 0, length: int | None = None,
+                 dtype: torch.dtype = torch.float32):
+        for name, value in (("ways", ways), ("shots", shots), ("tasks", tasks)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if int(queries) < 0:
+            raise ValueError(f"queries must be >= 0, got {queries}")
+        self.classes, self.ways, self.shots, self.queries = classes, ways, shots, queries
+        self.tasks, self.seed, self.dtype = tasks, int(seed), dtype
+        self.length = 2 ** 62 if length is None else int(length)
+        self._check_store()
+        self._counts = classes.counts
+        self._max_count = int(self._counts.max())
+
+    def _check_store(self) -> None:
+        c = self.classes
+        if self.ways > c.num_classes:
+            raise ValueError(f"{self.ways}-way episodes need at least {self.ways} classes, "
+                             f"but the dataset has {c.num_classes}")
+        need = self.shots + self.queries
+        short = (c.counts < need).nonzero().flatten()
+        if short.numel():
+            i = int(short[0])
+            raise ValueError(f"{self.shots}-shot {self.queries}-query episodes need {need} "
+                             f"images per class, but class {c.names[i]!r} has "
+                             f"{int(c.counts[i])} ({short.numel()} classes are short)")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def generator(self, index: int) -> torch.Generator:
+        """The RNG of episode ``index``, a pure function of ``(seed, index)``."""
+        state = np.random.SeedSequence([self.seed, int(index)]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(classes ``[T, N]``, image rows ``[T, N, K + Q]``) of episode ``index``."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"episode {index} out of range [0, {self.length})")
+        g = self.generator(index)
+        T, N, C = self.tasks, self.ways, self.classes.num_classes
+        # Random keys + argsort draw N distinct classes per task without a Python loop.
+        cls = torch.rand(T, C, generator=g).argsort(dim=1)[:, :N]
+        keys = torch.rand(T, N, self._max_count, generator=g)
+        keys[torch.arange(self._max_count) >= self._counts[cls].unsqueeze(-1)] = 2.0
+        pos = keys.argsort(dim=-1)[..., : self.shots + self.queries]
+        return cls, self.classes.offsets[cls].unsqueeze(-1) + pos
+
+    def __getitem__(self, index: int) -> Episode:
+        cls, rows = self.rows(index)
+        T, N, K, Q = self.tasks, self.ways, self.shots, self.queries
+        x = ImageClasses.to_float(self.classes.images[rows.flatten()], self.dtype)
+        x = x.view(T, N, K + Q, *x.shape[1:])
+        labels = torch.arange(N).view(1, N, 1)
+        return Episode(x[:, :, :K].reshape(T, N * K, *x.shape[3:]),
+                       labels.expand(T, N, K).reshape(T, N * K),
+                       x[:, :, K:].reshape(T, N * Q, *x.shape[3:]),
+                       labels.expand(T, N, Q).reshape(T, N * Q), N, cls)
+
+
+def fixed_episodes(classes: ImageClasses, ways: int, shots: int, queries: int = 15,
+                   n: int = 1000, seed: int = 2024) -> EpisodeSampler:
+    """The seeded evaluation set: ``n`` one-task episodes, identical for every learner.
+
+    Scores on it are paired comparisons: learner A and B see the same tasks.
+
+    Example:
+        >>> import torch
+        >>> from pymeta.data import ImageClasses, fixed_episodes
+        >>> store = ImageClasses(torch.zeros(40, 1, 8, 8, dtype=torch.uint8),
+        ...                      torch.arange(0, 41, 20), ["a", "b"])
+        >>> eps = fixed_episodes(store, ways=2, shots=1, queries=5, n=10)
+        >>> len(eps), bool((eps[3].support_x == eps[3].support_x).all())
+        (10, True)
+    """
+    return EpisodeSampler(classes, ways, shots, queries, tasks=1, seed=seed, length=n)
+
+
+def episode_loader(sampler: EpisodeSampler, start: int = 0, stop: int | None = None,
+                   num_workers: int = 0) -> DataLoader:
+    """Episodes ``start..stop-1`` in order, optionally assembled in worker processes."""
+    stop = len(sampler) if stop is None else stop
+    return DataLoader(sampler, batch_size=None, sampler=range(start, stop),
+                      num_workers=num_workers, persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None)

@@ -1,0 +1,96 @@
+"""The full configuration of a training run, stored in every checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run: rebuilding from it reproduces the run.
+
+    Example:
+        >>> from pymeta.engine import RunConfig
+        >>> cfg = RunConfig(algo="protonet", data="digits", ways=5, shots=1, steps=100)
+        >>> RunConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    algo: str = "protonet"
+    backbone: str = "conv4"
+    backbone_kwargs: dict = field(default_factory=dict)
+    learner_kwargs: dict = field(default_factory=dict)
+    # data
+    data: str = "digits"            # digits | omniglot | folder
+    root: str | None = None
+    protocol: str = "small"         # omniglot: small | lake | vinyals
+    image_size: int | None = None   # None: the dataset's default
+    rotations: bool = True          # omniglot training classes rotated by 90/180/270
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    # episodes
+    ways: int = 5
+    shots: int = 5
+    queries: int = 15
+    meta_batch: int = 1
+    eval_ways: int | None = None
+    eval_shots: int | None = None
+    eval_queries: int = 15
+    test_settings: list = field(default_factory=list)  # more [ways, shots] to test at the end
+    # optimisation
+    steps: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "step"          # step | cosine | none
+    lr_step: int = 2000
+    lr_gamma: float = 0.5
+    # bookkeeping
+    val_every: int = 250
+    val_episodes: int = 200
+    test_episodes: int = 1000
+    checkpoint_every: int = 0       # 0: checkpoint at validations only
+    log_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    amp: str | None = None          # bf16 | fp16
+    workers: int = 0
+
+    @property
+    def test_ways(self) -> int:
+        return self.eval_ways or self.ways
+
+    @property
+    def test_shots(self) -> int:
+        return self.eval_shots or self.shots
+
+    def test_grid(self) -> list:
+        """The distinct (ways, shots) settings the final test reports, the eval one first."""
+        grid = [(self.test_ways, self.test_shots)]
+        grid += [tuple(s) for s in self.test_settings if tuple(s) not in grid]
+        return grid
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown run config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def validate(self) -> "RunConfig":
+        for name in ("ways", "shots", "meta_batch", "steps", "val_every", "val_episodes",
+                     "test_episodes", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.queries < 1 or self.eval_queries < 1:
+            raise ValueError("queries must be >= 1")
+        if self.schedule not in ("step", "cosine", "none"):
+            raise ValueError(f"schedule must be step, cosine or none, got {self.schedule!r}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be bf16 or fp16, got {self.amp!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        return self

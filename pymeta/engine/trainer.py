@@ -1,0 +1,199 @@
+"""The meta-training loop: episodes in, checkpoints, metrics and curves out; resumable."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data.episodes import Episode, EpisodeSampler, episode_loader
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .evaluate import autocast, evaluate
+from .metrics import MetricsLog
+
+
+def make_optimizer(learner: torch.nn.Module, cfg: RunConfig):
+    opt = torch.optim.Adam(learner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, cfg.lr_gamma)
+    elif cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    return opt, sched
+
+
+class Trainer:
+    """Meta-trains a learner on episodes, validating every ``val_every`` steps.
+
+    Writes to ``out_dir``: ``last.pt`` (every validation, and every ``checkpoint_every``
+    steps), ``best.pt`` (best validation accuracy), ``metrics.csv``, ``metrics.jsonl`` and
+    ``curves.png``. Step ``s`` trains on episode ``s`` of the sampler, so a run resumed from
+    ``last.pt`` at the same thread count continues bit for bit.
+
+    The loop body (:meth:`train_step`) is one forward/backward/step on one episode, the shape
+    a data-parallel wrapper slots into.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pymeta.data import ImageClasses, EpisodeSampler, fixed_episodes
+        >>> from pymeta.engine import RunConfig, Trainer
+        >>> from pymeta.learners import ProtoNet
+        >>> from pymeta.nn import Conv4
+        >>> store = ImageClasses(torch.randint(0, 255, (40, 1, 28, 28), dtype=torch.uint8),
+        ...                      torch.arange(0, 41, 10), ["a", "b", "c", "d"])
+        >>> cfg = RunConfig(ways=2, shots=1, queries=2, steps=4, val_every=2, val_episodes=4)
+        >>> t = Trainer(ProtoNet(Conv4()), cfg, EpisodeSampler(store, 2, 1, 2),
+        ...             fixed_episodes(store, 2, 1, 2, n=4), tempfile.mkdtemp(), progress=False)
+        >>> sorted(t.fit())
+        ['best_acc', 'best_step', 'steps']
+    """
+
+    def __init__(self, learner: torch.nn.Module, config: RunConfig, train: EpisodeSampler,
+                 val: EpisodeSampler | None, out_dir: str | Path, preprocessing: dict | None = None,
+                 progress: bool = True):
+        self.cfg = config.validate()
+        self.device = torch.device(config.device)
+        self.learner = learner.to(self.device)
+        self.train_episodes, self.val_episodes = train, val
+        self.out_dir = Path(out_dir)
+        self.preprocessing = dict(preprocessing or {})
+        self.progress = progress
+        self.opt, self.sched = make_optimizer(learner, config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.step = 0
+        self.best = {"acc": -math.inf, "step": -1}
+        self._window = {"loss": 0.0, "acc": 0.0, "n": 0, "tasks": 0, "time": 0.0}
+        self.elapsed = 0.0
+        self.log = None
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"config": self.cfg.to_dict(), "preprocessing": self.preprocessing,
+                "step": self.step, "model": self.learner.state_dict(),
+                "learner_config": learner_config(self.learner),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng, "best": dict(self.best),
+                "window": dict(self._window), "elapsed": self.elapsed,
+                "log": list(self.log.rows) if self.log else [],
+                "versions": {"pymeta": __version__, "torch": str(torch.__version__)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != self.cfg.to_dict():
+            diff = sorted(k for k, v in state["config"].items() if self.cfg.to_dict().get(k) != v)
+            raise ValueError(f"cannot resume: the checkpoint's run config differs in {diff}")
+        self.learner.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step, self.best = state["step"], dict(state["best"])
+        self._window, self.elapsed = dict(state["window"]), state["elapsed"]
+        self.log = MetricsLog(self.out_dir, state["log"])
+
+    def save(self, name: str) -> Path:
+        path = self.out_dir / name
+        save_checkpoint(path, self.state_dict())
+        return path
+
+    # -- loop ------------------------------------------------------------------------------
+    def train_step(self, ep: Episode) -> tuple[float, float]:
+        """One outer step on one meta-batch; returns (loss, query accuracy)."""
+        self.learner.train()
+        ep = ep.to(self.device, non_blocking=True)
+        with autocast(self.device, self.cfg.amp):
+            loss, logits = self.learner.loss(ep.support_x, ep.support_y, ep.query_x,
+                                             ep.query_y, ep.ways)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        acc = (logits.detach().argmax(-1) == ep.query_y).float().mean()
+        return float(loss.detach()), float(acc)
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train to ``config.steps``; with ``resume``, continue from ``out_dir/last.pt``."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for torn in self.out_dir.glob(".*.tmp"):  # left by a process killed mid-write
+            torn.unlink()
+        if resume and (self.out_dir / "last.pt").exists():
+            self.load_state_dict(load_checkpoint(self.out_dir / "last.pt", self.device))
+        else:
+            self.log = MetricsLog(self.out_dir)
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.algo}", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        loader = episode_loader(self.train_episodes, self.step, cfg.steps, cfg.workers)
+        tick = time.perf_counter()
+        for ep in loader:
+            loss, acc = self.train_step(ep)
+            self.step += 1
+            now = time.perf_counter()
+            self._accumulate(loss, acc, ep.tasks, now - tick)
+            tick = now
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                bar.set_postfix(self._log_train())
+            if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                bar.set_postfix_str(self._validate(bar.postfix or ""))
+            elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save("last.pt")
+            bar.update(1)
+            tick = time.perf_counter()  # validation and checkpoints are not training time
+        bar.close()
+        self.log.plot()
+        return {"steps": self.step, "best_acc": self.best["acc"], "best_step": self.best["step"]}
+
+    def _accumulate(self, loss: float, acc: float, tasks: int, seconds: float) -> None:
+        w = self._window
+        w["loss"] += loss
+        w["acc"] += acc
+        w["n"] += 1
+        w["tasks"] += tasks
+        w["time"] += seconds
+        self.elapsed += seconds
+
+    def _log_train(self) -> dict:
+        w = self._window
+        if not w["n"]:
+            return {}
+        row = {"step": self.step, "split": "train", "loss": w["loss"] / w["n"],
+               "acc": w["acc"] / w["n"], "ci95": None, "lr": self.opt.param_groups[0]["lr"],
+               "tasks_per_s": w["tasks"] / max(w["time"], 1e-9), "elapsed_s": self.elapsed}
+        self.log.append(row)
+        self._window = {"loss": 0.0, "acc": 0.0, "n": 0, "tasks": 0, "time": 0.0}
+        return {"loss": f"{row['loss']:.3f}", "acc": f"{row['acc']:.3f}",
+                "tasks/s": f"{row['tasks_per_s']:.1f}"}
+
+    def _validate(self, postfix: str) -> str:
+        msg = postfix
+        if self.val_episodes is not None:
+            res = evaluate(self.learner, self.val_episodes, self.device, self.cfg.amp)
+            self.log.append({"step": self.step, "split": "val", "loss": None, "acc": res["acc"],
+                             "ci95": res["ci95"], "lr": self.opt.param_groups[0]["lr"],
+                             "tasks_per_s": None, "elapsed_s": self.elapsed})
+            if res["acc"] > self.best["acc"]:
+                self.best = {"acc": res["acc"], "step": self.step}
+                self.save("best.pt")
+            msg = f"{postfix}, val={res['acc']:.3f}±{res['ci95']:.3f}"
+        elif self.step >= self.best["step"]:  # no validation set: the latest is the best
+            self.best = {"acc": math.nan, "step": self.step}
+            self.save("best.pt")
+        self.save("last.pt")
+        self.log.plot()
+        return msg
+
+
+def learner_config(learner: torch.nn.Module) -> dict:
+    """What :func:`pymeta.load` needs to rebuild the learner (besides the run config)."""
+    extra = getattr(learner, "extra_config", None)
+    return {"algo": getattr(learner, "algo", None), "kwargs": extra() if extra else {}}

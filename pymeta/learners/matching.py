@@ -1,0 +1,103 @@
+"""Matching Networks (Vinyals et al. 2016), with optional full-context embeddings."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import pairwise_distances
+from .base import FewShotLearner, as_vectors, full_precision
+
+
+class MatchingNet(FewShotLearner):
+    """Classifies a query by cosine attention over the support set.
+
+    a = softmax over supports of cos(f(query), g(support)); p(class c) = the attention on
+    class c's supports; logits = log p, trained with NLL.
+
+    With ``fce=True`` (full-context embeddings, the paper's appendix) the support embeddings
+    become g = embedding + bidirectional LSTM over the support set, and the query embedding
+    f comes out of an LSTM run for ``fce_steps`` steps that attends over g each step. The
+    step's read-out is fed to the LSTM with the query embedding (the paper concatenates it
+    to the hidden state instead; a common equivalent-in-spirit variant).
+
+    Args:
+        backbone: any module mapping ``[B, *sample]`` to ``[B, *feature]`` (flattened).
+        fce: use full-context embeddings.
+        fce_steps: attention-LSTM processing steps K.
+        feature_dim: embedding size D (flattened backbone output), required when ``fce``;
+            ``pymeta.nn.feature_dim(backbone, sample_shape)`` computes it.
+
+    Example:
+        >>> import torch
+        >>> from pymeta.nn import Conv4
+        >>> learner = MatchingNet(Conv4(hidden=8, out_channels=8), fce=True, feature_dim=8)
+        >>> sx, qx = torch.randn(1, 4, 1, 28, 28), torch.randn(1, 3, 1, 28, 28)
+        >>> sy, qy = torch.tensor([[1, 0, 1, 1]]), torch.tensor([[0, 1, 1]])
+        >>> logits = learner(sx, sy, qx, ways=2)   # log-probabilities
+        >>> bool(torch.allclose(logits.exp().sum(-1), torch.ones(1, 3)))
+        True
+        >>> loss, _ = learner.loss(sx, sy, qx, qy, ways=2)
+    """
+
+    algo = "matching"
+
+    def __init__(self, backbone: nn.Module, fce: bool = False, fce_steps: int = 5,
+                 feature_dim: Optional[int] = None) -> None:
+        super().__init__(backbone)
+        if fce and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int)
+                    or feature_dim < 1):
+            raise ValueError("MatchingNet: fce=True needs feature_dim, the backbone's flattened "
+                             "output size (pymeta.nn.feature_dim(backbone, sample_shape) gives "
+                             f"it), got {feature_dim!r}")
+        if fce and fce_steps < 1:
+            raise ValueError(f"MatchingNet: fce_steps must be >= 1, got {fce_steps}")
+        self.fce, self.fce_steps, self.feature_dim = fce, fce_steps, feature_dim
+        if fce:
+            self.support_lstm = nn.LSTM(feature_dim, feature_dim, batch_first=True,
+                                        bidirectional=True)
+            self.query_cell = nn.LSTMCell(2 * feature_dim, feature_dim)
+
+    def _logits(self, zs: Tensor, support_y: Tensor, zq: Tensor, ways: int) -> Tensor:
+        zs, zq = as_vectors(zs), as_vectors(zq)
+        with full_precision(zs.device):
+            if self.fce:
+                zs = self._context_support(zs)
+                zq = self._context_query(zq, zs)
+            attention = torch.softmax(1 - pairwise_distances(zq, zs, "cosine"), -1)  # [T, Q, S]
+            prob = attention @ F.one_hot(support_y, ways).to(attention.dtype)       # [T, Q, ways]
+        # cosines lie in [-1, 1], so a class with a support never gets below e^-2 / S: the
+        # clamp only guards against underflow, never changes a value
+        return prob.clamp_min(torch.finfo(prob.dtype).tiny).log()
+
+    def _loss(self, logits: Tensor, query_y: Tensor, ways: int) -> Tensor:
+        return F.nll_loss(logits.flatten(0, 1), query_y.flatten())
+
+    def _context_support(self, zs: Tensor) -> Tensor:
+        """g(x_i, S) = g'(x_i) + forward and backward LSTM states over the support set."""
+        self._check_dim(zs)
+        out, _ = self.support_lstm(zs)
+        forward, backward = out.chunk(2, -1)
+        return zs + forward + backward
+
+    def _context_query(self, zq: Tensor, g: Tensor) -> Tensor:
+        """f(x, S): K steps of an LSTM reading (by dot-product attention) the support g."""
+        T, Q, D = zq.shape
+        f = zq.reshape(T * Q, D)
+        h, c, read = torch.zeros_like(f), torch.zeros_like(f), torch.zeros_like(f)
+        for _ in range(self.fce_steps):  # processing steps, not tasks: the batch is T * Q
+            h, c = self.query_cell(torch.cat([f, read], -1), (h, c))
+            h = h + f
+            attention = torch.softmax(-pairwise_distances(h.view(T, Q, D), g, "dot"), -1)
+            read = (attention @ g).reshape(T * Q, D)
+        return h.view(T, Q, D)
+
+    def _check_dim(self, z: Tensor) -> None:
+        if z.shape[-1] != self.feature_dim:
+            raise ValueError(f"MatchingNet: the backbone gives {z.shape[-1]} features but "
+                             f"feature_dim={self.feature_dim}")
+
+    def extra_config(self) -> dict:
+        return {"fce": self.fce, "fce_steps": self.fce_steps, "feature_dim": self.feature_dim}

@@ -1,0 +1,89 @@
+"""Checkpoints, metric files and confidence intervals."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pymeta.engine import MetricsLog, load_checkpoint, mean_ci95, save_checkpoint
+from pymeta.engine import checkpoint as checkpoint_module
+
+
+def test_mean_ci95_matches_the_normal_formula():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=1000)
+    mean, ci = mean_ci95(torch.from_numpy(x))
+    assert mean == pytest.approx(x.mean())
+    assert ci == pytest.approx(1.96 * x.std(ddof=1) / math.sqrt(x.size))
+    assert math.isnan(mean_ci95([0.5])[1])
+    with pytest.raises(ValueError):
+        mean_ci95([])
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7,
+             "config": {"algo": "protonet", "lr": 1e-3}, "rng": torch.get_rng_state()}
+    save_checkpoint(tmp_path / "c.pt", state)
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)   # plain torch can read it safely
+    assert raw["format"] == "pymeta-checkpoint" and raw["version"] == 1
+    back = load_checkpoint(tmp_path / "c.pt")
+    assert back["step"] == 7 and torch.equal(back["model"]["weight"], model.weight)
+    assert back["optimizer"]["state"][0]["exp_avg"].shape == (2, 3)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="not a readable pymeta checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a pymeta checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    torch.save({"format": "pymeta-checkpoint", "version": 99}, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="upgrade pymeta"):
+        load_checkpoint(tmp_path / "future.pt")
+    save_checkpoint(tmp_path / "ok.pt", {"step": 1})
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint_module.torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]   # no temp file left behind
+
+
+def test_metrics_log_files_and_plot(tmp_path):
+    log = MetricsLog(tmp_path)
+    for s in range(1, 4):
+        log.append({"step": s, "split": "train", "loss": 1.0 / s, "acc": 0.5, "ci95": None,
+                    "lr": 1e-3, "tasks_per_s": 10.0, "elapsed_s": s})
+    log.append({"step": 3, "split": "val", "loss": None, "acc": 0.6, "ci95": 0.01,
+                "lr": 1e-3, "tasks_per_s": None, "elapsed_s": 3})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == log.rows
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("step,split,loss,acc") and len(csv_lines) == 5
+    png = log.plot()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A resumed run restarts from the checkpoint's rows: later rows disappear from the files.
+    MetricsLog(tmp_path, rows[:2])
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3

@@ -1,0 +1,156 @@
+"""The training engine: bit-for-bit resume (also after kill -9), checkpoints, load, eval."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import pymeta
+from pymeta.data.episodes import EpisodeSampler, fixed_episodes
+from pymeta.engine import RunConfig, Trainer, build_splits, evaluate, load_checkpoint
+from pymeta.learners import ProtoNet
+from pymeta.nn import Conv4
+
+TINY = ["--data", "digits", "--ways", "3", "--shots", "2", "--queries", "3", "--steps", "24",
+        "--val-every", "8", "--val-episodes", "6", "--test-episodes", "10", "--log-every", "2",
+        "--checkpoint-every", "4", "--threads", "1", "--no-progress", "--seed", "5"]
+
+
+def run_cli(args, cwd, **kw):
+    return subprocess.run([sys.executable, "-m", "pymeta", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def learning_rows(out):
+    """The loss/accuracy of every logged row: timings differ between runs, these must not."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["split"], r["loss"], r["acc"], r["ci95"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = run_cli(["train", *TINY, "--out", str(out)], cwd=out.parent)
+    assert res.returncode == 0, res.stderr
+    return out, res.stdout
+
+
+def test_train_writes_everything(reference_run):
+    out, stdout = reference_run
+    for name in ("best.pt", "last.pt", "metrics.csv", "metrics.jsonl", "curves.png",
+                 "results.json"):
+        assert (out / name).is_file(), name
+    assert "accuracy" in stdout and "± " in stdout and "curves.png" in stdout
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 24 and state["config"]["ways"] == 3
+    assert state["preprocessing"]["dataset"] == "digits"
+    results = json.loads((out / "results.json").read_text())
+    assert results["tests"][0]["episodes"] == 10 and 0.0 <= results["tests"][0]["acc"] <= 1.0
+    val = [r for r in learning_rows(out) if r[1] == "val"]
+    assert [r[0] for r in val] == [8, 16, 24]
+    assert results["best_acc"] == max(r[3] for r in val)
+
+
+def test_load_restores_the_best_learner(reference_run):
+    out, _ = reference_run
+    learner = pymeta.load(out / "best.pt")
+    assert not learner.training and learner.config.ways == 3
+    cfg = learner.config
+    sampler = fixed_episodes(build_splits(cfg).test, 3, 2, cfg.eval_queries, n=10, seed=2024)
+    ours = evaluate(learner, sampler)["acc"]
+    results = json.loads((out / "results.json").read_text())
+    assert ours == pytest.approx(results["tests"][0]["acc"], abs=1e-12)
+
+
+def _kill_when(proc, predicate, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.05)
+    proc.wait()
+    return False
+
+
+def _step_of(path):
+    try:
+        return load_checkpoint(path)["step"]
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def test_kill_9_mid_run_then_resume_is_bit_for_bit(reference_run, tmp_path):
+    ref, _ = reference_run
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pymeta", "train", *TINY, "--out", str(out)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert _kill_when(proc, lambda: 12 <= _step_of(out / "last.pt") < 24), \
+        "the run finished before it could be killed"
+    res = run_cli(["train", *TINY, "--out", str(out), "--resume"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert learning_rows(out) == learning_rows(ref)
+    a, b = load_checkpoint(out / "last.pt"), load_checkpoint(ref / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+import pymeta.engine.checkpoint as ck
+calls = {"n": 0}
+real_save = ck.torch.save
+def dying_save(obj, f):
+    calls["n"] += 1
+    if calls["n"] == int(os.environ["DIE_AT"]):
+        f.write(b"torn")      # part of the temp file is on disk, then the process dies
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f)
+ck.torch.save = dying_save
+from pymeta.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_mid_checkpoint_write_then_resume_is_bit_for_bit(reference_run, tmp_path):
+    ref, _ = reference_run
+    out = tmp_path / "run"
+    script = tmp_path / "die.py"
+    script.write_text(KILL_IN_SAVE)
+    env = {**os.environ, "DIE_AT": "5"}   # saves: last@4, best+last@8, last@12; #5 is @16
+    res = subprocess.run([sys.executable, str(script), "train", *TINY, "--out", str(out)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == -signal.SIGKILL
+    assert load_checkpoint(out / "last.pt")["step"] == 12    # the old file survived intact
+    res = run_cli(["train", *TINY, "--out", str(out), "--resume"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert learning_rows(out) == learning_rows(ref)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # torn temp removed
+
+
+def test_resume_refuses_a_different_config(reference_run, tmp_path):
+    ref, _ = reference_run
+    args = [a if a != "24" else "30" for a in TINY]
+    res = run_cli(["train", *args, "--out", str(ref), "--resume"], cwd=tmp_path)
+    assert res.returncode == 2 and "run config differs in ['steps']" in res.stderr
+    res = run_cli(["train", *TINY, "--out", str(ref)], cwd=tmp_path)
+    assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_trainer_in_process_learns_and_validates(tmp_path):
+    splits = build_splits(RunConfig(data="digits"))
+    torch.manual_seed(0)
+    learner = ProtoNet(Conv4(hidden=16, out_channels=16))
+    cfg = RunConfig(ways=5, shots=1, queries=5, steps=60, val_every=30, val_episodes=40,
+                    lr=3e-3)
+    trainer = Trainer(learner, cfg, EpisodeSampler(splits.train, 5, 1, 5, seed=0),
+                      fixed_episodes(splits.val, 5, 1, 5, n=40), tmp_path, progress=False)
+    before = evaluate(learner, fixed_episodes(splits.test, 5, 1, 5, n=40))["acc"]
+    fit = trainer.fit()
+    after = evaluate(learner, fixed_episodes(splits.test, 5, 1, 5, n=40))["acc"]
+    assert fit["steps"] == 60 and after > before + 0.1 and after > 0.5   # chance is 0.2
