@@ -105,8 +105,12 @@ def plain_protonet_loss(model, support, query, n, k, q, channels_last=False):
 
 def make_model(channels_last=False):
     torch.manual_seed(0)
-    m = Conv4(in_channels=1)
-    return m.to(memory_format=torch.channels_last) if channels_last else m
+    return Conv4(in_channels=1, channels_last=channels_last)
+
+
+def pymeta_model():
+    torch.manual_seed(0)
+    return Conv4(in_channels=1)   # pymeta's defaults, as `pymeta train` builds it
 
 
 def step(model, opt, loss):
@@ -144,7 +148,7 @@ def contenders(args, store, png_root):
         return run
 
     def pymeta_loop():
-        learner = ProtoNet(make_model())
+        learner = ProtoNet(pymeta_model())
         o = torch.optim.Adam(learner.parameters(), 1e-3)
 
         def run():

@@ -13,9 +13,9 @@ DATASETS = ["digits", "omniglot", "folder"]
 # The accuracy protocol of bench/RESULTS.md, as one preset: Omniglot small1 with rotations
 # for training, a held-out fifth of small1 for validation, small2-only alphabets for test.
 PRESETS = {
-    "omniglot": dict(data="omniglot", protocol="small", rotations=True, ways=20, shots=1,
+    "omniglot": dict(data="omniglot", protocol="small", rotations=True, ways=60, shots=1,
                      queries=5, eval_ways=20, eval_shots=1, test_settings=[[5, 1], [20, 1]],
-                     steps=3000, val_every=250, val_episodes=200, lr_step=1000),
+                     steps=3500, val_every=500, val_episodes=200, lr_step=1000),
     "digits": dict(data="digits", ways=5, shots=5, queries=10, eval_ways=5, eval_shots=1,
                    test_settings=[[5, 5]], steps=300, val_every=100, val_episodes=100,
                    test_episodes=1000, lr_step=200),
@@ -58,9 +58,31 @@ def _config_from_args(args):
             fields[name] = value
     if args.no_rotations:
         fields["rotations"] = False
+    for name, pairs in (("learner_kwargs", args.learner_opt), ("backbone_kwargs",
+                                                               args.backbone_opt)):
+        if pairs:
+            fields[name] = dict(_key_value(p) for p in pairs)
     if fields.get("device") == "cuda":
         _require_cuda()
     return RunConfig(**fields).validate()
+
+
+def _key_value(text: str) -> tuple:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true, null), else text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _device(args) -> str:
+    device = args.device or "cpu"
+    if device == "cuda":
+        _require_cuda()
+    return device
 
 
 def _require_cuda() -> None:
@@ -95,7 +117,7 @@ def _train(args) -> int:
 def _demo(args) -> int:
     from .engine import RunConfig, train
     _prepare_process(args.threads)
-    cfg = RunConfig(algo="protonet", **PRESETS["digits"], device=args.device or "cpu")
+    cfg = RunConfig(algo="protonet", **PRESETS["digits"], device=_device(args))
     out = Path(args.out)
     print("pymeta demo: ProtoNet (conv4) meta-trained on digits 0-4 (scikit-learn's 8x8 "
           "digits, upsampled to 28x28), tested on the unseen digits 5-9")
@@ -108,7 +130,8 @@ def _eval(args) -> int:
     from .engine import build_splits, evaluate, load
     from .engine.setup import TEST_SEED, VAL_SEED, eval_sampler
     _prepare_process(args.threads)
-    learner = load(args.checkpoint, args.device)
+    device = _device(args)
+    learner = load(args.checkpoint, device)
     cfg = learner.config
     if args.root:
         cfg.root = args.root
@@ -116,7 +139,7 @@ def _eval(args) -> int:
     classes = splits.val if args.split == "val" else splits.test
     sampler = eval_sampler(cfg, classes, args.episodes, VAL_SEED if args.split == "val"
                            else TEST_SEED, args.ways, args.shots, args.queries)
-    res = evaluate(learner, sampler, args.device, cfg.amp, progress=not args.no_progress)
+    res = evaluate(learner, sampler, device, cfg.amp, progress=not args.no_progress)
     print(f"{args.split} {sampler.ways}-way {sampler.shots}-shot ({sampler.queries} queries): "
           f"accuracy {100 * res['acc']:.2f}% ± {100 * res['ci95']:.2f}% (95% CI, "
           f"{res['episodes']} episodes)")
@@ -127,13 +150,14 @@ def _eval_runs(args) -> int:
     from .data.runs import load_runs
     from .engine import evaluate_runs, load
     _prepare_process(args.threads)
-    learner = load(args.checkpoint, args.device)
+    device = _device(args)
+    learner = load(args.checkpoint, device)
     pre = learner.preprocessing
     if pre.get("dataset") != "omniglot":
         raise ValueError(f"{args.checkpoint} was trained on {pre.get('dataset')!r}; one-shot "
                          f"runs need an Omniglot-trained learner")
     runs = load_runs(args.runs, image_size=pre["image_size"])
-    res = evaluate_runs(learner, runs, args.device)
+    res = evaluate_runs(learner, runs, device)
     for name, err in res["runs"].items():
         print(f"{name}: {err:.1f}% error")
     print(f"mean error over {len(runs)} runs: {res['error']:.2f}%")
@@ -169,6 +193,11 @@ def _add_train(sub) -> None:
                    "options override it (omniglot: the bench/RESULTS.md accuracy protocol)")
     p.add_argument("--algo", choices=ALGOS, help="learner (default protonet)")
     p.add_argument("--backbone", choices=["conv4", "resnet12"], help="default conv4")
+    p.add_argument("--learner-opt", action="append", metavar="KEY=VALUE",
+                   help="a learner constructor option, repeatable: e.g. fce=true "
+                        "(matching), metric=cosine (protonet), loss=contrastive (siamese)")
+    p.add_argument("--backbone-opt", action="append", metavar="KEY=VALUE",
+                   help="a backbone constructor option, repeatable: e.g. hidden=32")
     p.add_argument("--data", choices=DATASETS, help="default digits (embedded, no download)")
     p.add_argument("--root", help="data directory (default: $PYMETA_DATA or ~/.cache/pymeta)")
     p.add_argument("--protocol", choices=["small", "lake", "vinyals"],

@@ -60,3 +60,31 @@ def test_corrupt_checkpoint_one_line(tmp_path):
     res = pymeta("eval", "--checkpoint", "bad.pt", cwd=tmp_path)
     assert res.returncode == 2 and "not a readable pymeta checkpoint" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_learner_and_backbone_options_reach_the_checkpoint(tmp_path):
+    res = pymeta("train", "--algo", "matching", "--learner-opt", "fce=true", "--learner-opt",
+                 "fce_steps=2", "--backbone-opt", "hidden=8", "--ways", "2", "--shots", "1",
+                 "--queries", "1", "--steps", "2", "--val-every", "2", "--val-episodes", "2",
+                 "--test-episodes", "2", "--no-progress", "--out", "run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    import pymeta as pm
+    learner = pm.load(tmp_path / "run" / "best.pt")
+    assert learner.extra_config()["fce"] is True and learner.extra_config()["fce_steps"] == 2
+    assert learner.backbone.blocks[0][0].out_channels == 8
+    for bad, message in ((["--learner-opt", "nokey"], "expected KEY=VALUE"),
+                         (["--learner-opt", "foo=1"], "invalid options for learner 'protonet'")):
+        res = pymeta("train", *bad, "--steps", "1", cwd=tmp_path)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_corrupt_image_in_a_folder_dataset_one_line(tmp_path):
+    from PIL import Image
+    for c in range(6):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (12, 12), (c * 40, i, 0)).save(tmp_path / "data" / f"class{c}" / f"{i}.png")
+    (tmp_path / "data" / "class3" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    res = pymeta("train", "--data", "folder", "--root", "data", "--steps", "1", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "1.png" in res.stderr and "class3" in res.stderr

@@ -1,5 +1,6 @@
 """The training engine: bit-for-bit resume (also after kill -9), checkpoints, load, eval."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -154,3 +155,20 @@ def test_trainer_in_process_learns_and_validates(tmp_path):
     fit = trainer.fit()
     after = evaluate(learner, fixed_episodes(splits.test, 5, 1, 5, n=40))["acc"]
     assert fit["steps"] == 60 and after > before + 0.1 and after > 0.5   # chance is 0.2
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_training_steps(amp, tmp_path):
+    splits = build_splits(RunConfig(data="digits"))
+    torch.manual_seed(0)
+    learner = ProtoNet(Conv4(hidden=8, out_channels=8))
+    before = [p.detach().clone() for p in learner.parameters()]
+    # fp16 uses a GradScaler, which skips the first steps while it finds its scale.
+    cfg = RunConfig(ways=3, shots=1, queries=2, steps=16, val_every=16, val_episodes=4, amp=amp)
+    trainer = Trainer(learner, cfg, EpisodeSampler(splits.train, 3, 1, 2, seed=0),
+                      fixed_episodes(splits.val, 3, 1, 2, n=4), tmp_path, progress=False)
+    trainer.fit()
+    losses = [r["loss"] for r in trainer.log.rows if r["split"] == "train"]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert all(not torch.equal(a, b) for a, b in zip(before, learner.parameters()))
+    assert all(p.dtype == torch.float32 for p in learner.parameters())

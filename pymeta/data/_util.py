@@ -130,6 +130,14 @@ def cache_dir(cache: bool | str | os.PathLike | None, default: Path) -> Path | N
     return default if cache is True else Path(cache).expanduser()
 
 
+def default_cache_dir(beside_data: Path, name: str) -> Path:
+    """``beside_data`` unless its location is read-only (a shared dataset folder); then the
+    user's own cache, ``~/.cache/pymeta/<name>`` (entries are keyed by their source)."""
+    if _marked_read_only(beside_data):
+        return Path("~/.cache/pymeta").expanduser() / name
+    return beside_data
+
+
 def cache_file(directory: Path, stem: str, key: dict) -> Path:
     digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]
     return directory / f"{stem}-{digest}.pt"

@@ -12,8 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ._util import (FileTree, cache_dir, cache_file, cache_load, cache_save, open_image,
-                    parallel_map, stack_classes)
+from ._util import (FileTree, cache_dir, cache_file, cache_load, cache_save, default_cache_dir,
+                    open_image, parallel_map, stack_classes)
 from .classes import ImageClasses, concat
 from .download import DownloadError, download_file
 from .paths import data_root
@@ -101,7 +101,8 @@ def load_omniglot(split: str = "background", root: str | os.PathLike | None = No
     ``<root>/omniglot/<name>.zip``, then the same directly under ``root``; ``root``
     defaults to :func:`data_root`. ``download=True`` fetches missing zips (checksum-
     verified) from ``base_url`` (default: ``$PYMETA_OMNIGLOT_URL`` or Lake's GitHub).
-    ``cache`` is True (cache in ``cache/`` beside the archive), False, or a directory.
+    ``cache`` is True (cache in ``cache/`` beside the archive, or in ``~/.cache/pymeta/omniglot``
+    when that folder is read-only), False, or a directory.
     Use :meth:`ImageClasses.with_rotations` for the usual rotation augmentation.
 
     Example:
@@ -226,7 +227,7 @@ def _preprocessing(image_size: int) -> dict:
 def _decode_archive(tree: FileTree, name: str, keys: list, image_size: int,
                     cache) -> ImageClasses:
     """The classes ``keys`` of one archive; with a cache, the whole archive is decoded once."""
-    directory = cache_dir(cache, tree.path.parent / "cache")
+    directory = cache_dir(cache, default_cache_dir(tree.path.parent / "cache", "omniglot"))
     if directory is None:
         return _decode(tree, keys, image_size)
     key = {"archive": name, "image_size": image_size, "threshold": THRESHOLD,

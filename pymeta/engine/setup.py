@@ -91,12 +91,20 @@ def build_learner(cfg: RunConfig, image_shape: tuple, algo_kwargs: dict | None =
     if cfg.algo == "relation":
         bkw.setdefault("flatten", False)  # the relation module compares feature maps
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.backbone, **bkw)
+    backbone = _construct(f"backbone {cfg.backbone!r}", build_backbone, cfg.backbone, **bkw)
     kwargs = dict(cfg.learner_kwargs if algo_kwargs is None else algo_kwargs)
     with torch.no_grad():
         feat = backbone.eval()(torch.zeros(2, *image_shape)).shape[1:]
     backbone.train()
-    return build(cfg.algo, backbone, **_feature_kwargs(cfg.algo, feat, kwargs))
+    return _construct(f"learner {cfg.algo!r}", build, cfg.algo, backbone,
+                      **_feature_kwargs(cfg.algo, feat, kwargs))
+
+
+def _construct(what: str, factory, *args, **kwargs):
+    try:
+        return factory(*args, **kwargs)
+    except TypeError as e:  # an unknown or mistyped option from the command line
+        raise ValueError(f"invalid options for {what}: {e}") from None
 
 
 def _feature_kwargs(algo: str, feat: torch.Size, kwargs: dict) -> dict:

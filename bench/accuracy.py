@@ -1,0 +1,81 @@
+"""Omniglot accuracy of the metric learners on the bench/RESULTS.md protocol.
+
+    python bench/accuracy.py [--algos protonet matching siamese relation] [--steps N]
+
+Runs `pymeta train --preset omniglot --algo A` for each learner, one after another (meta-train
+on small1 with rotations, validate on a held-out fifth of small1's characters, test the best
+checkpoint on the small2-only alphabets over the same 1000 fixed episodes at 5-way and 20-way
+1-shot), then prints one table with accuracies ± 95% CI, steps, and the CPU time each run
+used. Runs already finished under bench/out/accuracy/<algo> are reused; killed ones resume.
+Needs Omniglot's small archives under $PYMETA_DATA/omniglot or ../shared/data/omniglot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out" / "accuracy"
+
+
+def data_root() -> str:
+    root = os.environ.get("PYMETA_DATA") or str(Path(__file__).resolve().parents[2] / "shared"
+                                                / "data")
+    if not (Path(root) / "omniglot" / "images_background_small1.zip").is_file():
+        raise SystemExit(f"Omniglot small archives not found under {root}/omniglot")
+    return root
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(algo: str, extra: list[str]) -> dict:
+    out = OUT / algo
+    done = out / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cmd = [sys.executable, "-m", "pymeta", "train", "--preset", "omniglot", "--algo", algo,
+           "--root", data_root(), "--out", str(out), "--no-progress", *extra]
+    if (out / "last.pt").is_file():
+        cmd.append("--resume")
+    print("+", " ".join(cmd), flush=True)
+    cpu = children_cpu_s()
+    subprocess.run(cmd, check=True)
+    res = json.loads(done.read_text())
+    res["cpu_s"] = children_cpu_s() - cpu
+    done.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def table(results: dict) -> str:
+    lines = ["| learner | 5-way 1-shot | 20-way 1-shot | best val (20-way 1-shot) | steps "
+             "(episodes) | CPU time |", "| --- | --- | --- | --- | --- | --- |"]
+    for algo, r in results.items():
+        acc = {(t["ways"], t["shots"]): t for t in r["tests"]}
+        cell = lambda k: f"{100 * acc[k]['acc']:.2f} ± {100 * acc[k]['ci95']:.2f}"  # noqa: E731
+        cpu = f"{r['cpu_s'] / 60:.1f} min" if "cpu_s" in r else "-"
+        lines.append(f"| {algo} | {cell((5, 1))} | {cell((20, 1))} | "
+                     f"{100 * r['best_acc']:.2f} (step {r['best_step']}) | {r['steps']} "
+                     f"({r['tasks_seen']}) | {cpu} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--algos", nargs="+", default=["protonet", "matching", "siamese", "relation"])
+    p.add_argument("--steps", type=int, help="override the preset's steps")
+    args = p.parse_args()
+    extra = ["--steps", str(args.steps)] if args.steps else []
+    results = {algo: run(algo, extra) for algo in args.algos}
+    print(table(results))
+    (OUT / "summary.md").write_text(table(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()
