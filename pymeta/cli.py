@@ -11,10 +11,11 @@ ALGOS = ["protonet", "matching", "siamese", "relation"]
 DATASETS = ["digits", "omniglot", "folder"]
 
 # The accuracy protocol of bench/RESULTS.md, as one preset: Omniglot small1 with rotations
-# for training, a held-out fifth of small1 for validation, small2-only alphabets for test.
+# (and small random warps) for training, a held-out fifth of small1 for validation, the
+# small2-only alphabets for test.
 PRESETS = {
-    "omniglot": dict(data="omniglot", protocol="small", rotations=True, ways=60, shots=1,
-                     queries=5, eval_ways=20, eval_shots=1, test_settings=[[5, 1], [20, 1]],
+    "omniglot": dict(data="omniglot", protocol="small", rotations=True, augment=True, ways=60,
+                     shots=1, queries=5, eval_ways=20, eval_shots=1, test_settings=[[5, 1], [20, 1]],
                      steps=3500, val_every=500, val_episodes=200, lr_step=1000),
     "digits": dict(data="digits", ways=5, shots=5, queries=10, eval_ways=5, eval_shots=1,
                    test_settings=[[5, 5]], steps=300, val_every=100, val_episodes=100,
@@ -51,13 +52,16 @@ def _config_from_args(args):
     fields = dict(PRESETS.get(args.preset, {})) if args.preset else {}
     for name in ("algo", "backbone", "data", "root", "protocol", "image_size", "ways", "shots",
                  "queries", "meta_batch", "eval_ways", "eval_shots", "eval_queries", "steps",
-                 "lr", "schedule", "lr_step", "val_every", "val_episodes", "test_episodes",
-                 "checkpoint_every", "log_every", "seed", "device", "amp", "workers"):
+                 "optimizer", "lr", "schedule", "lr_step", "val_every", "val_episodes",
+                 "test_episodes", "checkpoint_every", "log_every", "seed", "device", "amp",
+                 "workers"):
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
     if args.no_rotations:
         fields["rotations"] = False
+    if args.augment:
+        fields["augment"] = True
     for name, pairs in (("learner_kwargs", args.learner_opt), ("backbone_kwargs",
                                                                args.backbone_opt)):
         if pairs:
@@ -126,12 +130,18 @@ def _demo(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    from .engine import build_splits, evaluate, load
-    from .engine.setup import TEST_SEED, VAL_SEED, eval_sampler
+def _load_learner(args) -> tuple:
+    """(the checkpoint's learner, the device it is on)."""
+    from .engine import load
     _prepare_process(args.threads)
     device = _device(args)
-    learner = load(args.checkpoint, device)
+    return load(args.checkpoint, device), device
+
+
+def _eval(args) -> int:
+    from .engine import build_splits, evaluate
+    from .engine.setup import TEST_SEED, VAL_SEED, eval_sampler
+    learner, device = _load_learner(args)
     cfg = learner.config
     if args.root:
         cfg.root = args.root
@@ -148,10 +158,8 @@ def _eval(args) -> int:
 
 def _eval_runs(args) -> int:
     from .data.runs import load_runs
-    from .engine import evaluate_runs, load
-    _prepare_process(args.threads)
-    device = _device(args)
-    learner = load(args.checkpoint, device)
+    from .engine import evaluate_runs
+    learner, device = _load_learner(args)
     pre = learner.preprocessing
     if pre.get("dataset") != "omniglot":
         raise ValueError(f"{args.checkpoint} was trained on {pre.get('dataset')!r}; one-shot "
@@ -205,6 +213,8 @@ def _add_train(sub) -> None:
     p.add_argument("--no-rotations", action="store_true",
                    help="omniglot: no 90/180/270-degree rotated training classes")
     p.add_argument("--image-size", type=int, help="images are resized to this square size")
+    p.add_argument("--augment", action="store_true",
+                   help="random small rotation/scale/shift of every training image")
     for name, help_ in (("ways", "N classes per task"), ("shots", "K support images per class"),
                         ("queries", "Q query images per class"),
                         ("meta-batch", "tasks per outer step"),
@@ -220,7 +230,8 @@ def _add_train(sub) -> None:
                         ("log-every", "log training metrics every this many steps"),
                         ("seed", "run seed"), ("workers", "DataLoader workers for episodes")):
         p.add_argument(f"--{name}", type=int, help=help_)
-    p.add_argument("--lr", type=float, help="outer learning rate (Adam, default 1e-3)")
+    p.add_argument("--lr", type=float, help="outer learning rate (default 1e-3)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], help="outer optimizer (default adam)")
     p.add_argument("--schedule", choices=["step", "cosine", "none"])
     p.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     p.add_argument("--out", help="run directory (default runs/<algo>-<data>)")

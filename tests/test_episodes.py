@@ -114,3 +114,26 @@ def test_store_helpers():
         ImageClasses(torch.zeros(2, 1, 3, 3), torch.tensor([0, 2]), ["a"])
     with pytest.raises(ValueError, match="offsets"):
         ImageClasses(torch.zeros(2, 1, 3, 3, dtype=torch.uint8), torch.tensor([0, 3]), ["a"])
+
+
+def test_augmentation_is_seeded_and_only_warps():
+    store = toy_store()
+    plain = EpisodeSampler(store, 5, 2, 3, seed=4)
+    aug = EpisodeSampler(store, 5, 2, 3, seed=4, augment=True)
+    a, b, p = aug[2], aug[2], plain[2]
+    assert torch.equal(a.support_x, b.support_x)          # same episode, same warp
+    assert torch.equal(a.classes, p.classes) and torch.equal(a.query_y, p.query_y)
+    assert not torch.equal(a.support_x, p.support_x)
+    assert not torch.equal(aug[3].support_x, a.support_x)
+
+
+def test_random_affine_identity_and_shift():
+    from pymeta.data.episodes import random_affine
+    x = torch.zeros(2, 1, 16, 16)
+    x[:, :, 6:10, 6:10] = 1.0
+    same = random_affine(x, torch.Generator().manual_seed(0), degrees=0, scale=(1, 1), shift=0)
+    assert torch.allclose(same, x, atol=1e-6)
+    warped = random_affine(x, torch.Generator().manual_seed(0))
+    assert warped.shape == x.shape and warped.min() >= 0 and warped.max() <= 1 + 1e-6
+    assert warped[:, :, 0, :].abs().max() < 1e-6     # empty border stays empty
+    assert abs(float(warped.sum() / x.sum()) - 1) < 0.35   # ink is moved, not invented

@@ -26,6 +26,7 @@ class RunConfig:
     protocol: str = "small"         # omniglot: small | lake | vinyals
     image_size: int | None = None   # None: the dataset's default
     rotations: bool = True          # omniglot training classes rotated by 90/180/270
+    augment: bool = False           # random affine warp of every training image
     val_fraction: float = 0.2
     split_seed: int = 0
     # episodes
@@ -39,6 +40,7 @@ class RunConfig:
     test_settings: list = field(default_factory=list)  # more [ways, shots] to test at the end
     # optimisation
     steps: int = 1000
+    optimizer: str = "adam"         # adam | sgd
     lr: float = 1e-3
     weight_decay: float = 0.0
     schedule: str = "step"          # step | cosine | none
@@ -87,6 +89,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.queries < 1 or self.eval_queries < 1:
             raise ValueError("queries must be >= 1")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.schedule not in ("step", "cosine", "none"):
             raise ValueError(f"schedule must be step, cosine or none, got {self.schedule!r}")
         if self.amp not in (None, "bf16", "fp16"):

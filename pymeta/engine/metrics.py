@@ -62,7 +62,7 @@ class MetricsLog:
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, COLUMNS, extrasaction="ignore").writerow(row)
 
-    def plot(self) -> Path:
+    def plot(self, train_label: str = "train", val_label: str = "validation") -> Path:
         """Draw the learning curves (train loss/accuracy, validation accuracy ± CI) to PNG."""
         import matplotlib
         matplotlib.use("Agg")
@@ -71,13 +71,13 @@ class MetricsLog:
         train = [r for r in self.rows if r["split"] == "train"]
         val = [r for r in self.rows if r["split"] == "val"]
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=train_label)
         ax_loss.set(xlabel="step", ylabel="loss", title="loss")
-        ax_acc.plot([r["step"] for r in train], [r["acc"] for r in train], label="train")
+        ax_acc.plot([r["step"] for r in train], [r["acc"] for r in train], label=train_label)
         if val:
             ax_acc.errorbar([r["step"] for r in val], [r["acc"] for r in val],
                             yerr=[r["ci95"] for r in val], marker="o", capsize=3,
-                            label="validation (95% CI)")
+                            label=f"{val_label} (95% CI)")
         ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy")
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)

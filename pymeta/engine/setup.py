@@ -136,7 +136,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         f"{splits.val.num_classes}, test {splits.test.num_classes}")
     learner = build_learner(cfg, splits.train.image_shape)
     train_eps = EpisodeSampler(splits.train, cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch,
-                               seed=cfg.seed)
+                               seed=cfg.seed, augment=cfg.augment)
     val_eps = eval_sampler(cfg, splits.val, cfg.val_episodes, VAL_SEED)
     trainer = Trainer(learner, cfg, train_eps, val_eps, out_dir, splits.preprocessing, progress)
     fit = trainer.fit(resume=resume)

@@ -17,7 +17,10 @@ from .metrics import MetricsLog
 
 
 def make_optimizer(learner: torch.nn.Module, cfg: RunConfig):
-    opt = torch.optim.Adam(learner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":  # Reptile's outer step: theta += lr * (adapted - theta)
+        opt = torch.optim.SGD(learner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(learner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "step":
         sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step, cfg.lr_gamma)
     elif cfg.schedule == "cosine":
@@ -110,11 +113,12 @@ class Trainer:
         """One outer step on one meta-batch; returns (loss, query accuracy)."""
         self.learner.train()
         ep = ep.to(self.device, non_blocking=True)
+        self.opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.amp):
             loss, logits = self.learner.loss(ep.support_x, ep.support_y, ep.query_x,
                                              ep.query_y, ep.ways)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if not getattr(self.learner, "sets_own_grads", False):  # Reptile fills .grad itself
+            self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
@@ -150,8 +154,13 @@ class Trainer:
             bar.update(1)
             tick = time.perf_counter()  # validation and checkpoints are not training time
         bar.close()
-        self.log.plot()
+        self._plot()
         return {"steps": self.step, "best_acc": self.best["acc"], "best_step": self.best["step"]}
+
+    def _plot(self) -> None:
+        c = self.cfg
+        self.log.plot(f"train ({c.ways}-way {c.shots}-shot)",
+                      f"validation ({c.test_ways}-way {c.test_shots}-shot)")
 
     def _accumulate(self, loss: float, acc: float, tasks: int, seconds: float) -> None:
         w = self._window
@@ -189,7 +198,7 @@ class Trainer:
             self.best = {"acc": math.nan, "step": self.step}
             self.save("best.pt")
         self.save("last.pt")
-        self.log.plot()
+        self._plot()
         return msg
 
 

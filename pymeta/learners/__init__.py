@@ -3,6 +3,9 @@
 
 - :class:`ProtoNet` (Snell et al. 2017), :class:`MatchingNet` (Vinyals et al. 2016),
   :class:`Siamese` (Koch et al. 2015), :class:`RelationNet` (Sung et al. 2018).
+- :class:`MAML`, :class:`FOMAML`, :class:`MetaSGD`, :class:`ANIL`, :class:`Reptile`: the
+  gradient-based family, batched over tasks on per-task fast weights
+  (:func:`batched_forward`).
 - :data:`LEARNERS` / :func:`build_learner`: the registry by algorithm name.
 """
 from __future__ import annotations
@@ -10,13 +13,17 @@ from __future__ import annotations
 from torch import nn
 
 from .base import FewShotLearner
+from .functional import batched_forward, is_batchable
+from .maml import ANIL, FOMAML, MAML, GradientLearner, MetaSGD
 from .matching import MatchingNet
 from .protonet import ProtoNet
 from .relation import RelationModule, RelationNet
+from .reptile import Reptile
 from .siamese import Siamese, balanced_pairs
 
 LEARNERS: dict[str, type[FewShotLearner]] = {
-    "protonet": ProtoNet, "matching": MatchingNet, "siamese": Siamese, "relation": RelationNet}
+    "protonet": ProtoNet, "matching": MatchingNet, "siamese": Siamese, "relation": RelationNet,
+    "maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL, "reptile": Reptile}
 
 
 def build_learner(algo: str, backbone: nn.Module, **kwargs) -> FewShotLearner:
@@ -34,4 +41,5 @@ def build_learner(algo: str, backbone: nn.Module, **kwargs) -> FewShotLearner:
 
 
 __all__ = ["FewShotLearner", "ProtoNet", "MatchingNet", "Siamese", "RelationNet",
-           "RelationModule", "balanced_pairs", "LEARNERS", "build_learner"]
+           "RelationModule", "balanced_pairs", "LEARNERS", "build_learner", "GradientLearner",
+           "MAML", "FOMAML", "MetaSGD", "ANIL", "Reptile", "batched_forward", "is_batchable"]

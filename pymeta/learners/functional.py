@@ -1,0 +1,371 @@
+"""Task-batched functional forward: one network, ``T`` sets of weights, one call.
+
+:func:`batched_forward` runs ``module`` on ``x [T, B, *sample]`` where task ``t`` uses its
+own weights ``params[name][t]``. Gradient-based meta-learners need this for their inner
+loops: every task's fast weights differ after the first step.
+
+Two paths, picked automatically:
+
+- **Batched** (every submodule is of a supported type, see :func:`is_batchable`): a walk over
+  the module tree that runs each layer once for all tasks. Convolutions and BatchNorm work on
+  a *grouped* layout ``[B, T*C, H, W]``: the convolution is a grouped convolution with
+  ``T * groups`` groups and weight ``[T*Cout, Cin/groups, k, k]``, and BatchNorm's
+  per-channel batch statistics are then per-task statistics for free. Linear layers work on a
+  *flat* layout ``[T*B, ..., D]`` with one batched matmul. Parameter-free layers run on
+  whichever layout they receive. Activations are kept channels_last when the model's conv
+  weights are (as :class:`pymeta.nn.Conv4` and :class:`pymeta.nn.ResNet12` keep them).
+- **Per task** (anything else): a loop over tasks with :func:`torch.func.functional_call`,
+  correct for any module.
+
+Grouped convolution was chosen over unfold + batched matmul: for conv4 (64 channels, 28x28,
+5-way 1-shot 15-query, 32 tasks, one second-order MAML step, float32, 1 CPU thread) it took
+8.0 s (channels_last) / 8.3 s against 20.1 s for unfold + matmul.
+
+BatchNorm: in training, statistics come from each task's own batch (as in MAML). In eval,
+``bn_mode="transductive"`` (default) still uses each task's batch statistics, and
+``bn_mode="running"`` uses the module's running statistics. When training with
+``update_stats=True``, the running statistics get the mean over tasks of the per-task
+momentum updates (detached).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..nn.backbones import Conv4, ResNet12, _ResidualBlock
+
+BN_MODES = ("transductive", "running")
+
+
+class _Act(NamedTuple):
+    """An activation and its layout: grouped ``[B, T*C, *spatial]`` or flat ``[T*B, ...]``."""
+    x: Tensor
+    grouped: bool
+
+
+class _Ctx:
+    """What every layer rule needs: task count, weights, buffers and modes."""
+
+    def __init__(self, T: int, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+                 training: bool, bn_mode: str, update_stats: bool, channels_last: bool) -> None:
+        self.T, self.params, self.buffers = T, params, buffers
+        self.training, self.update_stats = training, update_stats
+        self.batch_stats = training or bn_mode == "transductive"
+        self.channels_last = channels_last
+
+    def stacked(self, name: str, default: Optional[Tensor]) -> Optional[Tensor]:
+        """The weight ``name`` as ``[T, ...]`` (shared weights are expanded, not copied)."""
+        p = self.params.get(name, default)
+        if p is None or default is None or p.dim() == default.dim() + 1:
+            return p
+        return p.expand(self.T, *p.shape)
+
+    def buffer(self, name: str, default: Optional[Tensor]) -> Optional[Tensor]:
+        return self.buffers.get(name, default)
+
+
+# ---- layout changes ----------------------------------------------------------------------
+
+def _grouped(a: _Act, ctx: _Ctx) -> _Act:
+    """``[T*B, C, *s]`` -> ``[B, T*C, *s]`` in one copy (channels_last for images if wanted)."""
+    if a.grouped:
+        return a
+    x, T = a.x, ctx.T
+    B, (C, *s) = x.shape[0] // T, x.shape[1:]
+    x = x.reshape(T, B, C, *s)
+    if ctx.channels_last and len(s) == 2:  # memory (B, H, W, T, C) = channels_last of the result
+        x = x.permute(1, 3, 4, 0, 2).contiguous().view(B, *s, T * C).permute(0, 3, 1, 2)
+    else:
+        x = x.transpose(0, 1).reshape(B, T * C, *s)
+    return _Act(x, True)
+
+
+def _flat(a: _Act, ctx: _Ctx) -> _Act:
+    """``[B, T*C, *s]`` -> ``[T*B, C, *s]``."""
+    if not a.grouped:
+        return a
+    x, T = a.x, ctx.T
+    B, TC, *s = x.shape
+    x = x.reshape(B, T, TC // T, *s).transpose(0, 1).reshape(T * B, TC // T, *s)
+    return _Act(x, False)
+
+
+# ---- layer rules ---------------------------------------------------------------------------
+
+Rule = Callable[[nn.Module, str, _Act, _Ctx], _Act]
+
+
+def _sequential(m: nn.Sequential, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
+    for name, child in m.named_children():
+        a = _run(child, f"{prefix}{name}.", a, ctx)
+    return a
+
+
+def _conv2d(m: nn.Conv2d, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
+    a = _grouped(a, ctx)
+    w = ctx.stacked(prefix + "weight", m.weight)
+    b = ctx.stacked(prefix + "bias", m.bias)
+    w = w.reshape(-1, *w.shape[2:])
+    b = None if b is None else b.reshape(-1)
+    return _Act(F.conv2d(a.x, w, b, m.stride, m.padding, m.dilation, ctx.T * m.groups), True)
+
+
+def _batch_norm(m: _BatchNorm, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
+    a = _grouped(a, ctx)
+    T = ctx.T
+    w, b = ctx.stacked(prefix + "weight", m.weight), ctx.stacked(prefix + "bias", m.bias)
+    w = None if w is None else w.reshape(-1)
+    b = None if b is None else b.reshape(-1)
+    mean = ctx.buffer(prefix + "running_mean", m.running_mean)
+    var = ctx.buffer(prefix + "running_var", m.running_var)
+    if mean is not None and not ctx.batch_stats:  # non-transductive eval
+        y = F.batch_norm(a.x, mean.repeat(T), var.repeat(T), w, b, False, 0.0, m.eps)
+    elif mean is not None and ctx.training and ctx.update_stats:
+        factor = _momentum(m, prefix, ctx)
+        rm, rv = mean.repeat(T), var.repeat(T)  # per-task updates, averaged below
+        y = F.batch_norm(a.x, rm, rv, w, b, True, factor, m.eps)
+        with torch.no_grad():
+            mean.copy_(rm.view(T, -1).mean(0))
+            var.copy_(rv.view(T, -1).mean(0))
+    else:
+        y = F.batch_norm(a.x, None, None, w, b, True, 0.0, m.eps)
+    return _Act(y, True)
+
+
+def _momentum(m: _BatchNorm, prefix: str, ctx: _Ctx) -> float:
+    """nn.BatchNorm's update factor; counts the batch like nn.BatchNorm does."""
+    tracked = ctx.buffer(prefix + "num_batches_tracked", m.num_batches_tracked)
+    if tracked is not None:
+        tracked.add_(1)
+    if m.momentum is None:  # cumulative moving average
+        return 1.0 / float(tracked)
+    return m.momentum
+
+
+def _linear(m: nn.Linear, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
+    x = _flat(a, ctx).x
+    w, b = ctx.params.get(prefix + "weight", m.weight), ctx.params.get(prefix + "bias", m.bias)
+    if w.dim() == 2 and (b is None or b.dim() == 1):  # shared weights: one plain matmul
+        return _Act(F.linear(x, w, b), False)
+    w, b = ctx.stacked(prefix + "weight", m.weight), ctx.stacked(prefix + "bias", m.bias)
+    lead = x.shape[:-1]
+    x = x.reshape(ctx.T, -1, x.shape[-1])                     # [T, B*..., in]
+    y = (torch.bmm(x, w.transpose(1, 2)) if b is None
+         else torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)))
+    return _Act(y.reshape(*lead, -1), False)
+
+
+def _flatten(m: nn.Flatten, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
+    return _Act(m(_flat(a, ctx).x), False)
+
+
+def _any_layout(fn: Callable[[nn.Module, Tensor, _Ctx], Tensor]) -> Rule:
+    """A per-sample, per-channel layer: the same result on either layout."""
+    return lambda m, prefix, a, ctx: _Act(fn(m, a.x, ctx), a.grouped)
+
+
+def _conv4(m: Conv4, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
+    _check_channels("Conv4", a, ctx, m.in_channels)
+    a = _sequential(m.blocks, prefix + "blocks.", a, ctx)
+    return _Act(_flat(a, ctx).x.flatten(1), False) if m.flatten else a
+
+
+def _resnet12(m: ResNet12, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
+    _check_channels("ResNet12", a, ctx, m.in_channels)
+    a = _sequential(m.blocks, prefix + "blocks.", a, ctx)
+    return _Act(a.x.mean((-2, -1)), a.grouped) if m.flatten else a
+
+
+def _residual_block(m: _ResidualBlock, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
+    a = _grouped(a, ctx)
+    out = a
+    for i, conv in enumerate(m.convs):
+        out = _sequential(conv, f"{prefix}convs.{i}.", out, ctx)
+        if i < 2:
+            out = _Act(F.leaky_relu(out.x, 0.1), True)
+    short = _sequential(m.shortcut, prefix + "shortcut.", a, ctx)
+    y = m.pool(F.leaky_relu(out.x + short.x, 0.1))
+    return _Act(F.dropout(y, m.drop_rate, ctx.training) if m.drop_rate else y, True)
+
+
+def _check_channels(who: str, a: _Act, ctx: _Ctx, channels: int) -> None:
+    C = a.x.shape[1] // ctx.T if a.grouped else a.x.shape[1]
+    if a.x.ndim != 4 or C != channels:
+        raise ValueError(f"{who}: expected input [T, B, {channels}, H, W], got "
+                         f"[{ctx.T}, ...] with per-sample shape {list(a.x.shape[1:])}")
+
+
+def _no_indices(m: nn.Module) -> bool:
+    return not getattr(m, "return_indices", False)
+
+
+_RULES: dict[type, Rule] = {
+    nn.Sequential: _sequential, nn.Conv2d: _conv2d, nn.BatchNorm1d: _batch_norm,
+    nn.BatchNorm2d: _batch_norm, nn.Linear: _linear, nn.Flatten: _flatten,
+    Conv4: _conv4, ResNet12: _resnet12, _ResidualBlock: _residual_block,
+    nn.ReLU: _any_layout(lambda m, x, c: F.relu(x)),
+    nn.ReLU6: _any_layout(lambda m, x, c: F.relu6(x)),
+    nn.LeakyReLU: _any_layout(lambda m, x, c: F.leaky_relu(x, m.negative_slope)),
+    nn.ELU: _any_layout(lambda m, x, c: F.elu(x, m.alpha)),
+    nn.GELU: _any_layout(lambda m, x, c: F.gelu(x, approximate=m.approximate)),
+    nn.SiLU: _any_layout(lambda m, x, c: F.silu(x)),
+    nn.Sigmoid: _any_layout(lambda m, x, c: torch.sigmoid(x)),
+    nn.Tanh: _any_layout(lambda m, x, c: torch.tanh(x)),
+    nn.Identity: _any_layout(lambda m, x, c: x),
+    nn.Dropout: _any_layout(lambda m, x, c: F.dropout(x, m.p, c.training)),
+    nn.Dropout2d: _any_layout(lambda m, x, c: F.dropout2d(x, m.p, c.training)),
+    nn.MaxPool2d: _any_layout(lambda m, x, c: m(x)),
+    nn.AvgPool2d: _any_layout(lambda m, x, c: m(x)),
+    nn.AdaptiveAvgPool2d: _any_layout(lambda m, x, c: m(x)),
+    nn.AdaptiveMaxPool2d: _any_layout(lambda m, x, c: m(x)),
+}
+
+# Per-module conditions beyond the type (else the per-task path runs).
+_CONDITIONS: dict[type, Callable[[nn.Module], bool]] = {
+    nn.Conv2d: lambda m: m.padding_mode == "zeros",
+    nn.BatchNorm1d: lambda m: (m.running_mean is None) == (m.running_var is None),
+    nn.BatchNorm2d: lambda m: (m.running_mean is None) == (m.running_var is None),
+    nn.Flatten: lambda m: m.start_dim != 0 and m.end_dim != 0,
+    nn.MaxPool2d: _no_indices, nn.AdaptiveMaxPool2d: _no_indices,
+}
+
+
+def _run(m: nn.Module, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
+    return _RULES[type(m)](m, prefix, a, ctx)
+
+
+def is_batchable(module: nn.Module) -> bool:
+    """Whether :func:`batched_forward` can take the batched path for ``module``: every
+    submodule is of a supported type (exact type: a subclass may change ``forward``).
+
+    Example:
+        >>> from pymeta.nn import Conv4
+        >>> is_batchable(nn.Sequential(Conv4(hidden=4, out_channels=4), nn.Linear(4, 5)))
+        True
+        >>> is_batchable(nn.Sequential(nn.LSTM(3, 3)))
+        False
+    """
+    kind = type(module)
+    if kind is nn.ModuleList:  # only reachable through a rule that iterates it
+        return all(is_batchable(c) for c in module.children())
+    if kind not in _RULES or not _CONDITIONS.get(kind, lambda m: True)(module):
+        return False
+    return all(is_batchable(c) for c in module.children())
+
+
+def _wants_channels_last(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and m.weight.dim() == 4 and not m.weight.is_contiguous()
+               and m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in module.modules())
+
+
+# ---- entry point ---------------------------------------------------------------------------
+
+def batched_forward(module: nn.Module, params: Mapping[str, Tensor], buffers:
+                    Optional[Mapping[str, Tensor]], x: Tensor, *, bn_mode: str = "transductive",
+                    training: Optional[bool] = None, update_stats: bool = True,
+                    per_task: bool = False) -> Tensor:
+    """Runs ``module`` for ``T`` tasks at once, each with its own weights.
+
+    Args:
+        module: the network; maps ``[B, *sample]`` to ``[B, *out]``.
+        params: parameter name (as in ``module.named_parameters()``) -> ``[T, *shape]``
+            per-task weights, or ``[*shape]`` shared by all tasks. Missing names use the
+            module's own parameter (shared).
+        buffers: name -> buffer (BatchNorm running statistics); ``None`` or missing names use
+            the module's own. Updated in place when statistics are updated.
+        x: inputs ``[T, B, *sample]``.
+        bn_mode: ``"transductive"`` (per-task batch statistics in eval too) or ``"running"``
+            (running statistics in eval).
+        training: the mode for BatchNorm and dropout; defaults to ``module.training``.
+        update_stats: in training, update BatchNorm running statistics (the mean over tasks of
+            the per-task updates, detached).
+        per_task: force the per-task loop (for testing and debugging).
+
+    Returns:
+        ``[T, B, *out]``.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> fast = {n: p.expand(5, *p.shape) + 0.1 * torch.randn(5, *p.shape)
+        ...         for n, p in net.named_parameters()}                  # 5 tasks
+        >>> batched_forward(net, fast, None, torch.randn(5, 7, 3)).shape
+        torch.Size([5, 7, 2])
+    """
+    T = _check_inputs(module, params, x, bn_mode)
+    training = module.training if training is None else training
+    if buffers is None:
+        buffers = dict(module.named_buffers())
+    if per_task or type(module) not in _RULES or not is_batchable(module):
+        return _per_task(module, params, buffers, x, training, bn_mode, update_stats)
+    ctx = _Ctx(T, params, buffers, training, bn_mode, update_stats, _wants_channels_last(module))
+    a = _run(module, "", _Act(x.reshape(-1, *x.shape[2:]), False), ctx)
+    y = _flat(a, ctx).x
+    return y.reshape(T, -1, *y.shape[1:])
+
+
+def _check_inputs(module: nn.Module, params: Mapping[str, Tensor], x: Tensor,
+                  bn_mode: str) -> int:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"batched_forward: module must be an nn.Module, got "
+                        f"{type(module).__name__}")
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"batched_forward: bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    if not isinstance(x, Tensor) or x.ndim < 2:
+        raise ValueError("batched_forward: x must be a tensor [T, B, *sample], got "
+                         f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    T = x.shape[0]
+    own = dict(module.named_parameters())
+    for name, p in params.items():
+        if name not in own:
+            raise ValueError(f"batched_forward: {name!r} is not a parameter of "
+                             f"{type(module).__name__}")
+        shape = own[name].shape
+        if p.shape != shape and p.shape != (T, *shape):
+            raise ValueError(f"batched_forward: {name!r} must be {list(shape)} (shared) or "
+                             f"{[T, *shape]} (per task, T={T} from x), got {list(p.shape)}")
+    return T
+
+
+def _per_task(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+              x: Tensor, training: bool, bn_mode: str, update_stats: bool) -> Tensor:
+    """The fallback: one functional_call per task, BatchNorm statistics on per-task copies."""
+    own = dict(module.named_parameters())
+    T = x.shape[0]
+    outs, states = [], []
+    with _modes(module, training, training or bn_mode == "transductive"):
+        for t in range(T):
+            weights = {n: p[t] if p.dim() == own[n].dim() + 1 else p for n, p in params.items()}
+            state = {n: b.clone() for n, b in buffers.items()}
+            outs.append(torch.func.functional_call(module, {**weights, **state}, (x[t],)))
+            states.append(state)
+    if training and update_stats:
+        with torch.no_grad():
+            for n, b in buffers.items():
+                if b.is_floating_point():
+                    b.copy_(torch.stack([s[n] for s in states]).mean(0))
+                else:  # num_batches_tracked: one batch per call, as in the batched path
+                    b.copy_(states[0][n])
+    return torch.stack(outs)
+
+
+@contextlib.contextmanager
+def _modes(module: nn.Module, training: bool, bn_training: bool) -> Iterator[None]:
+    """Temporarily sets train/eval per submodule (BatchNorm may differ: transductive eval)."""
+    saved = [(m, m.training) for m in module.modules()]
+    for m in module.modules():
+        m.training = bn_training if isinstance(m, _BatchNorm) else training
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+__all__ = ["batched_forward", "is_batchable", "BN_MODES"]

@@ -1,0 +1,505 @@
+"""Gradient-based learners (MAML, FOMAML, Meta-SGD, ANIL, MAML++ LSLR, Reptile) and the
+task-batched forward, against a plain per-task reference.
+
+The reference loops over tasks, runs the network with ``torch.func.functional_call`` and
+takes inner gradients with ``torch.autograd.grad(create_graph=True)`` (the semantics of
+learn2learn / higher). Meta-gradients must match in float64 to 1e-6 relative, with BatchNorm
+in training mode (per-task batch statistics: where a vmap over tasks with shared statistics
+would go wrong), on both the batched path and the per-task fallback.
+"""
+import doctest
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import pymeta.learners.functional
+import pymeta.learners.maml
+import pymeta.learners.reptile
+from pymeta.learners import (ANIL, FOMAML, LEARNERS, MAML, FewShotLearner, MetaSGD, Reptile,
+                             batched_forward, build_learner, is_batchable)
+from pymeta.nn import Conv4, ResNet12
+
+RTOL = 1e-6
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors on a shared machine: one thread (conftest restores the count)."""
+    torch.set_num_threads(1)
+
+
+# ---- models and episodes --------------------------------------------------------------------
+
+def mlp(seed=0, ways=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                         nn.Linear(8, ways)).to(DT)
+
+
+def conv(seed=0, channels_last=True, ways=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(Conv4(hidden=4, out_channels=4, channels_last=channels_last),
+                         nn.Linear(4, ways)).to(DT)
+
+
+def resnet(seed=0, ways=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(ResNet12(in_channels=1, channels=(2, 3, 2, 3)),
+                         nn.Linear(3, ways)).to(DT)
+
+
+MODELS = {"mlp": mlp, "conv_cl": lambda: conv(channels_last=True),
+          "conv": lambda: conv(channels_last=False)}
+
+
+def episode(kind, T=3, ways=3, S=6, Q=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sample = (4,) if kind == "mlp" else (1, 28, 28)
+    sx = torch.randn(T, S, *sample, generator=g, dtype=DT)
+    qx = torch.randn(T, Q, *sample, generator=g, dtype=DT)
+    sy = torch.stack([torch.arange(S)[torch.randperm(S, generator=g)] % ways for _ in range(T)])
+    qy = torch.randint(0, ways, (T, Q), generator=g)
+    return sx, sy, qx, qy
+
+
+# ---- the reference --------------------------------------------------------------------------
+
+def rates_of(learner, step, names):
+    """The reference's rate for each adapted parameter at inner step ``step``."""
+    if isinstance(learner, MetaSGD):
+        return list(learner.rates)
+    if getattr(learner, "lslr", False):
+        row = learner.lslr_rates[min(step, learner.steps - 1)]
+        return [row[i] for i in range(len(names))]
+    return [learner.inner_lr] * len(names)
+
+
+def task_loss(learner, out, y):
+    if learner.loss_name == "mse":
+        return F.mse_loss(out, y)
+    return F.cross_entropy(out, y)
+
+
+def reference_adapt(learner, x, y, steps, second_order, create=True):
+    """One task: ``steps`` plain SGD steps with functional_call; fast weights by name."""
+    model = learner.model
+    names = learner._adapted_names()
+    fast = dict(model.named_parameters())
+    for s in range(steps):
+        buffers = {n: b.clone() for n, b in model.named_buffers()}  # stats must not leak
+        loss = task_loss(learner, functional_call(model, {**fast, **buffers}, (x,)), y)
+        grads = torch.autograd.grad(loss, [fast[n] for n in names],
+                                    create_graph=second_order and create)
+        for n, g, lr in zip(names, grads, rates_of(learner, s, names)):
+            fast[n] = fast[n] - lr * g
+    return fast
+
+
+def reference_meta(learner, sx, sy, qx, qy, steps=None, second_order=None):
+    """Mean over tasks of the query loss after per-task adaptation, and its gradients."""
+    steps = learner.steps if steps is None else steps
+    second_order = learner.second_order if second_order is None else second_order
+    total = 0
+    for t in range(sx.shape[0]):
+        fast = reference_adapt(learner, sx[t], sy[t], steps, second_order)
+        buffers = {n: b.clone() for n, b in learner.model.named_buffers()}
+        out = functional_call(learner.model, {**fast, **buffers}, (qx[t],))
+        total = total + task_loss(learner, out, qy[t])
+    loss = total / sx.shape[0]
+    return loss, grads_of(learner, loss)
+
+
+def grads_of(learner, loss):
+    params = [p for p in learner.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def assert_grads_close(actual, expected, rtol=RTOL):
+    a = torch.cat([(torch.zeros(0, dtype=DT) if g is None else g.reshape(-1)) for g in actual])
+    e = torch.cat([(torch.zeros(0, dtype=DT) if g is None else g.reshape(-1)) for g in expected])
+    assert a.shape == e.shape
+    scale = e.abs().max()
+    assert scale > 0
+    err = ((a - e).abs().max() / scale).item()
+    assert err <= rtol, f"meta-gradients differ: max|diff|/max|ref| = {err:.3g}"
+
+
+LEARNER_KINDS = {
+    "maml": lambda m, **kw: MAML(m, inner_lr=0.3, **kw),
+    "fomaml": lambda m, **kw: FOMAML(m, inner_lr=0.3, **kw),
+    "metasgd": lambda m, **kw: MetaSGD(m, inner_lr=0.1, **kw),
+    "anil": lambda m, **kw: ANIL(m, inner_lr=0.3, **kw),
+    "lslr": lambda m, **kw: MAML(m, inner_lr=0.3, lslr=True, **kw),
+}
+
+
+def make(kind, model, **kw):
+    learner = LEARNER_KINDS[kind](model, **kw)
+    with torch.no_grad():  # distinct rates, so that a wrong rate index shows
+        if kind == "metasgd":
+            for r in learner.rates:
+                r.uniform_(0.05, 0.2)
+        if kind == "lslr":
+            learner.lslr_rates.uniform_(0.1, 0.5)
+    return learner
+
+
+# ---- meta-gradients against the reference ---------------------------------------------------
+
+@pytest.mark.parametrize("per_task", [False, True], ids=["batched", "per_task"])
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("kind", sorted(LEARNER_KINDS))
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_meta_gradients_match_reference(model_name, kind, steps, per_task):
+    learner = make(kind, MODELS[model_name](), steps=steps, per_task=per_task).train()
+    data = episode("mlp" if model_name == "mlp" else "img")
+    loss = learner.meta_loss(*data)
+    ref_loss, ref_grads = reference_meta(learner, *data)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert_grads_close(grads_of(learner, loss), ref_grads)
+
+
+def test_meta_gradients_resnet12():
+    learner = MAML(resnet(), inner_lr=0.2, steps=2).train()
+    assert is_batchable(learner.model)
+    data = episode("img", T=2, S=3, Q=3)
+    loss = learner.meta_loss(*data)
+    assert_grads_close(grads_of(learner, loss), reference_meta(learner, *data)[1])
+
+
+def test_per_task_batch_statistics_matter():
+    """Guards the test above: with BatchNorm, tasks' statistics differ, so one shared batch
+    over all tasks would give different gradients (the vmap(grad) trap)."""
+    learner = MAML(mlp(), steps=1).train()
+    sx, sy, qx, qy = episode("mlp")
+    joint = learner.meta_loss(sx.reshape(1, -1, 4), sy.reshape(1, -1), qx.reshape(1, -1, 4),
+                              qy.reshape(1, -1))
+    assert (joint - learner.meta_loss(sx, sy, qx, qy)).abs() > 1e-6
+
+
+def test_anil_unsplittable_model_adapts_head_only():
+    """The head sits inside the only top-level child: the whole model runs each step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(),
+                                        nn.Linear(6, 3))).to(DT)
+    learner = ANIL(model, head=["0.3"], steps=2).train()
+    assert learner._split() is None and learner._adapted_names() == ["0.3.weight", "0.3.bias"]
+    data = episode("mlp")
+    loss = learner.meta_loss(*data)
+    assert_grads_close(grads_of(learner, loss), reference_meta(learner, *data)[1])
+
+
+def test_anil_splits_sequential_and_defaults_to_last_linear():
+    learner = ANIL(conv())
+    assert learner.head == ["1"] and learner._split() == 1
+    assert set(learner.adapt(*episode("img")[:2])) == {"1.weight", "1.bias"}
+
+
+def test_regression_mse_matches_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+    g = torch.Generator().manual_seed(1)
+    sx, qx = torch.rand(3, 5, 1, generator=g, dtype=DT), torch.rand(3, 7, 1, generator=g, dtype=DT)
+    for learner in (MAML(model, inner_lr=0.05, steps=3, loss="mse"),
+                    MetaSGD(model, inner_lr=0.05, loss="mse")):
+        data = (sx, sx.sin(), qx, qx.sin())
+        loss = learner.meta_loss(*data)
+        ref_loss, ref_grads = reference_meta(learner, *data)
+        torch.testing.assert_close(loss, ref_loss)
+        assert_grads_close(grads_of(learner, loss), ref_grads)
+        assert learner(sx, sx.sin(), qx, ways=99).shape == (3, 7, 1)  # ways ignored
+
+
+# ---- memory options give the same gradients -------------------------------------------------
+
+@pytest.mark.parametrize("options", [dict(task_chunk=2), dict(checkpoint_inner=True),
+                                     dict(task_chunk=1, checkpoint_inner=True)],
+                         ids=["chunk", "ckpt_inner", "both"])
+@pytest.mark.parametrize("kind", ["maml", "anil", "metasgd", "lslr"])
+def test_chunks_and_checkpoints_keep_gradients(kind, options):
+    data = episode("img")
+    plain = make(kind, conv(), steps=2).train()
+    expected = grads_of(plain, plain.meta_loss(*data))
+    learner = make(kind, conv(), steps=2, **options).train()
+    learner.load_state_dict(plain.state_dict())
+    loss, logits = learner.loss(*data, ways=3)
+    assert logits.shape == (3, 4, 3)
+    assert logits.requires_grad == ("task_chunk" not in options)  # chunks: detached logits
+    assert_grads_close(grads_of(learner, loss), expected, rtol=1e-10)
+
+
+def test_fomaml_chunks_keep_gradients():
+    data = episode("mlp")
+    a, b = FOMAML(mlp(), steps=3), FOMAML(mlp(), steps=3, task_chunk=2)
+    assert_grads_close(grads_of(b, b.meta_loss(*data)), grads_of(a, a.meta_loss(*data)), 1e-10)
+
+
+def test_checkpointed_steps_update_running_stats_once():
+    data = episode("img")
+    a, b = MAML(conv(), steps=3), MAML(conv(), steps=3, checkpoint_inner=True)
+    a.meta_loss(*data).backward()
+    b.meta_loss(*data).backward()
+    for (n, x), y in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=0, msg=n)
+
+
+# ---- inner steps at test time ---------------------------------------------------------------
+
+def test_forward_uses_test_steps_without_graph():
+    learner = MAML(conv(), inner_lr=0.3, steps=1, test_steps=4).eval()
+    sx, sy, qx, _ = episode("img")
+    with torch.no_grad():
+        logits = learner(sx, sy, qx, 3)
+    assert logits.grad_fn is None and not logits.requires_grad
+    learner.model.train()  # transductive eval: each batch's own statistics (on buffer copies)
+    for t in range(3):
+        fast = reference_adapt(learner, sx[t], sy[t], 4, False, create=False)
+        with torch.no_grad():
+            bufs = {n: b.clone() for n, b in learner.model.named_buffers()}
+            ref = functional_call(learner.model, {**fast, **bufs}, (qx[t],))
+        torch.testing.assert_close(logits[t], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_lslr_reuses_last_rate_beyond_trained_steps():
+    learner = make("lslr", mlp(), steps=2, test_steps=4)
+    sx, sy, _, _ = episode("mlp")
+    with torch.no_grad():
+        fast = learner.adapt(sx, sy, steps=4)
+    for t in range(3):
+        ref = reference_adapt(learner, sx[t], sy[t], 4, False, create=False)
+        for n, w in fast.items():
+            torch.testing.assert_close(w[t], ref[n].detach(), rtol=1e-10, atol=1e-12)
+    # a third distinct row would change the result: the last row is what steps 2-3 used
+    other = make("lslr", mlp(), steps=3)
+    with torch.no_grad():
+        other.lslr_rates[:2] = learner.lslr_rates
+        other.lslr_rates[2] = learner.lslr_rates[1] * 2
+        changed = other.adapt(sx, sy, steps=4)
+    assert not torch.allclose(changed["3.weight"], fast["3.weight"])
+
+
+def test_eval_adaptation_under_no_grad_equals_with_grad():
+    learner = MAML(mlp(), steps=2, test_steps=3).eval()
+    sx, sy, qx, _ = episode("mlp")
+    with torch.no_grad():
+        a = learner(sx, sy, qx, 3)
+    b = learner(sx, sy, qx, 3)
+    assert b.requires_grad
+    torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_adapt_shapes_and_steps():
+    learner = MAML(conv(), steps=1)
+    sx, sy, _, _ = episode("img")
+    fast = learner.adapt(sx, sy, steps=2)
+    shapes = {n: (3, *p.shape) for n, p in learner.model.named_parameters()}
+    assert {n: tuple(w.shape) for n, w in fast.items()} == shapes
+    assert fast["1.weight"].requires_grad  # connected to the meta-parameters
+
+
+# ---- BatchNorm modes and the batched forward ------------------------------------------------
+
+class Odd(nn.Module):
+    """A module the batched path does not know: the per-task loop must take it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x) * x[:, :1].sigmoid()
+
+
+def zoo():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 4, 3, padding="same", groups=2, bias=False), nn.BatchNorm2d(4, affine=False),
+        nn.ELU(), nn.AvgPool2d(2), nn.Identity(), nn.Dropout(0.0), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(16, 6), nn.BatchNorm1d(6, momentum=None), nn.GELU(),
+        nn.Linear(6, 2)).to(DT)
+
+
+@pytest.mark.parametrize("make_model", [zoo, lambda: conv(channels_last=True), resnet,
+                                        lambda: Odd().to(DT)], ids=["zoo", "conv4", "resnet12",
+                                                                    "fallback"])
+def test_batched_forward_matches_functional_call(make_model):
+    model = make_model().train()
+    sample = (4,) if isinstance(model, Odd) else ((2, 8, 8) if model[0].__class__ is nn.Conv2d
+                                                 else (1, 28, 28))
+    assert is_batchable(model) == (not isinstance(model, Odd))
+    T = 3
+    x = torch.randn(T, 5, *sample, dtype=DT)
+    fast = {n: p + 0.1 * torch.randn(T, *p.shape, dtype=DT) for n, p in model.named_parameters()}
+    bufs = {n: b.clone() for n, b in model.named_buffers()}
+    out = batched_forward(model, fast, bufs, x)
+    ref = []
+    for t in range(T):
+        state = {n: b.clone() for n, b in model.named_buffers()}
+        ref.append(functional_call(model, {**{n: p[t] for n, p in fast.items()}, **state}, (x[t],)))
+    torch.testing.assert_close(out, torch.stack(ref), rtol=1e-10, atol=1e-12)
+    # running statistics: the mean over tasks of the per-task updates, same on both paths
+    bufs2 = {n: b.clone() for n, b in model.named_buffers()}
+    batched_forward(model, fast, bufs2, x, per_task=True)
+    for n in bufs:
+        torch.testing.assert_close(bufs[n], bufs2[n], rtol=1e-10, atol=1e-12, msg=n)
+    assert all(not torch.equal(bufs[n], b) for n, b in model.named_buffers()
+               if n.endswith("running_mean"))
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_bn_modes_in_eval(per_task):
+    model = conv(channels_last=False)
+    with torch.no_grad():  # non-trivial running statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 4, 1, 28, 28, dtype=DT)
+    params = dict(model.named_parameters())
+    running = batched_forward(model, params, None, x, bn_mode="running", per_task=per_task)
+    torch.testing.assert_close(running, model(x.flatten(0, 1)).view(2, 4, 3))
+    before = [b.clone() for b in model.buffers()]
+    trans = batched_forward(model, params, None, x, per_task=per_task)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))  # eval: no updates
+    model.train()
+    ref = torch.stack([functional_call(model, {n: b.clone() for n, b in model.named_buffers()},
+                                       (x[t],)) for t in range(2)])
+    torch.testing.assert_close(trans, ref)
+
+
+def test_running_mode_learner_uses_running_stats_in_eval():
+    learner = MAML(conv(), bn_mode="running", steps=1)
+    data = episode("img")
+    learner.train().meta_loss(*data)  # updates the running statistics
+    with torch.no_grad():
+        a = learner.eval()(*data[:3], 3)
+        learner.bn_mode = "transductive"
+        b = learner(*data[:3], 3)
+    assert not torch.allclose(a, b)
+
+
+# ---- Reptile --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("per_task", [False, True])
+@pytest.mark.parametrize("model_name", ["mlp", "conv_cl"])
+def test_reptile_matches_reference(model_name, per_task):
+    learner = Reptile(MODELS[model_name](), inner_lr=0.2, steps=3, per_task=per_task).train()
+    sx, sy, qx, qy = episode("mlp" if model_name == "mlp" else "img")
+    theta = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    loss, logits = learner.loss(sx, sy, qx, qy, 3)
+    assert not loss.requires_grad and logits.shape == (3, 4, 3)
+    adapted = [reference_adapt(learner, sx[t], sy[t], 3, False, create=False) for t in range(3)]
+    for n, p in learner.model.named_parameters():
+        mean = torch.stack([a[n].detach() for a in adapted]).mean(0)
+        torch.testing.assert_close(p.grad, theta[n] - mean, rtol=1e-9, atol=1e-12)
+    opt = torch.optim.SGD(learner.parameters(), lr=0.5)  # theta + 0.5 * (mean - theta)
+    opt.step()
+    for n, p in learner.model.named_parameters():
+        mean = torch.stack([a[n].detach() for a in adapted]).mean(0)
+        torch.testing.assert_close(p.detach(), theta[n] + 0.5 * (mean - theta[n]))
+
+
+@pytest.mark.parametrize("cls", [MAML, ANIL, Reptile])
+def test_autocast_bfloat16_trains_every_parameter(cls):
+    """The engine may train under CPU autocast: fast weights stay float32, losses upcast."""
+    torch.manual_seed(0)
+    learner = cls(nn.Sequential(Conv4(hidden=4, out_channels=4), nn.Linear(4, 3)), steps=2)
+    sx, sy, qx, qy = (t.float() if t.is_floating_point() else t for t in episode("img", T=2))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, logits = learner.loss(sx, sy, qx, qy, 3)
+    assert loss.dtype == torch.float32 and logits.shape == (2, 4, 3)
+    if not learner.sets_own_grads:
+        loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in learner.parameters())
+
+
+def test_sets_own_grads_flag():
+    assert Reptile.sets_own_grads is True
+    assert not any(c.sets_own_grads for c in (MAML, FOMAML, MetaSGD, ANIL))
+    assert not getattr(FewShotLearner, "sets_own_grads", False)
+
+
+# ---- registry, config and bad input ---------------------------------------------------------
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "anil", "reptile"])
+def test_registry_and_rebuild(algo):
+    cls = LEARNERS[algo]
+    assert cls.algo == algo and issubclass(cls, FewShotLearner)
+    learner = build_learner(algo, mlp(), steps=2, test_steps=3)
+    config = json.loads(json.dumps(learner.extra_config()))
+    rebuilt = build_learner(algo, mlp(seed=1), **config)
+    rebuilt.load_state_dict(learner.state_dict())
+    sx, sy, qx, _ = episode("mlp")
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(sx, sy, qx, 3), learner.eval()(sx, sy, qx, 3))
+
+
+def test_bad_arguments():
+    m = mlp()
+    for kwargs, match in ((dict(inner_lr=-1.0), "inner_lr"), (dict(inner_lr=True), "inner_lr"),
+                          (dict(steps=0), "steps"), (dict(test_steps=1.5), "test_steps"),
+                          (dict(bn_mode="batch"), "bn_mode"), (dict(loss="l1"), "loss"),
+                          (dict(task_chunk=0), "task_chunk")):
+        with pytest.raises(ValueError, match=match):
+            MAML(m, **kwargs)
+    with pytest.raises(ValueError, match="no parameters"):
+        MAML(nn.ReLU())
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        ANIL(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    with pytest.raises(ValueError, match="no model parameter is named 'head'"):
+        ANIL(m, head=["head"])
+    with pytest.raises(ValueError, match="covers every parameter"):
+        ANIL(m, head=["0", "1", "3"])
+    with pytest.raises(ValueError, match="list of parameter-name prefixes"):
+        ANIL(m, head="3")
+
+
+def test_bad_episodes():
+    learner = MAML(mlp())
+    sx, sy, qx, qy = episode("mlp")
+    with pytest.raises(ValueError, match="outside"):
+        learner.loss(sx, sy + 5, qx, qy, 3)
+    with pytest.raises(ValueError, match="ways"):
+        learner.loss(sx, sy, qx, qy % 2, 2)  # the model outputs 3 logits
+    with pytest.raises(ValueError, match="tasks"):
+        learner.meta_loss(sx, sy, qx[:2], qy[:2])
+    with pytest.raises(ValueError, match="integer class"):
+        learner.meta_loss(sx, sy.double(), qx, qy)
+    with pytest.raises(ValueError, match=r"\[T, S"):
+        learner.adapt(sx[0, 0], sy)
+    with pytest.raises(ValueError, match="steps"):
+        learner.adapt(sx, sy, steps=0)
+    reg = MAML(mlp(), loss="mse")
+    with pytest.raises(ValueError, match="float targets"):
+        reg.meta_loss(sx, sy, qx, qy)
+    with pytest.raises(ValueError, match="outputs"):
+        reg.meta_loss(sx, sy.double()[..., None], qx, qy.double()[..., None])  # 3 outputs vs 1
+
+
+def test_batched_forward_bad_input():
+    model = mlp()
+    x = torch.randn(2, 5, 4, dtype=DT)
+    with pytest.raises(ValueError, match="not a parameter"):
+        batched_forward(model, {"nope": torch.zeros(2)}, None, x)
+    with pytest.raises(ValueError, match=r"per task, T=2"):
+        batched_forward(model, {"0.weight": torch.zeros(3, 8, 4, dtype=DT)}, None, x)
+    with pytest.raises(ValueError, match="x must be"):
+        batched_forward(model, {}, None, torch.zeros(4))
+    with pytest.raises(ValueError, match="bn_mode"):
+        batched_forward(model, {}, None, x, bn_mode="eval")
+    with pytest.raises(ValueError, match="Conv4: expected input"):
+        batched_forward(conv(), {}, None, torch.zeros(2, 3, 3, 28, 28, dtype=DT))
+
+
+@pytest.mark.parametrize("module", [pymeta.learners.functional, pymeta.learners.maml,
+                                    pymeta.learners.reptile])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
