@@ -1,5 +1,6 @@
 """The pymeta command line: --help everywhere, one-line errors, never a traceback."""
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -10,8 +11,9 @@ COMMANDS = ["demo", "train", "eval", "eval-runs", "bench", "info"]
 
 
 def pymeta(*args, cwd=None):
+    # Never the repo root: its source tree (without the built _C) would shadow the install.
     return subprocess.run([sys.executable, "-m", "pymeta", *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+                          text=True, timeout=300, cwd=cwd or tempfile.gettempdir())
 
 
 def test_every_command_has_help(capsys):
