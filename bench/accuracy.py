@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
+from bench_protonet import data_root  # the same Omniglot lookup (bench/ is on sys.path)
+
 OUT = Path(__file__).resolve().parent / "out" / "accuracy"
-
-
-def data_root() -> str:
-    root = os.environ.get("PYMETA_DATA") or str(Path(__file__).resolve().parents[2] / "shared"
-                                                / "data")
-    if not (Path(root) / "omniglot" / "images_background_small1.zip").is_file():
-        raise SystemExit(f"Omniglot small archives not found under {root}/omniglot")
-    return root
 
 
 def children_cpu_s() -> float:
@@ -41,7 +34,7 @@ def run(algo: str, extra: list[str]) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     cmd = [sys.executable, "-m", "pymeta", "train", "--preset", "omniglot", "--algo", algo,
-           "--root", data_root(), "--out", str(out), "--no-progress", *extra]
+           "--root", str(data_root()), "--out", str(out), "--no-progress", *extra]
     if (out / "last.pt").is_file():
         cmd.append("--resume")
     print("+", " ".join(cmd), flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -49,19 +50,13 @@ def _bench(args) -> int:
 
 def _config_from_args(args):
     from .engine import RunConfig
-    fields = dict(PRESETS.get(args.preset, {})) if args.preset else {}
-    for name in ("algo", "backbone", "data", "root", "protocol", "image_size", "ways", "shots",
-                 "queries", "meta_batch", "eval_ways", "eval_shots", "eval_queries", "steps",
-                 "optimizer", "lr", "schedule", "lr_step", "val_every", "val_episodes",
-                 "test_episodes", "checkpoint_every", "log_every", "seed", "device", "amp",
-                 "workers"):
-        value = getattr(args, name, None)
+    fields = dict(PRESETS.get(args.preset, {}))
+    for f in dataclasses.fields(RunConfig):  # options left unset (None) keep the preset's
+        value = getattr(args, f.name, None)
         if value is not None:
-            fields[name] = value
+            fields[f.name] = value
     if args.no_rotations:
         fields["rotations"] = False
-    if args.augment:
-        fields["augment"] = True
     for name, pairs in (("learner_kwargs", args.learner_opt), ("backbone_kwargs",
                                                                args.backbone_opt)):
         if pairs:
@@ -213,7 +208,7 @@ def _add_train(sub) -> None:
     p.add_argument("--no-rotations", action="store_true",
                    help="omniglot: no 90/180/270-degree rotated training classes")
     p.add_argument("--image-size", type=int, help="images are resized to this square size")
-    p.add_argument("--augment", action="store_true",
+    p.add_argument("--augment", action="store_true", default=None,
                    help="random small rotation/scale/shift of every training image")
     for name, help_ in (("ways", "N classes per task"), ("shots", "K support images per class"),
                         ("queries", "Q query images per class"),

@@ -194,9 +194,7 @@ def stack_classes(groups: Sequence[Sequence], names: list[str], preprocessing: d
     """Build :class:`ImageClasses` from per-class lists of uint8 arrays ``image_shape``."""
     import numpy as np
 
-    counts = torch.tensor([len(g) for g in groups], dtype=torch.int64)
     flat = [a for g in groups for a in g]
     arr = np.stack(flat) if flat else np.zeros((0, *image_shape), np.uint8)
     images = torch.from_numpy(np.ascontiguousarray(arr.reshape(len(flat), *image_shape)))
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return ImageClasses(images, offsets, list(names), dict(preprocessing))
+    return ImageClasses.from_counts(images, [len(g) for g in groups], names, preprocessing)

@@ -44,6 +44,14 @@ class ImageClasses:
             raise ValueError("offsets must be non-decreasing [num_classes + 1] from 0 to the "
                              f"number of images ({self.images.shape[0]}), one class per name")
 
+    @classmethod
+    def from_counts(cls, images: torch.Tensor, counts, names: list,
+                    preprocessing: dict | None = None) -> "ImageClasses":
+        """The store whose class ``c`` is the next ``counts[c]`` rows of ``images``."""
+        counts = torch.as_tensor(counts, dtype=torch.int64)
+        return cls(images, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), list(names),
+                   dict(preprocessing or {}))
+
     @property
     def num_classes(self) -> int:
         return len(self.names)
@@ -70,13 +78,8 @@ class ImageClasses:
         idx = torch.as_tensor(classes, dtype=torch.int64).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_classes):
             raise IndexError(f"class index out of range [0, {self.num_classes})")
-        counts = self.counts[idx]
-        starts = self.offsets[idx]
-        rows = (torch.repeat_interleave(starts - _exclusive_cumsum(counts), counts)
-                + torch.arange(int(counts.sum())))
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return ImageClasses(self.images[rows], offsets, [self.names[i] for i in idx.tolist()],
-                            dict(self.preprocessing))
+        return self._take([torch.arange(int(self.offsets[c]), int(self.offsets[c + 1]))
+                           for c in idx.tolist()], [self.names[c] for c in idx.tolist()])
 
     def split(self, fraction: float, seed: int = 0) -> tuple["ImageClasses", "ImageClasses"]:
         """Split classes at random into (rest, held-out ``fraction``), e.g. for validation."""
@@ -99,13 +102,12 @@ class ImageClasses:
             k = min(n - 1, max(1, round(n * fraction))) if n > 1 else 0
             held.append(perm[:k].sort().values)
             rest.append(perm[k:].sort().values)
-        return self._take(rest), self._take(held)
+        return self._take(rest, self.names), self._take(held, self.names)
 
-    def _take(self, rows_per_class: list) -> "ImageClasses":
-        counts = torch.tensor([len(r) for r in rows_per_class], dtype=torch.int64)
-        return ImageClasses(self.images[torch.cat(rows_per_class)],
-                            torch.cat([counts.new_zeros(1), counts.cumsum(0)]), list(self.names),
-                            dict(self.preprocessing))
+    def _take(self, rows_per_class: list, names: list) -> "ImageClasses":
+        rows = torch.cat(rows_per_class) if rows_per_class else torch.zeros(0, dtype=torch.int64)
+        return ImageClasses.from_counts(self.images[rows], [len(r) for r in rows_per_class],
+                                        names, self.preprocessing)
 
     def with_rotations(self, angles=(90, 180, 270)) -> "ImageClasses":
         """Add each class rotated by each angle as a new class (Omniglot's augmentation)."""
@@ -124,12 +126,7 @@ def concat(parts, preprocessing=None) -> ImageClasses:
     shapes = {p.image_shape for p in parts}
     if len(shapes) != 1:
         raise ValueError(f"cannot concatenate classes with different image shapes {shapes}")
-    counts = torch.cat([p.counts for p in parts])
-    return ImageClasses(torch.cat([p.images for p in parts]),
-                        torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
-                        [n for p in parts for n in p.names],
-                        dict(preprocessing if preprocessing is not None else parts[0].preprocessing))
-
-
-def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    return x.cumsum(0) - x
+    return ImageClasses.from_counts(
+        torch.cat([p.images for p in parts]), torch.cat([p.counts for p in parts]),
+        [n for p in parts for n in p.names],
+        preprocessing if preprocessing is not None else parts[0].preprocessing)

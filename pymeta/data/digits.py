@@ -45,10 +45,9 @@ def load_digits(split: str = "train", image_size: int = 28) -> ImageClasses:
     order = torch.sort(target[keep], stable=True).indices
     images, target = images[keep][order], target[keep][order]
     counts = torch.stack([(target == d).sum() for d in digits])
-    return ImageClasses(_to_uint8(images, image_size),
-                        torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
-                        [f"digit{d}" for d in digits],
-                        {"dataset": "digits", "image_size": image_size})
+    return ImageClasses.from_counts(_to_uint8(images, image_size), counts,
+                                    [f"digit{d}" for d in digits],
+                                    {"dataset": "digits", "image_size": image_size})
 
 
 def _to_uint8(images: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -84,7 +84,8 @@ class Trainer:
                 "learner_config": learner_config(self.learner),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng, "best": dict(self.best),
-                "window": dict(self._window), "elapsed": self.elapsed,
+                "window": {**self._window, "loss": float(self._window["loss"]),
+                           "acc": float(self._window["acc"])}, "elapsed": self.elapsed,
                 "log": list(self.log.rows) if self.log else [],
                 "versions": {"pymeta": __version__, "torch": str(torch.__version__)}}
 
@@ -109,21 +110,24 @@ class Trainer:
         return path
 
     # -- loop ------------------------------------------------------------------------------
-    def train_step(self, ep: Episode) -> tuple[float, float]:
-        """One outer step on one meta-batch; returns (loss, query accuracy)."""
+    def train_step(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """One outer step on one meta-batch; returns (loss, query accuracy) as 0-d tensors,
+        so that the loop does not wait for the device every step."""
         self.learner.train()
         ep = ep.to(self.device, non_blocking=True)
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.amp):
             loss, logits = self.learner.loss(ep.support_x, ep.support_y, ep.query_x,
                                              ep.query_y, ep.ways)
-        if not getattr(self.learner, "sets_own_grads", False):  # Reptile fills .grad itself
+        if getattr(self.learner, "sets_own_grads", False):  # Reptile: .grad is set, unscaled
+            self.opt.step()
+        else:
             self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
+            self.scaler.step(self.opt)
+            self.scaler.update()
         self.sched.step()
-        acc = (logits.detach().argmax(-1) == ep.query_y).float().mean()
-        return float(loss.detach()), float(acc)
+        acc = (logits.detach().argmax(-1) == ep.query_y).double().mean()
+        return loss.detach().double(), acc
 
     def fit(self, resume: bool = False) -> dict:
         """Train to ``config.steps``; with ``resume``, continue from ``out_dir/last.pt``."""
@@ -153,8 +157,7 @@ class Trainer:
                 self.save("last.pt")
             bar.update(1)
             tick = time.perf_counter()  # validation and checkpoints are not training time
-        bar.close()
-        self._plot()
+        bar.close()  # the last step validated, checkpointed and plotted
         return {"steps": self.step, "best_acc": self.best["acc"], "best_step": self.best["step"]}
 
     def _plot(self) -> None:
@@ -162,7 +165,8 @@ class Trainer:
         self.log.plot(f"train ({c.ways}-way {c.shots}-shot)",
                       f"validation ({c.test_ways}-way {c.test_shots}-shot)")
 
-    def _accumulate(self, loss: float, acc: float, tasks: int, seconds: float) -> None:
+    def _accumulate(self, loss: torch.Tensor, acc: torch.Tensor, tasks: int,
+                    seconds: float) -> None:
         w = self._window
         w["loss"] += loss
         w["acc"] += acc
@@ -175,8 +179,8 @@ class Trainer:
         w = self._window
         if not w["n"]:
             return {}
-        row = {"step": self.step, "split": "train", "loss": w["loss"] / w["n"],
-               "acc": w["acc"] / w["n"], "ci95": None, "lr": self.opt.param_groups[0]["lr"],
+        row = {"step": self.step, "split": "train", "loss": float(w["loss"]) / w["n"],
+               "acc": float(w["acc"]) / w["n"], "ci95": None, "lr": self.opt.param_groups[0]["lr"],
                "tasks_per_s": w["tasks"] / max(w["time"], 1e-9), "elapsed_s": self.elapsed}
         self.log.append(row)
         self._window = {"loss": 0.0, "acc": 0.0, "n": 0, "tasks": 0, "time": 0.0}
@@ -194,7 +198,7 @@ class Trainer:
                 self.best = {"acc": res["acc"], "step": self.step}
                 self.save("best.pt")
             msg = f"{postfix}, val={res['acc']:.3f}±{res['ci95']:.3f}"
-        elif self.step >= self.best["step"]:  # no validation set: the latest is the best
+        else:  # no validation set: the latest is the best
             self.best = {"acc": math.nan, "step": self.step}
             self.save("best.pt")
         self.save("last.pt")
