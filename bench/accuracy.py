@@ -1,11 +1,12 @@
-"""Omniglot accuracy of the metric learners on the bench/RESULTS.md protocol.
+"""Omniglot accuracy of the few-shot learners on the bench/RESULTS.md protocol.
 
-    python bench/accuracy.py [--algos protonet matching siamese relation] [--steps N]
+    python bench/accuracy.py [--algos protonet matching ... maml anil reptile] [--steps N]
 
 Runs `pymeta train --preset omniglot --algo A` for each learner, one after another (meta-train
 on small1 with rotations, validate on a held-out fifth of small1's characters, test the best
 checkpoint on the small2-only alphabets over the same 1000 fixed episodes at 5-way and 20-way
-1-shot), then prints one table with accuracies ± 95% CI, steps, and the CPU time each run
+1-shot; the gradient learners train on 5-way episodes, see pymeta/cli.py's
+GRADIENT_PRESETS), then prints one table with accuracies ± 95% CI, steps, and the CPU time each run
 used. Runs already finished under bench/out/accuracy/<algo> are reused; killed ones resume.
 Needs Omniglot's small archives under $PYMETA_DATA/omniglot or ../shared/data/omniglot.
 """
@@ -47,7 +48,7 @@ def run(algo: str, extra: list[str]) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| learner | 5-way 1-shot | 20-way 1-shot | best val (20-way 1-shot) | steps "
+    lines = ["| learner | 5-way 1-shot | 20-way 1-shot | best val (eval ways, 1-shot) | steps "
              "(episodes) | CPU time |", "| --- | --- | --- | --- | --- | --- |"]
     for algo, r in results.items():
         acc = {(t["ways"], t["shots"]): t for t in r["tests"]}
@@ -61,7 +62,9 @@ def table(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--algos", nargs="+", default=["protonet", "matching", "siamese", "relation"])
+    p.add_argument("--algos", nargs="+", default=["protonet", "matching", "siamese", "relation",
+                                                  "maml", "fomaml", "metasgd", "anil",
+                                                  "reptile"])
     p.add_argument("--steps", type=int, help="override the preset's steps")
     args = p.parse_args()
     extra = ["--steps", str(args.steps)] if args.steps else []

@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-ALGOS = ["protonet", "matching", "siamese", "relation"]
-DATASETS = ["digits", "omniglot", "folder"]
+ALGOS = ["protonet", "matching", "siamese", "relation",          # metric-based
+         "maml", "fomaml", "metasgd", "anil", "reptile"]            # gradient-based
+DATASETS = ["digits", "omniglot", "folder", "sinusoid"]
 
 # The accuracy protocol of bench/RESULTS.md, as one preset: Omniglot small1 with rotations
 # (and small random warps) for training, a held-out fifth of small1 for validation, the
@@ -18,10 +19,27 @@ PRESETS = {
     "omniglot": dict(data="omniglot", protocol="small", rotations=True, augment=True, ways=60,
                      shots=1, queries=5, eval_ways=20, eval_shots=1, test_settings=[[5, 1], [20, 1]],
                      steps=3500, val_every=500, val_episodes=200, lr_step=1000),
+    # MAML's sinusoid regression (Finn et al. 2017, section 5.1): K=10 in training, meta-batch
+    # 25, inner rate 0.01; tested at K=5 with 100 query points after 1, 5 and 10 steps.
+    "sinusoid": dict(data="sinusoid", backbone="mlp", shots=10, queries=10, meta_batch=25,
+                     eval_shots=5, eval_queries=100, eval_steps=[1, 5, 10],
+                     learner_kwargs={"inner_lr": 0.01, "steps": 1, "test_steps": 10},
+                     steps=30000, schedule="none", val_every=2000, val_episodes=500,
+                     log_every=100),
     "digits": dict(data="digits", ways=5, shots=5, queries=10, eval_ways=5, eval_shots=1,
                    test_settings=[[5, 5]], steps=300, val_every=100, val_episodes=100,
                    test_episodes=1000, lr_step=200),
 }
+
+
+# Gradient learners on the omniglot preset: MAML's 5-way 1-shot episodes (the zero-initialised,
+# non-meta-learned head still serves the 20-way tests) and as many meta-batches as fit the
+# ~30 CPU-minute budget of bench/RESULTS.md. Test-time steps stay at the one trained step:
+# with rate 0.4, 3 steps scored 79% against 88% for 1 (bench/RESULTS.md).
+GRADIENT_PRESETS = {
+    "omniglot": dict(ways=5, queries=5, meta_batch=8, eval_ways=5, steps=1500, val_episodes=100),
+}
+GRADIENT_ALGOS = ALGOS[4:]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +68,10 @@ def _bench(args) -> int:
 
 def _config_from_args(args):
     from .engine import RunConfig
-    fields = dict(PRESETS.get(args.preset, {}))
+    preset = args.preset or ("sinusoid" if args.data == "sinusoid" else None)
+    fields = dict(PRESETS.get(preset, {}))
+    if args.algo in GRADIENT_ALGOS:
+        fields.update(GRADIENT_PRESETS.get(preset, {}))
     for f in dataclasses.fields(RunConfig):  # options left unset (None) keep the preset's
         value = getattr(args, f.name, None)
         if value is not None:
@@ -59,8 +80,8 @@ def _config_from_args(args):
         fields["rotations"] = False
     for name, pairs in (("learner_kwargs", args.learner_opt), ("backbone_kwargs",
                                                                args.backbone_opt)):
-        if pairs:
-            fields[name] = dict(_key_value(p) for p in pairs)
+        if pairs:  # on top of the preset's
+            fields[name] = {**fields.get(name, {}), **dict(_key_value(p) for p in pairs)}
     if fields.get("device") == "cuda":
         _require_cuda()
     return RunConfig(**fields).validate()
@@ -90,11 +111,23 @@ def _require_cuda() -> None:
         raise ValueError("--device cuda was given, but torch sees no CUDA device")
 
 
+def _score(t: dict) -> str:
+    """One evaluation as text: setting, then accuracy or MSE with its 95% CI."""
+    ways = f"{t['ways']}-way " if t.get("ways") else ""
+    steps = f", {t['steps']} inner steps" if "steps" in t else ""
+    head = f"{ways}{t['shots']}-shot ({t['queries']} queries{steps})"
+    if "mse" in t:
+        return f"{head}: MSE {t['mse']:.3f} ± {t['ci95']:.3f} (95% CI, {t['episodes']} tasks)"
+    return (f"{head}: accuracy {100 * t['acc']:.2f}% ± {100 * t['ci95']:.2f}% (95% CI, "
+            f"{t['episodes']} episodes)")
+
+
 def _print_results(res: dict, out: Path) -> None:
     for t in res["tests"]:
-        print(f"test {t['ways']}-way {t['shots']}-shot: accuracy {100 * t['acc']:.2f}% "
-              f"± {100 * t['ci95']:.2f}% (95% CI, {t['episodes']} episodes)")
-    print(f"best validation accuracy {100 * res['best_acc']:.2f}% at step {res['best_step']}; "
+        print(f"test {_score(t)}")
+    m = res["metric"]
+    best = f"MSE {res['best_mse']:.3f}" if m == "mse" else f"accuracy {100 * res['best_acc']:.2f}%"
+    print(f"best validation {best} at step {res['best_step']}; "
           f"{res['tasks_seen']} training tasks")
     print(f"checkpoints: {out / 'best.pt'}, {out / 'last.pt'}")
     print(f"learning curves: {res['plot']}; metrics: {out / 'metrics.csv'}")
@@ -134,20 +167,17 @@ def _load_learner(args) -> tuple:
 
 
 def _eval(args) -> int:
-    from .engine import build_splits, evaluate
-    from .engine.setup import TEST_SEED, VAL_SEED, eval_sampler
+    from .engine import build_splits, evaluate_split
     learner, device = _load_learner(args)
     cfg = learner.config
+    cfg.device = str(device)
     if args.root:
         cfg.root = args.root
-    splits = build_splits(cfg)
-    classes = splits.val if args.split == "val" else splits.test
-    sampler = eval_sampler(cfg, classes, args.episodes, VAL_SEED if args.split == "val"
-                           else TEST_SEED, args.ways, args.shots, args.queries)
-    res = evaluate(learner, sampler, device, cfg.amp, progress=not args.no_progress)
-    print(f"{args.split} {sampler.ways}-way {sampler.shots}-shot ({sampler.queries} queries): "
-          f"accuracy {100 * res['acc']:.2f}% ± {100 * res['ci95']:.2f}% (95% CI, "
-          f"{res['episodes']} episodes)")
+    data = build_splits(cfg)
+    for steps in args.steps or [None]:
+        res = evaluate_split(learner, cfg, data, args.ways, args.shots, steps,
+                             not args.no_progress, args.split, args.episodes, args.queries)
+        print(f"{args.split} {_score(res)}")
     return 0
 
 
@@ -193,15 +223,20 @@ def _add_train(sub) -> None:
                                    "classes; writes best/last checkpoints, metrics.csv/jsonl and "
                                    "curves.png to --out, then tests the best checkpoint.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named protocol; explicit "
-                   "options override it (omniglot: the bench/RESULTS.md accuracy protocol)")
+                   "options override it (omniglot: the bench/RESULTS.md accuracy protocol, "
+                   "5-way episodes for the gradient learners)")
     p.add_argument("--algo", choices=ALGOS, help="learner (default protonet)")
-    p.add_argument("--backbone", choices=["conv4", "resnet12"], help="default conv4")
+    p.add_argument("--backbone", choices=["conv4", "resnet12", "mlp"],
+                   help="default conv4 (mlp for --data sinusoid)")
     p.add_argument("--learner-opt", action="append", metavar="KEY=VALUE",
                    help="a learner constructor option, repeatable: e.g. fce=true "
-                        "(matching), metric=cosine (protonet), loss=contrastive (siamese)")
+                        "(matching), metric=cosine (protonet), loss=contrastive (siamese), "
+                        "inner_lr=0.4 steps=1 test_steps=3 (maml, ...), task_chunk=4, "
+                        "checkpoint_inner=true (maml)")
     p.add_argument("--backbone-opt", action="append", metavar="KEY=VALUE",
                    help="a backbone constructor option, repeatable: e.g. hidden=32")
-    p.add_argument("--data", choices=DATASETS, help="default digits (embedded, no download)")
+    p.add_argument("--data", choices=DATASETS, help="default digits (embedded, no download); "
+                   "sinusoid: MAML's sine regression, with the sinusoid preset's settings")
     p.add_argument("--root", help="data directory (default: $PYMETA_DATA or ~/.cache/pymeta)")
     p.add_argument("--protocol", choices=["small", "lake", "vinyals"],
                    help="omniglot split protocol (default small)")
@@ -225,6 +260,9 @@ def _add_train(sub) -> None:
                         ("log-every", "log training metrics every this many steps"),
                         ("seed", "run seed"), ("workers", "DataLoader workers for episodes")):
         p.add_argument(f"--{name}", type=int, help=help_)
+    p.add_argument("--eval-steps", type=int, nargs="+", metavar="N",
+                   help="gradient learners: test after each of these numbers of inner steps "
+                        "(default: the learner's test_steps)")
     p.add_argument("--lr", type=float, help="outer learning rate (default 1e-3)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="outer optimizer (default adam)")
     p.add_argument("--schedule", choices=["step", "cosine", "none"])
@@ -250,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train(sub)
 
-    p = sub.add_parser("eval", help="accuracy ± 95%% CI of a checkpoint on held-out classes")
+    p = sub.add_parser("eval", help="accuracy (or regression MSE) ± 95%% CI of a checkpoint "
+                                    "on held-out tasks")
     p.add_argument("--checkpoint", required=True, help="a .pt file written by pymeta train")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--root", help="data directory, if it moved since training")
@@ -258,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int)
     p.add_argument("--queries", type=int)
     p.add_argument("--episodes", type=int, default=1000, help="default 1000")
+    p.add_argument("--steps", type=int, nargs="+", metavar="N",
+                   help="gradient learners: inner steps at test time, one score per value "
+                        "(default: the learner's test_steps)")
     _add_common(p)
     p.set_defaults(func=_eval)
 

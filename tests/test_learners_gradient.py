@@ -265,6 +265,81 @@ def test_forward_uses_test_steps_without_graph():
         torch.testing.assert_close(logits[t], ref, rtol=1e-9, atol=1e-12)
 
 
+def test_forward_steps_override_test_steps():
+    learner = MAML(mlp(), inner_lr=0.3, steps=1, test_steps=2).eval()
+    sx, sy, qx, _ = episode("mlp")
+    with torch.no_grad():
+        four = learner(sx, sy, qx, 3, steps=4)
+        learner.test_steps = 4
+        torch.testing.assert_close(four, learner(sx, sy, qx, 3), rtol=0, atol=0)
+        learner.test_steps = 2
+        assert not torch.allclose(four, learner(sx, sy, qx, 3))
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        learner(sx, sy, qx, 3, steps=0)
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil", "metasgd"])
+def test_wider_head_uses_its_first_ways_logits(kind):
+    """A 5-logit model on 3-way tasks: the unused rows get no inner gradient, so loss,
+    logits and meta-gradients equal those of the model cut down to its first 3 rows."""
+    wide, narrow = mlp(ways=5), mlp(ways=3)
+    with torch.no_grad():
+        for (n, w), (_, v) in zip(wide.named_parameters(), narrow.named_parameters()):
+            v.copy_(w[:3] if n.startswith("3.") else w)
+    a, b = make(kind, wide, steps=2), make(kind, narrow, steps=2)
+    if kind == "metasgd":
+        with torch.no_grad():
+            for ra, rb, (n, _) in zip(a.rates, b.rates, wide.named_parameters()):
+                rb.copy_(ra[:3] if n.startswith("3.") else ra)
+    sx, sy, qx, qy = episode("mlp")
+    (la, oa), (lb, ob) = a.loss(sx, sy, qx, qy, 3), b.loss(sx, sy, qx, qy, 3)
+    assert oa.shape == ob.shape == (3, 4, 3)
+    torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
+    ga, gb = grads_of(a, la), grads_of(b, lb)
+    heads = [f"rates.{i}" for i, (n, _) in enumerate(wide.named_parameters()) if n[0] == "3"]
+    for (n, _), x, y in zip(a.named_parameters(), ga, gb):
+        if n.startswith("backbone.3.") or n in heads:
+            torch.testing.assert_close(x[:3], y, rtol=1e-10, atol=1e-12)
+            assert (x[3:] == 0).all()
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"logits \(or more\)"):
+        a.loss(*episode("mlp", ways=6), 6)
+
+
+@pytest.mark.parametrize("kind", ["maml", "fomaml", "anil", "metasgd", "lslr"])
+def test_fixed_init_adapts_but_is_not_meta_learned(kind):
+    """A zero head with fixed_init: the same inner loop and body meta-gradients as a learner
+    whose zero head is meta-learned, and no meta-gradient for the head."""
+    def zero_head():
+        model = mlp()
+        with torch.no_grad():
+            model[3].weight.zero_()
+            model[3].bias.zero_()
+        return model
+    free, fixed = make(kind, zero_head(), steps=2), make(kind, zero_head(), steps=2,
+                                                         fixed_init=["3"])
+    assert not fixed.model[3].weight.requires_grad and "3.weight" in fixed._adapted_names()
+    sx, sy, qx, qy = episode("mlp")
+    la, lb = free.meta_loss(sx, sy, qx, qy), fixed.meta_loss(sx, sy, qx, qy)
+    torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
+    la.backward()
+    lb.backward()
+    for (n, a), b in zip(free.named_parameters(), fixed.parameters()):
+        if n.startswith("backbone.3."):
+            assert b.grad is None and a.grad.abs().sum() > 0
+        else:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="no model parameter is named 'head'"):
+        MAML(mlp(), fixed_init=["head"])
+
+
+def test_reptile_leaves_fixed_init_alone():
+    learner = Reptile(mlp(), inner_lr=0.1, steps=2, fixed_init=["3"])
+    learner.loss(*episode("mlp"), 3)
+    assert learner.model[3].weight.grad is None and learner.model[0].weight.grad is not None
+
+
 def test_lslr_reuses_last_rate_beyond_trained_steps():
     learner = make("lslr", mlp(), steps=2, test_steps=4)
     sx, sy, _, _ = episode("mlp")

@@ -101,12 +101,29 @@ def test_bad_inputs():
 
 
 def test_build_backbone():
-    assert set(BACKBONES) == {"conv4", "resnet12"}
+    assert set(BACKBONES) == {"conv4", "resnet12", "mlp"}
     net = build_backbone("conv4", in_channels=3, hidden=8, flatten=False)
     assert isinstance(net, Conv4) and not net.flatten and net.in_channels == 3
     assert isinstance(build_backbone("resnet12", **SMALL_RESNET), ResNet12)
-    with pytest.raises(ValueError, match=r"unknown backbone 'vgg'.*'conv4', 'resnet12'"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'vgg'.*'conv4', 'mlp', 'resnet12'"):
         build_backbone("vgg")
+
+
+def test_mlp_is_the_plain_perceptron():
+    torch.manual_seed(0)
+    net = build_backbone("mlp", in_features=3, hidden=(5, 6), out_features=2, activation="tanh")
+    assert type(net) is torch.nn.Sequential   # a plain Sequential: batched by the learners
+    x = torch.randn(4, 3)
+    l0, l1, l2 = (m for m in net if isinstance(m, torch.nn.Linear))
+    ref = l2(torch.tanh(l1(torch.tanh(l0(x)))))
+    torch.testing.assert_close(net(x), ref)
+    net = build_backbone("mlp", hidden=(4000,), init_std=0.01)
+    w = net[0].weight
+    assert w.abs().max() <= 0.02 and abs(w.std() - 0.0088) < 0.0005 and not net[0].bias.any()
+    for bad, message in ((dict(hidden=(0,)), "positive ints"), (dict(activation="x"), "one of"),
+                         (dict(init_std=0.0), "init_std must be positive")):
+        with pytest.raises(ValueError, match=message):
+            build_backbone("mlp", **bad)
 
 
 def test_feature_dim():

@@ -22,3 +22,8 @@ __all__ = [
 from .episodes import Episode, EpisodeSampler, episode_loader, fixed_episodes
 
 __all__ += ["Episode", "EpisodeSampler", "episode_loader", "fixed_episodes"]
+
+# --- regression tasks ------------------------------------------------------------------
+from .sinusoid import SinusoidTasks, fixed_sinusoid_tasks
+
+__all__ += ["SinusoidTasks", "fixed_sinusoid_tasks"]

@@ -21,12 +21,16 @@ from .classes import ImageClasses
 class Episode:
     """A meta-batch of ``T`` tasks; labels ``0..ways-1`` are assigned to classes at random.
 
+    Regression tasks (:class:`pymeta.data.SinusoidTasks`) use the same container with float
+    targets ``[T, K, *out]`` as labels, ``ways=None`` and each task's parameters in
+    ``classes``.
+
     Attributes:
         support_x: float ``[T, ways * shots, C, H, W]``, class-major.
         support_y: int64 ``[T, ways * shots]``.
         query_x: float ``[T, ways * queries, C, H, W]``, class-major.
         query_y: int64 ``[T, ways * queries]``.
-        ways: the number of classes per task.
+        ways: the number of classes per task (None for regression).
         classes: int64 ``[T, ways]``: the store's class index behind each label.
     """
 
@@ -34,7 +38,7 @@ class Episode:
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
-    ways: int
+    ways: int | None
     classes: torch.Tensor
 
     @property

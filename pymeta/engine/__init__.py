@@ -6,9 +6,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .evaluate import evaluate, evaluate_runs
 from .metrics import MetricsLog, mean_ci95
-from .setup import Splits, build_learner, build_splits, load, train
+from .setup import SinusoidData, Splits, build_learner, build_splits, evaluate_split, load, train
 from .trainer import Trainer
 
 __all__ = ["RunConfig", "Trainer", "evaluate", "evaluate_runs", "mean_ci95", "MetricsLog",
-           "save_checkpoint", "load_checkpoint", "Splits", "build_splits", "build_learner",
-           "train", "load"]
+           "save_checkpoint", "load_checkpoint", "Splits", "SinusoidData", "build_splits",
+           "build_learner", "train", "evaluate_split", "load"]

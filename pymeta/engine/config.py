@@ -21,7 +21,7 @@ class RunConfig:
     backbone_kwargs: dict = field(default_factory=dict)
     learner_kwargs: dict = field(default_factory=dict)
     # data
-    data: str = "digits"            # digits | omniglot | folder
+    data: str = "digits"            # digits | omniglot | folder | sinusoid
     root: str | None = None
     protocol: str = "small"         # omniglot: small | lake | vinyals
     image_size: int | None = None   # None: the dataset's default
@@ -38,6 +38,7 @@ class RunConfig:
     eval_shots: int | None = None
     eval_queries: int = 15
     test_settings: list = field(default_factory=list)  # more [ways, shots] to test at the end
+    eval_steps: list = field(default_factory=list)  # gradient learners: test inner steps
     # optimisation
     steps: int = 1000
     optimizer: str = "adam"         # adam | sgd
@@ -71,6 +72,11 @@ class RunConfig:
         grid += [tuple(s) for s in self.test_settings if tuple(s) not in grid]
         return grid
 
+    @property
+    def max_ways(self) -> int:
+        """The most classes any task of the run has (a gradient learner's head size)."""
+        return max([self.ways] + [w for w, _ in self.test_grid()])
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -95,6 +101,8 @@ class RunConfig:
             raise ValueError(f"schedule must be step, cosine or none, got {self.schedule!r}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be bf16 or fp16, got {self.amp!r}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.eval_steps):
+            raise ValueError(f"eval_steps must be positive ints, got {self.eval_steps}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         return self

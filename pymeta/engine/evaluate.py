@@ -1,4 +1,5 @@
-"""Accuracy of a few-shot learner on fixed episodes and on Lake's one-shot runs."""
+"""Scores of a few-shot learner on fixed episodes (accuracy, or MSE for regression) and on
+Lake's one-shot runs."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.classes import ImageClasses
-from ..data.episodes import Episode, EpisodeSampler
+from ..data.episodes import Episode
 from .metrics import mean_ci95
 
 
@@ -21,7 +22,28 @@ def autocast(device: torch.device, amp: str | None):
     return torch.autocast(device.type, dtype=dtypes[amp])
 
 
-def _batches(sampler: EpisodeSampler, batch: int | None):
+def is_regression(learner) -> bool:
+    """Whether ``learner`` regresses (gradient learners with ``loss="mse"``)."""
+    return getattr(learner, "loss_name", None) == "mse"
+
+
+def metric_name(learner) -> str:
+    """The score a run reports: ``"acc"`` (query accuracy, higher is better) or ``"mse"``
+    (query mean squared error, lower is better)."""
+    return "mse" if is_regression(learner) else "acc"
+
+
+def task_scores(out: torch.Tensor, query_y: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Per-task query accuracy, or MSE for regression, float64 ``[T]``."""
+    if regression:
+        return (out.double() - query_y.double()).square().flatten(1).mean(1)
+    return (out.argmax(-1) == query_y).double().mean(-1)
+
+
+def _batches(sampler, batch: int | None):
+    if sampler.ways is None:  # regression: every item already holds many tasks
+        yield from (sampler[i] for i in range(len(sampler)))
+        return
     # One-task evaluation episodes are stacked into multi-task batches: with BatchNorm in
     # eval mode the tasks do not interact, so the scores are those of one episode at a time.
     # About 640 images a batch: bigger activations fall out of cache and cost page faults.
@@ -35,34 +57,43 @@ def _batches(sampler: EpisodeSampler, batch: int | None):
 
 
 @torch.no_grad()
-def episode_accuracies(learner, sampler: EpisodeSampler, device="cpu", amp=None,
-                       batch: int | None = None, progress: bool = False) -> torch.Tensor:
-    """Per-episode query accuracy, float64 ``[len(sampler) * sampler.tasks]``."""
+def episode_scores(learner, sampler, device="cpu", amp=None, batch: int | None = None,
+                   progress: bool = False, steps: int | None = None) -> torch.Tensor:
+    """Per-task query accuracy (or MSE for regression), float64 ``[tasks]``.
+
+    ``steps``: inner steps at test time for gradient-based learners (default: theirs).
+    """
+    if steps is not None and not hasattr(learner, "test_steps"):
+        raise ValueError(f"{type(learner).__name__} does not adapt at test time; "
+                         f"steps only apply to gradient-based learners")
     device = torch.device(device)
+    regression = is_regression(learner)
+    kwargs = {} if steps is None else {"steps": steps}
     was_training = learner.training
     learner.eval()
-    accs = []
+    scores = []
     try:
-        bar = tqdm(total=len(sampler), desc="eval", unit="ep", disable=not progress,
-                   leave=False)
+        bar = tqdm(total=len(sampler) * sampler.tasks, desc="eval", unit="task",
+                   disable=not progress, leave=False)
         for ep in _batches(sampler, batch):
             ep = ep.to(device)
             with autocast(device, amp):
-                logits = learner(ep.support_x, ep.support_y, ep.query_x, ep.ways)
-            accs.append((logits.argmax(-1) == ep.query_y).double().mean(-1).cpu())
+                out = learner(ep.support_x, ep.support_y, ep.query_x, ep.ways, **kwargs)
+            scores.append(task_scores(out, ep.query_y, regression).cpu())
             bar.update(ep.tasks)
         bar.close()
     finally:
         learner.train(was_training)
-    return torch.cat(accs)
+    return torch.cat(scores)
 
 
-def evaluate(learner, sampler: EpisodeSampler, device="cpu", amp=None, batch: int | None = None,
-             progress: bool = False) -> dict:
-    """Mean query accuracy ± 95% CI over the sampler's episodes."""
-    accs = episode_accuracies(learner, sampler, device, amp, batch, progress)
-    acc, ci = mean_ci95(accs)
-    return {"acc": acc, "ci95": ci, "episodes": accs.numel()}
+def evaluate(learner, sampler, device="cpu", amp=None, batch: int | None = None,
+             progress: bool = False, steps: int | None = None) -> dict:
+    """Mean query accuracy (key ``"acc"``) or MSE (``"mse"``, regression) ± 95% CI over the
+    sampler's tasks; ``steps`` as in :func:`episode_scores`."""
+    scores = episode_scores(learner, sampler, device, amp, batch, progress, steps)
+    mean, ci = mean_ci95(scores)
+    return {metric_name(learner): mean, "ci95": ci, "episodes": scores.numel()}
 
 
 @torch.no_grad()

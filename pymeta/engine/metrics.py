@@ -10,7 +10,7 @@ import torch
 
 from .._atomic import atomic_open
 
-COLUMNS = ["step", "split", "loss", "acc", "ci95", "lr", "tasks_per_s", "elapsed_s"]
+COLUMNS = ["step", "split", "loss", "acc", "mse", "ci95", "lr", "tasks_per_s", "elapsed_s"]
 
 
 def mean_ci95(values) -> tuple[float, float]:
@@ -62,23 +62,26 @@ class MetricsLog:
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, COLUMNS, extrasaction="ignore").writerow(row)
 
-    def plot(self, train_label: str = "train", val_label: str = "validation") -> Path:
-        """Draw the learning curves (train loss/accuracy, validation accuracy ± CI) to PNG."""
+    def plot(self, train_label: str = "train", val_label: str = "validation",
+             metric: str = "acc") -> Path:
+        """Draw the learning curves (train loss and ``metric``, validation ``metric`` ± CI;
+        ``metric`` is ``"acc"`` or ``"mse"``) to PNG."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         train = [r for r in self.rows if r["split"] == "train"]
         val = [r for r in self.rows if r["split"] == "val"]
+        title = {"acc": "accuracy", "mse": "query MSE"}[metric]
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=train_label)
         ax_loss.set(xlabel="step", ylabel="loss", title="loss")
-        ax_acc.plot([r["step"] for r in train], [r["acc"] for r in train], label=train_label)
+        ax_acc.plot([r["step"] for r in train], [r[metric] for r in train], label=train_label)
         if val:
-            ax_acc.errorbar([r["step"] for r in val], [r["acc"] for r in val],
+            ax_acc.errorbar([r["step"] for r in val], [r[metric] for r in val],
                             yerr=[r["ci95"] for r in val], marker="o", capsize=3,
                             label=f"{val_label} (95% CI)")
-        ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy")
+        ax_acc.set(xlabel="step", ylabel=title, title=title)
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)
             ax.legend()

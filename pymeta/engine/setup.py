@@ -2,39 +2,88 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .._atomic import atomic_open
 from ..data.classes import ImageClasses
 from ..data.episodes import EpisodeSampler, fixed_episodes
+from ..data.sinusoid import SinusoidTasks, fixed_sinusoid_tasks
 from .checkpoint import load_checkpoint
 from .config import RunConfig
-from .evaluate import evaluate
+from .evaluate import evaluate, metric_name
 from .trainer import Trainer
 
 VAL_SEED, TEST_SEED = 1009, 2024  # fixed evaluation sets, shared by every learner
+REGRESSION_DATA = ("sinusoid",)
+_SEEDS = {"val": VAL_SEED, "test": TEST_SEED}
 
 
 @dataclass
 class Splits:
     """Disjoint meta-train / validation / test classes (digits: val and test share classes
-    but not images)."""
+    but not images), and the episode samplers drawn from them."""
     train: ImageClasses
     val: ImageClasses
     test: ImageClasses
 
     @property
+    def input_shape(self) -> tuple:
+        return tuple(self.train.image_shape)
+
+    @property
     def preprocessing(self) -> dict:
         """The training data's preprocessing record plus the image shape the learner takes."""
-        return {**self.train.preprocessing, "image_shape": list(self.train.image_shape)}
+        return {**self.train.preprocessing, "input_shape": list(self.input_shape)}
+
+    def summary(self) -> str:
+        return (f"train {self.train.num_classes} classes, val {self.val.num_classes}, "
+                f"test {self.test.num_classes}")
+
+    def train_sampler(self, cfg: RunConfig) -> EpisodeSampler:
+        return EpisodeSampler(self.train, cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch,
+                              seed=cfg.seed, augment=cfg.augment)
+
+
+    def eval_sampler(self, cfg: RunConfig, split: str, episodes: int, ways: int | None = None,
+                     shots: int | None = None, queries: int | None = None) -> EpisodeSampler:
+        """The fixed episodes of ``split`` ("val" or "test"), the same for every learner."""
+        return fixed_episodes(getattr(self, split), ways or cfg.test_ways,
+                              shots or cfg.test_shots, queries or cfg.eval_queries,
+                              n=episodes, seed=_SEEDS[split])
+
+
+class SinusoidData:
+    """Sinusoid regression (MAML's distribution): training, validation and test tasks are
+    independent seeded streams of the same distribution; the same interface as
+    :class:`Splits`."""
+
+    input_shape = (1,)
+
+    @property
+    def preprocessing(self) -> dict:
+        return SinusoidTasks(1, 1).description()
+
+    def summary(self) -> str:
+        return "sine waves, amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5]"
+
+    def train_sampler(self, cfg: RunConfig) -> SinusoidTasks:
+        return SinusoidTasks(cfg.shots, cfg.queries, cfg.meta_batch, seed=cfg.seed)
+
+    def eval_sampler(self, cfg: RunConfig, split: str, episodes: int, ways: int | None = None,
+                     shots: int | None = None, queries: int | None = None) -> SinusoidTasks:
+        return fixed_sinusoid_tasks(episodes, shots or cfg.test_shots,
+                                    queries or cfg.eval_queries, seed=_SEEDS[split])
 
 
 def build_splits(cfg: RunConfig) -> Splits:
     """The dataset and protocol named by ``cfg.data`` and ``cfg.protocol``."""
-    builders = {"digits": _digits, "omniglot": _omniglot, "folder": _folder}
+    builders = {"digits": _digits, "omniglot": _omniglot, "folder": _folder,
+                "sinusoid": lambda cfg: SinusoidData()}
     if cfg.data not in builders:
         raise ValueError(f"unknown data {cfg.data!r}; choose from {sorted(builders)}")
     return builders[cfg.data](cfg)
@@ -83,21 +132,65 @@ def _folder(cfg: RunConfig) -> Splits:
     return Splits(train, val, test)
 
 
-def build_learner(cfg: RunConfig, image_shape: tuple, algo_kwargs: dict | None = None):
-    """The learner named by ``cfg.algo`` on the backbone named by ``cfg.backbone``."""
+def build_learner(cfg: RunConfig, input_shape: tuple, algo_kwargs: dict | None = None):
+    """The learner named by ``cfg.algo`` on the backbone named by ``cfg.backbone``.
+
+    Gradient-based learners classify with the backbone plus a linear head of
+    ``cfg.max_ways`` outputs (``body``, ``head``) that starts every task at zero and is not
+    meta-learned (``fixed_init=["head"]`` unless the options say otherwise); on regression
+    data the backbone is the whole model and the loss is MSE.
+    """
+    from ..learners import LEARNERS, GradientLearner
     from ..learners import build_learner as build
     from ..nn import build_backbone
-    bkw = {"in_channels": image_shape[0], **cfg.backbone_kwargs}
-    if cfg.algo == "relation":
-        bkw.setdefault("flatten", False)  # the relation module compares feature maps
+    gradient = isinstance(LEARNERS.get(cfg.algo), type) and issubclass(LEARNERS[cfg.algo],
+                                                                       GradientLearner)
+    _check_learner_kind(cfg, gradient)
     torch.manual_seed(cfg.seed)
-    backbone = _construct(f"backbone {cfg.backbone!r}", build_backbone, cfg.backbone, **bkw)
+    backbone = _construct(f"backbone {cfg.backbone!r}", build_backbone, cfg.backbone,
+                          **_backbone_kwargs(cfg, input_shape))
     kwargs = dict(cfg.learner_kwargs if algo_kwargs is None else algo_kwargs)
-    with torch.no_grad():
-        feat = backbone.eval()(torch.zeros(2, *image_shape)).shape[1:]
-    backbone.train()
-    return _construct(f"learner {cfg.algo!r}", build, cfg.algo, backbone,
-                      **_feature_kwargs(cfg.algo, feat, kwargs))
+    if cfg.data in REGRESSION_DATA:
+        model = backbone
+        kwargs.setdefault("loss", "mse")
+    else:
+        with torch.no_grad():
+            feat = backbone.eval()(torch.zeros(2, *input_shape)).shape[1:]
+        backbone.train()
+        model = backbone
+        if gradient:
+            model = _with_head(backbone, feat, cfg.max_ways)
+            kwargs.setdefault("fixed_init", ["head"])
+        kwargs = _feature_kwargs(cfg.algo, feat, kwargs)
+    return _construct(f"learner {cfg.algo!r}", build, cfg.algo, model, **kwargs)
+
+
+def _check_learner_kind(cfg: RunConfig, gradient: bool) -> None:
+    if cfg.data in REGRESSION_DATA and not gradient:
+        raise ValueError(f"{cfg.data} is a regression task: it needs a gradient-based learner "
+                         f"(maml, fomaml, metasgd, anil, reptile), not {cfg.algo!r}")
+    if cfg.eval_steps and not gradient:
+        raise ValueError(f"eval_steps (test-time inner steps) only apply to gradient-based "
+                         f"learners, not {cfg.algo!r}")
+
+
+def _backbone_kwargs(cfg: RunConfig, input_shape: tuple) -> dict:
+    size = "in_features" if cfg.backbone == "mlp" else "in_channels"
+    kwargs = {size: input_shape[0], **cfg.backbone_kwargs}
+    if cfg.algo == "relation":
+        kwargs.setdefault("flatten", False)  # the relation module compares feature maps
+    return kwargs
+
+
+def _with_head(backbone: nn.Module, feat: torch.Size, ways: int) -> nn.Sequential:
+    """``backbone`` then a zero-initialised linear classifier. Every class's logit starts
+    equal, which suits labels that are permuted per task, and the ``ways`` outputs serve any
+    smaller number of ways (Kao et al. 2022's zeroing trick, with ``fixed_init``)."""
+    head = nn.Linear(int(feat.numel()), ways)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    flatten = [("flatten", nn.Flatten())] if len(feat) > 1 else []
+    return nn.Sequential(OrderedDict([("body", backbone), *flatten, ("head", head)]))
 
 
 def _construct(what: str, factory, *args, **kwargs):
@@ -116,41 +209,44 @@ def _feature_kwargs(algo: str, feat: torch.Size, kwargs: dict) -> dict:
     return kwargs
 
 
-def eval_sampler(cfg: RunConfig, classes: ImageClasses, episodes: int, seed: int,
-                 ways: int | None = None, shots: int | None = None,
-                 queries: int | None = None) -> EpisodeSampler:
-    return fixed_episodes(classes, ways or cfg.test_ways, shots or cfg.test_shots,
-                          queries or cfg.eval_queries, n=episodes, seed=seed)
-
-
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
           log=print) -> dict:
-    """Train, keep the best validation checkpoint, then test it on the fixed test episodes.
+    """Train, keep the best validation checkpoint, then test it on the fixed test tasks.
 
     Writes ``results.json`` beside the checkpoints and returns its content.
     """
     cfg.validate()
     out_dir = Path(out_dir)
-    splits = build_splits(cfg)
-    log(f"data: {cfg.data} train {splits.train.num_classes} classes, val "
-        f"{splits.val.num_classes}, test {splits.test.num_classes}")
-    learner = build_learner(cfg, splits.train.image_shape)
-    train_eps = EpisodeSampler(splits.train, cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch,
-                               seed=cfg.seed, augment=cfg.augment)
-    val_eps = eval_sampler(cfg, splits.val, cfg.val_episodes, VAL_SEED)
-    trainer = Trainer(learner, cfg, train_eps, val_eps, out_dir, splits.preprocessing, progress)
+    data = build_splits(cfg)
+    log(f"data: {cfg.data}: {data.summary()}")
+    learner = build_learner(cfg, data.input_shape)
+    val_eps = data.eval_sampler(cfg, "val", cfg.val_episodes)
+    trainer = Trainer(learner, cfg, data.train_sampler(cfg), val_eps, out_dir,
+                      data.preprocessing, progress)
     fit = trainer.fit(resume=resume)
     best = load(out_dir / "best.pt", cfg.device)
-    tests = []
-    for ways, shots in cfg.test_grid():
-        sampler = eval_sampler(cfg, splits.test, cfg.test_episodes, TEST_SEED, ways, shots)
-        res = evaluate(best, sampler, cfg.device, cfg.amp, progress=progress)
-        tests.append({**res, "ways": ways, "shots": shots, "queries": cfg.eval_queries})
-    results = {**fit, "tests": tests, "tasks_seen": fit["steps"] * cfg.meta_batch,
-               "config": cfg.to_dict(), "plot": str(out_dir / "curves.png")}
+    tests = [evaluate_split(best, cfg, data, ways, shots, steps, progress)
+             for ways, shots in cfg.test_grid() for steps in cfg.eval_steps or [None]]
+    results = {**fit, "metric": metric_name(best), "tests": tests,
+               "tasks_seen": fit["steps"] * cfg.meta_batch, "config": cfg.to_dict(),
+               "plot": str(out_dir / "curves.png")}
     with atomic_open(out_dir / "results.json", "w") as f:
         json.dump(results, f, indent=2)
     return results
+
+
+def evaluate_split(learner, cfg: RunConfig, data, ways: int | None = None,
+                   shots: int | None = None, steps: int | None = None, progress: bool = False,
+                   split: str = "test", episodes: int | None = None,
+                   queries: int | None = None) -> dict:
+    """Score ``learner`` on the fixed ``split`` tasks of ``data`` (from :func:`build_splits`);
+    gradient-based learners adapt with ``steps`` inner steps (default: their ``test_steps``)."""
+    sampler = data.eval_sampler(cfg, split, episodes or cfg.test_episodes, ways, shots, queries)
+    res = evaluate(learner, sampler, cfg.device, cfg.amp, progress=progress, steps=steps)
+    setting = {"ways": sampler.ways, "shots": sampler.shots, "queries": sampler.queries}
+    if hasattr(learner, "test_steps"):
+        setting["steps"] = steps or learner.test_steps
+    return {**res, **setting}
 
 
 def load(path: str | Path, map_location="cpu"):
@@ -167,7 +263,8 @@ def load(path: str | Path, map_location="cpu"):
     state = load_checkpoint(path, map_location)
     cfg = RunConfig.from_dict(state["config"])
     pre = state["preprocessing"]
-    learner = build_learner(cfg, tuple(pre["image_shape"]), state["learner_config"]["kwargs"])
+    shape = pre.get("input_shape", pre.get("image_shape"))  # older checkpoints: "image_shape"
+    learner = build_learner(cfg, tuple(shape), state["learner_config"]["kwargs"])
     learner.load_state_dict(state["model"])
     learner.to(map_location).eval()
     learner.config, learner.preprocessing = cfg, pre

@@ -12,7 +12,7 @@ from .. import __version__
 from ..data.episodes import Episode, EpisodeSampler, episode_loader
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .evaluate import autocast, evaluate
+from .evaluate import autocast, evaluate, metric_name, task_scores
 from .metrics import MetricsLog
 
 
@@ -34,8 +34,8 @@ class Trainer:
     """Meta-trains a learner on episodes, validating every ``val_every`` steps.
 
     Writes to ``out_dir``: ``last.pt`` (every validation, and every ``checkpoint_every``
-    steps), ``best.pt`` (best validation accuracy), ``metrics.csv``, ``metrics.jsonl`` and
-    ``curves.png``. Step ``s`` trains on episode ``s`` of the sampler, so a run resumed from
+    steps), ``best.pt`` (best validation accuracy, or lowest MSE), ``metrics.csv``,
+    ``metrics.jsonl`` and ``curves.png``. Step ``s`` trains on episode ``s`` of the sampler, so a run resumed from
     ``last.pt`` at the same thread count continues bit for bit.
 
     The loop body (:meth:`train_step`) is one forward/backward/step on one episode, the shape
@@ -53,7 +53,7 @@ class Trainer:
         >>> t = Trainer(ProtoNet(Conv4()), cfg, EpisodeSampler(store, 2, 1, 2),
         ...             fixed_episodes(store, 2, 1, 2, n=4), tempfile.mkdtemp(), progress=False)
         >>> sorted(t.fit())
-        ['best_acc', 'best_step', 'steps']
+        ['best_acc', 'best_step', 'steps', 'train_s']
     """
 
     def __init__(self, learner: torch.nn.Module, config: RunConfig, train: EpisodeSampler,
@@ -68,9 +68,10 @@ class Trainer:
         self.progress = progress
         self.opt, self.sched = make_optimizer(learner, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.metric = metric_name(learner)  # "acc" (higher is better) or "mse" (lower)
         self.step = 0
-        self.best = {"acc": -math.inf, "step": -1}
-        self._window = {"loss": 0.0, "acc": 0.0, "n": 0, "tasks": 0, "time": 0.0}
+        self.best = {self.metric: math.inf if self.metric == "mse" else -math.inf, "step": -1}
+        self._window = _empty_window()
         self.elapsed = 0.0
         self.log = None
 
@@ -85,7 +86,7 @@ class Trainer:
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng, "best": dict(self.best),
                 "window": {**self._window, "loss": float(self._window["loss"]),
-                           "acc": float(self._window["acc"])}, "elapsed": self.elapsed,
+                           "score": float(self._window["score"])}, "elapsed": self.elapsed,
                 "log": list(self.log.rows) if self.log else [],
                 "versions": {"pymeta": __version__, "torch": str(torch.__version__)}}
 
@@ -111,8 +112,8 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------
     def train_step(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """One outer step on one meta-batch; returns (loss, query accuracy) as 0-d tensors,
-        so that the loop does not wait for the device every step."""
+        """One outer step on one meta-batch; returns (loss, query accuracy or MSE) as 0-d
+        tensors, so that the loop does not wait for the device every step."""
         self.learner.train()
         ep = ep.to(self.device, non_blocking=True)
         self.opt.zero_grad(set_to_none=True)
@@ -126,8 +127,8 @@ class Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
         self.sched.step()
-        acc = (logits.detach().argmax(-1) == ep.query_y).double().mean()
-        return loss.detach().double(), acc
+        score = task_scores(logits.detach(), ep.query_y, self.metric == "mse").mean()
+        return loss.detach().double(), score
 
     def fit(self, resume: bool = False) -> dict:
         """Train to ``config.steps``; with ``resume``, continue from ``out_dir/last.pt``."""
@@ -144,10 +145,10 @@ class Trainer:
         loader = episode_loader(self.train_episodes, self.step, cfg.steps, cfg.workers)
         tick = time.perf_counter()
         for ep in loader:
-            loss, acc = self.train_step(ep)
+            loss, score = self.train_step(ep)
             self.step += 1
             now = time.perf_counter()
-            self._accumulate(loss, acc, ep.tasks, now - tick)
+            self._accumulate(loss, score, ep.tasks, now - tick)
             tick = now
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 bar.set_postfix(self._log_train())
@@ -158,18 +159,20 @@ class Trainer:
             bar.update(1)
             tick = time.perf_counter()  # validation and checkpoints are not training time
         bar.close()  # the last step validated, checkpointed and plotted
-        return {"steps": self.step, "best_acc": self.best["acc"], "best_step": self.best["step"]}
+        return {"steps": self.step, f"best_{self.metric}": self.best[self.metric],
+                "best_step": self.best["step"], "train_s": self.elapsed}
 
     def _plot(self) -> None:
         c = self.cfg
-        self.log.plot(f"train ({c.ways}-way {c.shots}-shot)",
-                      f"validation ({c.test_ways}-way {c.test_shots}-shot)")
+        ways = lambda w: f"{w}-way " if self.metric == "acc" else ""  # noqa: E731
+        self.log.plot(f"train ({ways(c.ways)}{c.shots}-shot)",
+                      f"validation ({ways(c.test_ways)}{c.test_shots}-shot)", self.metric)
 
-    def _accumulate(self, loss: torch.Tensor, acc: torch.Tensor, tasks: int,
+    def _accumulate(self, loss: torch.Tensor, score: torch.Tensor, tasks: int,
                     seconds: float) -> None:
         w = self._window
         w["loss"] += loss
-        w["acc"] += acc
+        w["score"] += score
         w["n"] += 1
         w["tasks"] += tasks
         w["time"] += seconds
@@ -179,31 +182,37 @@ class Trainer:
         w = self._window
         if not w["n"]:
             return {}
+        m = self.metric
         row = {"step": self.step, "split": "train", "loss": float(w["loss"]) / w["n"],
-               "acc": float(w["acc"]) / w["n"], "ci95": None, "lr": self.opt.param_groups[0]["lr"],
+               m: float(w["score"]) / w["n"], "ci95": None, "lr": self.opt.param_groups[0]["lr"],
                "tasks_per_s": w["tasks"] / max(w["time"], 1e-9), "elapsed_s": self.elapsed}
         self.log.append(row)
-        self._window = {"loss": 0.0, "acc": 0.0, "n": 0, "tasks": 0, "time": 0.0}
-        return {"loss": f"{row['loss']:.3f}", "acc": f"{row['acc']:.3f}",
+        self._window = _empty_window()
+        return {"loss": f"{row['loss']:.3f}", m: f"{row[m]:.3f}",
                 "tasks/s": f"{row['tasks_per_s']:.1f}"}
 
     def _validate(self, postfix: str) -> str:
         msg = postfix
         if self.val_episodes is not None:
+            m = self.metric
             res = evaluate(self.learner, self.val_episodes, self.device, self.cfg.amp)
-            self.log.append({"step": self.step, "split": "val", "loss": None, "acc": res["acc"],
+            self.log.append({"step": self.step, "split": "val", "loss": None, m: res[m],
                              "ci95": res["ci95"], "lr": self.opt.param_groups[0]["lr"],
                              "tasks_per_s": None, "elapsed_s": self.elapsed})
-            if res["acc"] > self.best["acc"]:
-                self.best = {"acc": res["acc"], "step": self.step}
+            if (res[m] < self.best[m]) if m == "mse" else (res[m] > self.best[m]):
+                self.best = {m: res[m], "step": self.step}
                 self.save("best.pt")
-            msg = f"{postfix}, val={res['acc']:.3f}±{res['ci95']:.3f}"
+            msg = f"{postfix}, val {m}={res[m]:.3f}±{res['ci95']:.3f}"
         else:  # no validation set: the latest is the best
-            self.best = {"acc": math.nan, "step": self.step}
+            self.best = {self.metric: math.nan, "step": self.step}
             self.save("best.pt")
         self.save("last.pt")
         self._plot()
         return msg
+
+
+def _empty_window() -> dict:
+    return {"loss": 0.0, "score": 0.0, "n": 0, "tasks": 0, "time": 0.0}
 
 
 def learner_config(learner: torch.nn.Module) -> dict:

@@ -36,8 +36,10 @@ class GradientLearner(FewShotLearner):
     """Shared machinery of the gradient-based learners (not registered itself).
 
     The whole network ``model`` (kept as ``self.backbone``, also reachable as ``self.model``)
-    maps ``[B, *sample]`` to logits ``[B, ways]`` (or regression outputs ``[B, *out]`` with
-    ``loss="mse"``). Subclasses choose which parameters adapt and at which rates.
+    maps ``[B, *sample]`` to logits ``[B, L]`` (or regression outputs ``[B, *out]`` with
+    ``loss="mse"``). A ``ways``-way task uses the first ``ways`` of the ``L >= ways`` logits,
+    so one model (trained on up to ``L`` ways, labels permuted per task) serves any smaller
+    number of ways. Subclasses choose which parameters adapt and at which rates.
     ``sets_own_grads`` (False here, True for Reptile) tells a training loop whether
     :meth:`loss` fills ``.grad`` itself instead of returning a loss to call ``backward`` on.
 
@@ -52,9 +54,14 @@ class GradientLearner(FewShotLearner):
     sets_own_grads = False  # True: loss() fills .grad itself and the engine must not backward
 
     def __init__(self, model: nn.Module, inner_lr: float, steps: int, test_steps: Optional[int],
-                 bn_mode: str, loss: str, per_task: bool) -> None:
+                 bn_mode: str, loss: str, per_task: bool,
+                 fixed_init: Optional[Sequence[str]] = None) -> None:
         super().__init__(model)
         who = type(self).__name__
+        self.fixed_init = _check_prefixes(who, "fixed_init", model, fixed_init or [])
+        for n, p in model.named_parameters():  # adapted, but never meta-learned
+            if _under(n, self.fixed_init):
+                p.requires_grad_(False)
         if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) \
                 or not math.isfinite(inner_lr) or inner_lr <= 0:
             raise ValueError(f"{who}: inner_lr must be a positive float, got {inner_lr!r}")
@@ -91,16 +98,17 @@ class GradientLearner(FewShotLearner):
         return self._inner_loop(meta, head, feats, support_y, steps, mode, self.training, None)
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                ways: int) -> Tensor:
-        """Query logits ``[T, Q, ways]`` after ``test_steps`` inner steps on the support set.
+                ways: Optional[int], steps: Optional[int] = None) -> Tensor:
+        """Query logits ``[T, Q, ways]`` after ``steps`` inner steps on the support set
+        (default ``test_steps``).
 
         Adapts under ``torch.no_grad()`` too (gradients of the inner loop only, no graph kept).
         With ``loss="mse"``, ``ways`` is ignored and the outputs are ``[T, Q, *out]``.
         """
         self._check(support_x, support_y, query_x, None, ways)
-        mode = self._mode()
-        return self._chunked(support_x, support_y, query_x, None, self.test_steps, mode,
-                             ways)[1]
+        steps = self.test_steps if steps is None else _check_count(type(self).__name__,
+                                                                   "steps", steps)
+        return self._chunked(support_x, support_y, query_x, None, steps, self._mode(), ways)[1]
 
     def embed(self, x: Tensor, batch_dims: int = 1) -> Tensor:
         """Output of the un-adapted network (ANIL: the body's features, the head's input) for
@@ -114,14 +122,18 @@ class GradientLearner(FewShotLearner):
 
     def extra_config(self) -> dict:
         cfg = {"inner_lr": self.inner_lr, "steps": self.steps, "test_steps": self.test_steps,
-               "bn_mode": self.bn_mode, "loss": self.loss_name}
+               "bn_mode": self.bn_mode, "loss": self.loss_name, "fixed_init": self.fixed_init}
         return {**cfg, **({"per_task": True} if self.per_task else {})}
 
     # ---- what subclasses choose -------------------------------------------------------------
 
     def _adapted_names(self) -> list[str]:
-        """Model parameters that adapt in the inner loop (default: all trainable ones)."""
-        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+        """Model parameters that adapt in the inner loop (default: all trainable ones and
+        the ``fixed_init`` ones)."""
+        return [n for n, p in self.model.named_parameters() if self._adapts(n, p)]
+
+    def _adapts(self, name: str, p: Tensor) -> bool:
+        return p.requires_grad or _under(name, self.fixed_init)
 
     def _rate(self, meta: dict[str, Tensor], step: int) -> Rate:
         """Inner learning rate(s) of inner step ``step`` (0-based)."""
@@ -203,10 +215,8 @@ class GradientLearner(FewShotLearner):
             sx = self._fwd(body, meta, sx, update_stats)
             qx = self._fwd(body, meta, qx, update_stats)
         fast = self._inner_loop(meta, head, sx, sy, steps, mode, update_stats, ways)
-        out = self._fwd(head, meta, qx, update_stats, fast)
-        if qy is None:
-            return None, self._checked(out, ways)
-        return self._task_losses(out, qy, ways).mean(), out
+        out = self._checked(self._fwd(head, meta, qx, update_stats, fast), ways)
+        return None if qy is None else self._task_losses(out, qy, ways).mean(), out
 
     def _chunked(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Optional[Tensor], steps: int,
                  mode: str, ways: Optional[int]) -> tuple[Optional[Tensor], Tensor]:
@@ -229,11 +239,13 @@ class GradientLearner(FewShotLearner):
                                reduction="none").view(T, -1).mean(1)
 
     def _checked(self, out: Tensor, ways: Optional[int]) -> Tensor:
-        if self.loss_name == "cross_entropy" and ways is not None and (
-                out.ndim != 3 or out.shape[-1] != ways):
-            raise ValueError(f"{type(self).__name__}: the model must output [B, ways] logits; "
-                             f"got {list(out.shape[2:])} per sample for ways={ways}")
-        return out
+        """The first ``ways`` logits: a model with a wider head serves tasks of fewer ways."""
+        if self.loss_name != "cross_entropy" or ways is None:
+            return out
+        if out.ndim != 3 or out.shape[-1] < ways:
+            raise ValueError(f"{type(self).__name__}: the model must output [B, ways] logits "
+                             f"(or more); got {list(out.shape[2:])} per sample for ways={ways}")
+        return out if out.shape[-1] == ways else out[..., :ways]
 
     def _check(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor],
                ways: Optional[int]) -> None:
@@ -291,6 +303,10 @@ class MAML(GradientLearner):
         loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression: float targets
             ``[T, N, *out]``; ``ways`` is ignored).
         per_task: force the per-task loop instead of the batched forward (testing).
+        fixed_init: parameter-name prefixes of parameters that every task adapts from their
+            current value but that are never meta-learned (set ``requires_grad=False``), e.g.
+            a zero-initialised classifier head: Kao et al. (2022)'s zeroing trick, which also
+            makes a model trained on N-way tasks fit for any number of ways.
 
     Example:
         >>> import torch
@@ -315,8 +331,9 @@ class MAML(GradientLearner):
                  test_steps: Optional[int] = None, second_order: bool = True,
                  lslr: bool = False, bn_mode: str = "transductive",
                  task_chunk: Optional[int] = None, checkpoint_inner: bool = False,
-                 loss: str = "cross_entropy", per_task: bool = False) -> None:
-        super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task)
+                 loss: str = "cross_entropy", per_task: bool = False,
+                 fixed_init: Optional[Sequence[str]] = None) -> None:
+        super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task, fixed_init)
         if task_chunk is not None:
             _check_count(type(self).__name__, "task_chunk", task_chunk)
         self.second_order, self.task_chunk = bool(second_order), task_chunk
@@ -442,9 +459,11 @@ class FOMAML(MAML):
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, steps: int = 1,
                  test_steps: Optional[int] = None, lslr: bool = False,
                  bn_mode: str = "transductive", task_chunk: Optional[int] = None,
-                 loss: str = "cross_entropy", per_task: bool = False) -> None:
+                 loss: str = "cross_entropy", per_task: bool = False,
+                 fixed_init: Optional[Sequence[str]] = None) -> None:
         super().__init__(model, inner_lr, steps, test_steps, second_order=False, lslr=lslr,
-                         bn_mode=bn_mode, task_chunk=task_chunk, loss=loss, per_task=per_task)
+                         bn_mode=bn_mode, task_chunk=task_chunk, loss=loss, per_task=per_task,
+                         fixed_init=fixed_init)
 
     def extra_config(self) -> dict:
         cfg = super().extra_config()
@@ -477,9 +496,9 @@ class MetaSGD(MAML):
                  test_steps: Optional[int] = None, second_order: bool = True,
                  bn_mode: str = "transductive", task_chunk: Optional[int] = None,
                  checkpoint_inner: bool = False, loss: str = "cross_entropy",
-                 per_task: bool = False) -> None:
+                 per_task: bool = False, fixed_init: Optional[Sequence[str]] = None) -> None:
         super().__init__(model, inner_lr, steps, test_steps, second_order, False, bn_mode,
-                         task_chunk, checkpoint_inner, loss, per_task)
+                         task_chunk, checkpoint_inner, loss, per_task, fixed_init)
         params = dict(model.named_parameters())
         self.rates = nn.ParameterList([nn.Parameter(torch.full_like(params[n], self.inner_lr))
                                        for n in self._adapted_names()])
@@ -527,14 +546,14 @@ class ANIL(MAML):
                  inner_lr: float = 0.4, steps: int = 1, test_steps: Optional[int] = None,
                  second_order: bool = True, lslr: bool = False, bn_mode: str = "transductive",
                  task_chunk: Optional[int] = None, checkpoint_inner: bool = False,
-                 loss: str = "cross_entropy", per_task: bool = False) -> None:
+                 loss: str = "cross_entropy", per_task: bool = False,
+                 fixed_init: Optional[Sequence[str]] = None) -> None:
         self.head = _head_prefixes(model, head)  # before MAML counts the adapted parameters
         super().__init__(model, inner_lr, steps, test_steps, second_order, lslr, bn_mode,
-                         task_chunk, checkpoint_inner, loss, per_task)
+                         task_chunk, checkpoint_inner, loss, per_task, fixed_init)
 
-    def _adapted_names(self) -> list[str]:
-        return [n for n, p in self.model.named_parameters()
-                if p.requires_grad and _under(n, self.head)]
+    def _adapts(self, name: str, p: Tensor) -> bool:
+        return super()._adapts(name, p) and _under(name, self.head)
 
     def _split(self) -> Optional[int]:
         model = self.model
@@ -616,26 +635,35 @@ def _under(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def _check_prefixes(who: str, what: str, model: nn.Module, prefixes: Sequence[str]) -> list[str]:
+    """``prefixes`` as a list, each naming at least one parameter of ``model``."""
+    if isinstance(prefixes, str) or not all(isinstance(h, str) for h in prefixes):
+        raise ValueError(f"{who}: {what} must be a list of parameter-name prefixes, got "
+                         f"{prefixes!r}")
+    names = [n for n, _ in model.named_parameters()]
+    for h in prefixes:
+        if not any(_under(n, [h]) for n in names):
+            raise ValueError(f"{who}: no model parameter is named {h!r} or {h + '.*'!r}; "
+                             f"parameters: {names}")
+    return list(prefixes)
+
+
 def _head_prefixes(model: nn.Module, head: Optional[Sequence[str]]) -> list[str]:
     """The head's parameter-name prefixes: given (and checked), or the last nn.Linear's."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"ANIL: model must be an nn.Module, got {type(model).__name__}")
-    names = [n for n, _ in model.named_parameters()]
     if head is None:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise ValueError("ANIL: the model has no nn.Linear to adapt; name the head's "
                              "parameters with head=[prefix, ...]")
         return [linears[-1]]
-    if isinstance(head, str) or not all(isinstance(h, str) for h in head) or not head:
+    if not head:
         raise ValueError(f"ANIL: head must be a list of parameter-name prefixes, got {head!r}")
-    for h in head:
-        if not any(_under(n, [h]) for n in names):
-            raise ValueError(f"ANIL: no model parameter is named {h!r} or {h + '.*'!r}; "
-                             f"parameters: {names}")
-    if all(_under(n, head) for n in names):
+    head = _check_prefixes("ANIL", "head", model, head)
+    if all(_under(n, head) for n, _ in model.named_parameters()):
         raise ValueError("ANIL: the head covers every parameter; use MAML to adapt them all")
-    return list(head)
+    return head
 
 
 __all__ = ["GradientLearner", "MAML", "FOMAML", "MetaSGD", "ANIL", "LOSSES"]

@@ -1,7 +1,7 @@
 """Reptile (Nichol et al. 2018), batched over tasks."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ class Reptile(GradientLearner):
         inner_lr: inner SGD learning rate.
         steps: inner steps on the support set in training.
         test_steps: inner steps in :meth:`forward` (evaluation); default ``steps``.
-        bn_mode, loss, per_task: as in :class:`pymeta.learners.MAML`.
+        bn_mode, loss, per_task, fixed_init: as in :class:`pymeta.learners.MAML`.
 
     Example:
         >>> import torch
@@ -49,8 +49,9 @@ class Reptile(GradientLearner):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, steps: int = 5,
                  test_steps: Optional[int] = None, bn_mode: str = "transductive",
-                 loss: str = "cross_entropy", per_task: bool = False) -> None:
-        super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task)
+                 loss: str = "cross_entropy", per_task: bool = False,
+                 fixed_init: Optional[Sequence[str]] = None) -> None:
+        super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task, fixed_init)
 
     def loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
              ways: int) -> tuple[Tensor, Tensor]:
@@ -61,11 +62,13 @@ class Reptile(GradientLearner):
         fast = self._inner_loop(meta, self.model, support_x, support_y, self.steps, _EVAL,
                                 self.training, ways)
         with torch.no_grad():
-            out = self._fwd(self.model, meta, query_x, False, fast)
+            out = self._checked(self._fwd(self.model, meta, query_x, False, fast), ways)
             loss = self._task_losses(out, query_y, ways).mean()
             params = dict(self.model.named_parameters())
             for name, w in fast.items():
                 p = params[name]
+                if not p.requires_grad:  # fixed_init: adapted, never meta-learned
+                    continue
                 step = p.detach() - w.mean(0)
                 p.grad = step if p.grad is None else p.grad + step
         return loss, out

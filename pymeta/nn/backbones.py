@@ -166,11 +166,45 @@ class ResNet12(nn.Module):
         return math.prod(self.output_shape(input_shape))
 
 
-BACKBONES: dict[str, type[nn.Module]] = {"conv4": Conv4, "resnet12": ResNet12}
+def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1,
+        activation: str = "relu", init_std: float | None = None) -> nn.Sequential:
+    """A plain multi-layer perceptron, ``nn.Sequential`` of Linear and activation layers.
+
+    The default is MAML's sinusoid regressor, 1-40-40-1 with ReLU. A plain ``nn.Sequential``
+    of standard layers, so gradient learners batch it over tasks. ``init_std``: weights from
+    a normal truncated at 2 standard deviations, biases zero (MAML's reference code uses
+    0.01); default: PyTorch's ``nn.Linear`` initialisation.
+
+    Example:
+        >>> net = mlp()
+        >>> [m.out_features for m in net if isinstance(m, nn.Linear)]
+        [40, 40, 1]
+        >>> net(torch.zeros(7, 1)).shape
+        torch.Size([7, 1])
+    """
+    acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+    if activation not in acts:
+        raise ValueError(f"mlp: activation must be one of {sorted(acts)}, got {activation!r}")
+    sizes = [in_features, *hidden, out_features]
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+        raise ValueError(f"mlp: layer sizes must be positive ints, got {sizes}")
+    if init_std is not None and not init_std > 0:
+        raise ValueError(f"mlp: init_std must be positive, got {init_std!r}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [nn.Linear(a, b)] + ([acts[activation]()] if i < len(sizes) - 2 else [])
+    for m in layers if init_std else []:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers)
+
+
+BACKBONES: dict = {"conv4": Conv4, "resnet12": ResNet12, "mlp": mlp}
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:
-    """A backbone by registry name (``"conv4"``, ``"resnet12"``) and constructor kwargs.
+    """A backbone by registry name (``"conv4"``, ``"resnet12"``, ``"mlp"``) and its kwargs.
 
     Example:
         >>> build_backbone("conv4", in_channels=3, flatten=False).output_shape((3, 84, 84))
