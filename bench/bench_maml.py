@@ -1,14 +1,15 @@
 """MAML meta-training speed and memory: pymeta against `higher` and a plain-torch loop.
 
-    python bench/bench_maml.py [--steps 1 5] [--tasks 32] [--rounds R] [--quick]
-                               [--json bench/out/maml.json]
+    python bench/bench_maml.py [--steps 1 5] [--tasks 32] [--rounds 2] [--chunks 4 8]
+                               [--quick] [--no-steps-memory] [--json bench/out/maml.json]
 
 One meta-step = zero_grad + meta-loss forward + backward + Adam step, conv4-64 with
 BatchNorm in train mode (per-task batch statistics), 5-way 1-shot, 15 queries per class,
-inner lr 0.4, second and first order, for each inner step count of ``--steps``.
+inner lr 0.4, second and first order, for each inner step count of ``--steps``. About 15
+minutes on the 2-vCPU reference machine (``--quick``: 2 minutes); results in bench/RESULTS.md.
 
 Contenders (same initial weights, same fixed random batch, torch's default thread count):
-- pymeta ``MAML``/``FOMAML`` (all tasks batched), with ``task_chunk`` 4 and 8, and with
+- pymeta ``MAML``/``FOMAML``: all tasks batched, ``task_chunk`` in ``--chunks``, and
   ``checkpoint_inner=True`` (second order, >= 5 inner steps);
 - higher: ``innerloop_ctx`` per task, ``diffopt.step`` per inner step, query loss / T
   ``.backward()`` per task (first order: ``track_higher_grads=False`` and the query
@@ -17,13 +18,15 @@ Contenders (same initial weights, same fixed random batch, torch's default threa
   ``torch.func.functional_call`` (no library);
 - learn2learn ``MAML.clone()/adapt()`` when it imports.
 
-Speed: all contenders of a config are timed in one process, round-robin (order rotating),
-median seconds per meta-step over ``--rounds``; freed memory is kept for reuse for all of
-them (``pymeta._malloc.retain_freed_memory``, as ``pymeta train`` runs). Memory: each
-(contender, config) in a fresh subprocess (``--memory-one``) with glibc's default malloc:
-one warm-up step, then ``malloc_trim``, reset the peak RSS (``/proc/self/clear_refs`` = 5),
-read VmRSS, run one step, read VmHWM; increase = VmHWM - VmRSS before. Before timing, the
-meta-gradients of the first step are checked against the torch loop's.
+Speed: all contenders of a config in one process, round-robin (order rotating), median
+(and min) seconds per meta-step over ``--rounds``, after a first step that warms up and
+checks the meta-gradient against the torch loop's (relative L2 error). Freed memory is kept
+for reuse for all of them (``pymeta._malloc.retain_freed_memory``, as ``pymeta train``).
+Memory: each (contender, config) in a fresh subprocess (``--memory-one``), glibc's default
+malloc: one warm-up step, ``malloc_trim``, reset the peak RSS (``/proc/self/clear_refs``
+= 5), read VmRSS, run one step, read VmHWM; increase = VmHWM - VmRSS before (absolute peak
+where clear_refs does not work). A last table compares the peak increase of second-order
+steps at 1 and 10 inner steps, ``checkpoint_inner`` off and on.
 """
 from __future__ import annotations
 
@@ -155,7 +158,7 @@ def variants(steps: int, second: bool, chunks=(4, 8)) -> list[str]:
     return names + ["torch loop"]
 
 
-def contender(name: str, steps: int, second: bool, tasks: int):
+def contender(name: str, steps: int, second: bool):
     """(function filling the meta-grads, the meta-parameters) of ``name``, fresh weights."""
     ours, plain = models()
     if name.startswith("pymeta"):
@@ -181,7 +184,7 @@ def meta_step(grads_fn, opt, data) -> None:
 
 def stepper(name: str, steps: int, second: bool, tasks: int):
     """A zero-argument meta-step of ``name`` and the first step's flat meta-gradient."""
-    fn, params = contender(name, steps, second, tasks)
+    fn, params = contender(name, steps, second)
     opt, data = torch.optim.Adam(params, lr=META_LR), batch(tasks)
     opt.zero_grad(set_to_none=True)
     fn(data)
@@ -312,29 +315,33 @@ def goal_lines(results: dict) -> list[str]:
     return lines
 
 
+def _chunk_scores(results: dict, name: str) -> tuple[float, bool, float]:
+    """(geometric-mean speed vs higher, memory within higher's everywhere, worst memory)."""
+    speeds, fits, worst = [], True, 0.0
+    for res in results["configs"].values():
+        base, m = res.get("higher"), _mem(res[name].get("mem"))
+        bm = _mem(base.get("mem")) if base else None
+        speeds.append(math.log(base["s"] / res[name]["s"]) if base else 0.0)
+        fits = fits and m is not None and bm is not None and m <= bm
+        worst = max(worst, math.inf if m is None else m)
+    return math.exp(statistics.mean(speeds)), fits, worst
+
+
 def recommend_chunk(results: dict) -> tuple:
-    """(task_chunk, why): the fastest (geometric mean over configs) chunk setting whose
-    memory stays within higher's in every config; else the one with the least memory."""
+    """(task_chunk, why): the fastest chunk setting whose memory stays within higher's in
+    every config; if none does, the one with the least peak memory."""
+    first = next(iter(results["configs"].values()))
     cands = {n: int(n.split("=")[1]) if "=" in n else None
-             for n in next(iter(results["configs"].values())) if n.startswith("pymeta")
-             and not n.endswith("ckpt")}
-    score, fits = {}, {}
-    for n in cands:
-        speeds, ok = [], True
-        for res in results["configs"].values():
-            base = res.get("higher")
-            speeds.append(math.log(base["s"] / res[n]["s"]) if base else 0.0)
-            m, bm = _mem(res[n].get("mem")), _mem(base.get("mem")) if base else None
-            ok = ok and m is not None and bm is not None and m <= bm
-        score[n], fits[n] = math.exp(statistics.mean(speeds)), ok
-    fitting = [n for n in cands if fits[n]]
+             for n in first if n.startswith("pymeta") and not n.endswith("ckpt")}
+    scores = {n: _chunk_scores(results, n) for n in cands}
+    fitting = [n for n in cands if scores[n][1]]
     if fitting:
-        best = max(fitting, key=score.get)
-        return cands[best], f"{best}: {score[best]:.2f}x higher (geomean), memory within higher's"
-    worst = {n: max(_mem(r[n].get("mem")) or math.inf for r in results["configs"].values())
-             for n in cands}
-    best = min(cands, key=worst.get)
-    return cands[best], f"{best}: no setting fits higher's memory; least peak memory"
+        best = max(fitting, key=lambda n: scores[n][0])
+        why = "fastest within higher's memory"
+    else:
+        best = min(cands, key=lambda n: scores[n][2])
+        why = "no setting stays within higher's memory in every config; least peak memory"
+    return cands[best], f"{best}, {scores[best][0]:.2f}x higher's speed (geomean): {why}"
 
 
 def steps_memory_table(rows: list[dict]) -> list[str]:
@@ -394,26 +401,32 @@ def run_steps_memory(args, chunk) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     p.add_argument("--tasks", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--chunks", type=int, nargs="+", default=[4, 8],
                    help="task_chunk values timed besides the default (all tasks batched)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 tasks, 1 step, 1 round, chunk 2")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 4 tasks, 1 step, 1 round, chunk 2")
     p.add_argument("--json", type=Path, default=OUT)
     p.add_argument("--no-steps-memory", action="store_true",
                    help="skip the memory-vs-inner-steps table (1 and 10 steps)")
     p.add_argument("--memory-one", help=argparse.SUPPRESS)
     p.add_argument("--order", choices=["first", "second"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick:
+        args.tasks, args.steps, args.rounds, args.chunks = 4, [1], 1, [2]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.memory_one:
         print(json.dumps(memory_one(args.memory_one, args.steps[0], args.order == "second",
                                     args.tasks)))
         return
-    if args.quick:
-        args.tasks, args.steps, args.rounds, args.chunks = 4, [1], 1, [2]
     load = _loadavg()
     results = {"machine": header(args, load, clear_refs_works()), "configs": {}}
     run_configs(args, results)
