@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-ALGOS = ["protonet", "matching", "siamese", "relation",          # metric-based
-         "maml", "fomaml", "metasgd", "anil", "reptile"]            # gradient-based
+METRIC_ALGOS = ["protonet", "matching", "siamese", "relation"]
+GRADIENT_ALGOS = ["maml", "fomaml", "metasgd", "anil", "reptile"]
+ALGOS = METRIC_ALGOS + GRADIENT_ALGOS
 DATASETS = ["digits", "omniglot", "folder", "sinusoid"]
 
 # The accuracy protocol of bench/RESULTS.md, as one preset: Omniglot small1 with rotations
@@ -39,7 +40,6 @@ PRESETS = {
 GRADIENT_PRESETS = {
     "omniglot": dict(ways=5, queries=5, meta_batch=8, eval_ways=5, steps=1500, val_episodes=100),
 }
-GRADIENT_ALGOS = ALGOS[4:]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -175,8 +175,9 @@ def _eval(args) -> int:
         cfg.root = args.root
     data = build_splits(cfg)
     for steps in args.steps or [None]:
-        res = evaluate_split(learner, cfg, data, args.ways, args.shots, steps,
-                             not args.no_progress, args.split, args.episodes, args.queries)
+        res = evaluate_split(learner, cfg, data, ways=args.ways, shots=args.shots, steps=steps,
+                             progress=not args.no_progress, split=args.split,
+                             episodes=args.episodes, queries=args.queries)
         print(f"{args.split} {_score(res)}")
     return 0
 

@@ -137,6 +137,14 @@ def test_loaded_gradient_learner_keeps_its_options(tmp_path):
     assert isinstance(learner.model.head, nn.Linear) and learner.model.head.out_features == 3
 
 
+def test_cli_learner_lists_match_the_registry():
+    from pymeta.cli import ALGOS, GRADIENT_ALGOS
+    from pymeta.learners import LEARNERS, GradientLearner
+    assert sorted(ALGOS) == sorted(LEARNERS)
+    assert sorted(GRADIENT_ALGOS) == sorted(a for a, c in LEARNERS.items()
+                                            if issubclass(c, GradientLearner))
+
+
 def test_omniglot_preset_gives_gradient_learners_5_way_episodes():
     from pymeta.cli import _config_from_args, build_parser
     parse = lambda *a: _config_from_args(build_parser().parse_args(["train", *a]))  # noqa: E731
@@ -146,3 +154,11 @@ def test_omniglot_preset_gives_gradient_learners_5_way_episodes():
     assert parse("--preset", "omniglot", "--algo", "protonet").ways == 60
     sine = parse("--algo", "reptile", "--data", "sinusoid", "--steps", "5")
     assert (sine.backbone, sine.shots, sine.eval_steps, sine.steps) == ("mlp", 10, [1, 5, 10], 5)
+
+
+def test_better_follows_the_metric_direction_and_never_takes_nan():
+    from pymeta.engine.evaluate import better
+    assert better("acc", 0.5, None) and better("acc", 0.6, 0.5) and not better("acc", 0.4, 0.5)
+    assert better("mse", 0.3, 0.4) and not better("mse", 0.5, 0.4)
+    assert not better("mse", float("nan"), None) and not better("acc", float("nan"), 0.1)
+    assert not better("mse", float("inf"), 0.4) and better("mse", 0.4, float("inf"))

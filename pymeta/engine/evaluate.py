@@ -3,6 +3,7 @@ Lake's one-shot runs."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -22,20 +23,23 @@ def autocast(device: torch.device, amp: str | None):
     return torch.autocast(device.type, dtype=dtypes[amp])
 
 
-def is_regression(learner) -> bool:
-    """Whether ``learner`` regresses (gradient learners with ``loss="mse"``)."""
-    return getattr(learner, "loss_name", None) == "mse"
-
-
 def metric_name(learner) -> str:
     """The score a run reports: ``"acc"`` (query accuracy, higher is better) or ``"mse"``
-    (query mean squared error, lower is better)."""
-    return "mse" if is_regression(learner) else "acc"
+    (query mean squared error of regressing learners, ``loss="mse"``; lower is better)."""
+    return "mse" if getattr(learner, "loss_name", None) == "mse" else "acc"
 
 
-def task_scores(out: torch.Tensor, query_y: torch.Tensor, regression: bool) -> torch.Tensor:
-    """Per-task query accuracy, or MSE for regression, float64 ``[T]``."""
-    if regression:
+def better(metric: str, new: float, old: float | None) -> bool:
+    """Whether score ``new`` improves on ``old`` (None: nothing to beat yet); NaN never does
+    (a diverged regression scores NaN or inf)."""
+    if math.isnan(new):
+        return False
+    return old is None or (new < old if metric == "mse" else new > old)
+
+
+def task_scores(out: torch.Tensor, query_y: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per-task query accuracy or MSE (``metric``), float64 ``[T]``."""
+    if metric == "mse":
         return (out.double() - query_y.double()).square().flatten(1).mean(1)
     return (out.argmax(-1) == query_y).double().mean(-1)
 
@@ -67,7 +71,7 @@ def episode_scores(learner, sampler, device="cpu", amp=None, batch: int | None =
         raise ValueError(f"{type(learner).__name__} does not adapt at test time; "
                          f"steps only apply to gradient-based learners")
     device = torch.device(device)
-    regression = is_regression(learner)
+    metric = metric_name(learner)
     kwargs = {} if steps is None else {"steps": steps}
     was_training = learner.training
     learner.eval()
@@ -79,7 +83,7 @@ def episode_scores(learner, sampler, device="cpu", amp=None, batch: int | None =
             ep = ep.to(device)
             with autocast(device, amp):
                 out = learner(ep.support_x, ep.support_y, ep.query_x, ep.ways, **kwargs)
-            scores.append(task_scores(out, ep.query_y, regression).cpu())
+            scores.append(task_scores(out, ep.query_y, metric).cpu())
             bar.update(ep.tasks)
         bar.close()
     finally:

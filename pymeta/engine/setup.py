@@ -48,7 +48,6 @@ class Splits:
         return EpisodeSampler(self.train, cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch,
                               seed=cfg.seed, augment=cfg.augment)
 
-
     def eval_sampler(self, cfg: RunConfig, split: str, episodes: int, ways: int | None = None,
                      shots: int | None = None, queries: int | None = None) -> EpisodeSampler:
         """The fixed episodes of ``split`` ("val" or "test"), the same for every learner."""
@@ -69,7 +68,9 @@ class SinusoidData:
         return SinusoidTasks(1, 1).description()
 
     def summary(self) -> str:
-        return "sine waves, amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5]"
+        d = self.preprocessing
+        return (f"sine waves, amplitude U{d['amplitude']}, phase U{d['phase']}, "
+                f"x U{d['x_range']}")
 
     def train_sampler(self, cfg: RunConfig) -> SinusoidTasks:
         return SinusoidTasks(cfg.shots, cfg.queries, cfg.meta_batch, seed=cfg.seed)
@@ -140,35 +141,36 @@ def build_learner(cfg: RunConfig, input_shape: tuple, algo_kwargs: dict | None =
     meta-learned (``fixed_init=["head"]`` unless the options say otherwise); on regression
     data the backbone is the whole model and the loss is MSE.
     """
-    from ..learners import LEARNERS, GradientLearner
     from ..learners import build_learner as build
     from ..nn import build_backbone
-    gradient = isinstance(LEARNERS.get(cfg.algo), type) and issubclass(LEARNERS[cfg.algo],
-                                                                       GradientLearner)
+    gradient = cfg.algo in _gradient_algos()
     _check_learner_kind(cfg, gradient)
     torch.manual_seed(cfg.seed)
-    backbone = _construct(f"backbone {cfg.backbone!r}", build_backbone, cfg.backbone,
-                          **_backbone_kwargs(cfg, input_shape))
+    model = _construct(f"backbone {cfg.backbone!r}", build_backbone, cfg.backbone,
+                       **_backbone_kwargs(cfg, input_shape))
     kwargs = dict(cfg.learner_kwargs if algo_kwargs is None else algo_kwargs)
     if cfg.data in REGRESSION_DATA:
-        model = backbone
         kwargs.setdefault("loss", "mse")
-    else:
-        with torch.no_grad():
-            feat = backbone.eval()(torch.zeros(2, *input_shape)).shape[1:]
-        backbone.train()
-        model = backbone
-        if gradient:
-            model = _with_head(backbone, feat, cfg.max_ways)
-            kwargs.setdefault("fixed_init", ["head"])
-        kwargs = _feature_kwargs(cfg.algo, feat, kwargs)
-    return _construct(f"learner {cfg.algo!r}", build, cfg.algo, model, **kwargs)
+        return _construct(f"learner {cfg.algo!r}", build, cfg.algo, model, **kwargs)
+    with torch.no_grad():
+        feat = model.eval()(torch.zeros(2, *input_shape)).shape[1:]
+    model.train()
+    if gradient:
+        model = _with_head(model, feat, cfg.max_ways)
+        kwargs.setdefault("fixed_init", ["head"])
+    return _construct(f"learner {cfg.algo!r}", build, cfg.algo, model,
+                      **_feature_kwargs(cfg.algo, feat, kwargs))
+
+
+def _gradient_algos() -> list[str]:
+    from ..learners import LEARNERS, GradientLearner
+    return sorted(a for a, c in LEARNERS.items() if issubclass(c, GradientLearner))
 
 
 def _check_learner_kind(cfg: RunConfig, gradient: bool) -> None:
     if cfg.data in REGRESSION_DATA and not gradient:
         raise ValueError(f"{cfg.data} is a regression task: it needs a gradient-based learner "
-                         f"(maml, fomaml, metasgd, anil, reptile), not {cfg.algo!r}")
+                         f"({', '.join(_gradient_algos())}), not {cfg.algo!r}")
     if cfg.eval_steps and not gradient:
         raise ValueError(f"eval_steps (test-time inner steps) only apply to gradient-based "
                          f"learners, not {cfg.algo!r}")

@@ -12,7 +12,7 @@ from .. import __version__
 from ..data.episodes import Episode, EpisodeSampler, episode_loader
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .evaluate import autocast, evaluate, metric_name, task_scores
+from .evaluate import autocast, better, evaluate, metric_name, task_scores
 from .metrics import MetricsLog
 
 
@@ -35,8 +35,8 @@ class Trainer:
 
     Writes to ``out_dir``: ``last.pt`` (every validation, and every ``checkpoint_every``
     steps), ``best.pt`` (best validation accuracy, or lowest MSE), ``metrics.csv``,
-    ``metrics.jsonl`` and ``curves.png``. Step ``s`` trains on episode ``s`` of the sampler, so a run resumed from
-    ``last.pt`` at the same thread count continues bit for bit.
+    ``metrics.jsonl`` and ``curves.png``. Step ``s`` trains on episode ``s`` of the sampler,
+    so a run resumed from ``last.pt`` at the same thread count continues bit for bit.
 
     The loop body (:meth:`train_step`) is one forward/backward/step on one episode, the shape
     a data-parallel wrapper slots into.
@@ -70,7 +70,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.metric = metric_name(learner)  # "acc" (higher is better) or "mse" (lower)
         self.step = 0
-        self.best = {self.metric: math.inf if self.metric == "mse" else -math.inf, "step": -1}
+        self.best = {self.metric: None, "step": -1}
         self._window = _empty_window()
         self.elapsed = 0.0
         self.log = None
@@ -127,7 +127,7 @@ class Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
         self.sched.step()
-        score = task_scores(logits.detach(), ep.query_y, self.metric == "mse").mean()
+        score = task_scores(logits.detach(), ep.query_y, self.metric).mean()
         return loss.detach().double(), score
 
     def fit(self, resume: bool = False) -> dict:
@@ -199,7 +199,7 @@ class Trainer:
             self.log.append({"step": self.step, "split": "val", "loss": None, m: res[m],
                              "ci95": res["ci95"], "lr": self.opt.param_groups[0]["lr"],
                              "tasks_per_s": None, "elapsed_s": self.elapsed})
-            if (res[m] < self.best[m]) if m == "mse" else (res[m] > self.best[m]):
+            if better(m, res[m], self.best[m]):
                 self.best = {m: res[m], "step": self.step}
                 self.save("best.pt")
             msg = f"{postfix}, val {m}={res[m]:.3f}±{res['ci95']:.3f}"
