@@ -1,6 +1,6 @@
 """MAML meta-training speed and memory: pymeta against `higher` and a plain-torch loop.
 
-    python bench/bench_maml.py [--steps 1 5] [--tasks 32] [--rounds 2] [--chunks 4 8]
+    python bench/bench_maml.py [--steps 1 5] [--tasks 32] [--rounds 2] [--chunks 1 4]
                                [--quick] [--no-steps-memory] [--json bench/out/maml.json]
 
 One meta-step = zero_grad + meta-loss forward + backward + Adam step, conv4-64 with
@@ -9,7 +9,8 @@ inner lr 0.4, second and first order, for each inner step count of ``--steps``. 
 minutes on the 2-vCPU reference machine (``--quick``: 2 minutes); results in bench/RESULTS.md.
 
 Contenders (same initial weights, same fixed random batch, torch's default thread count):
-- pymeta ``MAML``/``FOMAML``: all tasks batched, ``task_chunk`` in ``--chunks``, and
+- pymeta ``MAML``/``FOMAML``: the default ``task_chunk="auto"`` (2 tasks at a time for
+  conv models on CPU), all tasks batched (``whole``), ``task_chunk`` in ``--chunks``, and
   ``checkpoint_inner=True`` (second order, >= 5 inner steps);
 - higher: ``innerloop_ctx`` per task, ``diffopt.step`` per inner step, query loss / T
   ``.backward()`` per task (first order: ``track_higher_grads=False`` and the query
@@ -50,6 +51,7 @@ from torch import nn
 
 from pymeta.benchmark import _cpu_model, _loadavg
 from pymeta.learners import FOMAML, MAML
+from pymeta.learners.maml import CPU_TASK_CHUNK
 from pymeta.nn import Conv4
 
 OUT = Path(__file__).resolve().parent / "out" / "maml.json"
@@ -151,7 +153,7 @@ def l2l_grads(maml, data, steps: int) -> None:
 # ---- contenders ---------------------------------------------------------------------------
 
 def variants(steps: int, second: bool, chunks=(4, 8)) -> list[str]:
-    names = ["pymeta", *(f"pymeta chunk={c}" for c in chunks)]
+    names = ["pymeta", "pymeta whole", *(f"pymeta chunk={c}" for c in chunks)]
     names += ["pymeta ckpt"] if second and steps >= 5 else []
     names += ["higher"] if higher else []
     names += ["learn2learn"] if l2l else []
@@ -162,8 +164,7 @@ def contender(name: str, steps: int, second: bool):
     """(function filling the meta-grads, the meta-parameters) of ``name``, fresh weights."""
     ours, plain = models()
     if name.startswith("pymeta"):
-        chunk = re.search(r"chunk=(\d+)", name)
-        chunk = int(chunk.group(1)) if chunk else None
+        chunk = _chunk_of(name)
         kw = dict(inner_lr=LR, steps=steps, task_chunk=chunk)
         learner = (MAML(ours, second_order=True, checkpoint_inner=name.endswith("ckpt"), **kw)
                    if second else FOMAML(ours, **kw)).train()
@@ -174,6 +175,12 @@ def contender(name: str, steps: int, second: bool):
         maml = l2l.algorithms.MAML(plain, lr=LR, first_order=not second)
         return (lambda d: l2l_grads(maml, d, steps)), list(maml.parameters())
     return (lambda d: loop_grads(plain, d, steps, second)), list(plain.parameters())
+
+
+def _chunk_of(name: str):
+    """The task_chunk of a pymeta contender's name: chunk=N, whole (None) or auto."""
+    chunk = re.search(r"chunk=(\d+)", name)
+    return int(chunk.group(1)) if chunk else None if " whole" in name else "auto"
 
 
 def meta_step(grads_fn, opt, data) -> None:
@@ -331,8 +338,7 @@ def recommend_chunk(results: dict) -> tuple:
     """(task_chunk, why): the fastest chunk setting whose memory stays within higher's in
     every config; if none does, the one with the least peak memory."""
     first = next(iter(results["configs"].values()))
-    cands = {n: int(n.split("=")[1]) if "=" in n else None
-             for n in first if n.startswith("pymeta") and not n.endswith("ckpt")}
+    cands = {n: _chunk_of(n) for n in first if n.startswith("pymeta") and not n.endswith("ckpt")}
     scores = {n: _chunk_scores(results, n) for n in cands}
     fitting = [n for n in cands if scores[n][1]]
     if fitting:
@@ -390,8 +396,8 @@ def run_configs(args, results: dict) -> None:
 
 
 def run_steps_memory(args, chunk) -> list[dict]:
-    names = ["pymeta", "pymeta ckpt"]
-    if chunk:
+    names = ["pymeta", "pymeta ckpt", "pymeta whole", "pymeta whole ckpt"]
+    if isinstance(chunk, int) and chunk != CPU_TASK_CHUNK:
         names += [f"pymeta chunk={chunk}", f"pymeta chunk={chunk} ckpt"]
     names += ["higher"] if higher and not args.quick else []
     rows = []
@@ -406,10 +412,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     p.add_argument("--tasks", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--chunks", type=int, nargs="+", default=[4, 8],
-                   help="task_chunk values timed besides the default (all tasks batched)")
+    p.add_argument("--chunks", type=int, nargs="+", default=[1, 4],
+                   help="task_chunk values timed besides the default (auto) and all tasks")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 4 tasks, 1 step, 1 round, chunk 2")
+                   help="smoke run: 4 tasks, 1 step, 1 round, chunk 1")
     p.add_argument("--json", type=Path, default=OUT)
     p.add_argument("--no-steps-memory", action="store_true",
                    help="skip the memory-vs-inner-steps table (1 and 10 steps)")
@@ -417,7 +423,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--order", choices=["first", "second"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.tasks, args.steps, args.rounds, args.chunks = 4, [1], 1, [2]
+        args.tasks, args.steps, args.rounds, args.chunks = 4, [1], 1, [1]
     return args
 
 

@@ -232,7 +232,7 @@ def _add_train(sub) -> None:
     p.add_argument("--learner-opt", action="append", metavar="KEY=VALUE",
                    help="a learner constructor option, repeatable: e.g. fce=true "
                         "(matching), metric=cosine (protonet), loss=contrastive (siamese), "
-                        "inner_lr=0.4 steps=1 test_steps=3 (maml, ...), task_chunk=4, "
+                        "inner_lr=0.4 steps=1 test_steps=3 (maml, ...), task_chunk=1|null, "
                         "checkpoint_inner=true (maml)")
     p.add_argument("--backbone-opt", action="append", metavar="KEY=VALUE",
                    help="a backbone constructor option, repeatable: e.g. hidden=32")

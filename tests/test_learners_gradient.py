@@ -19,6 +19,7 @@ from torch.func import functional_call
 import pymeta.learners.functional
 import pymeta.learners.maml
 import pymeta.learners.reptile
+from pymeta.learners.maml import CPU_TASK_CHUNK
 from pymeta.learners import (ANIL, FOMAML, LEARNERS, MAML, FewShotLearner, MetaSGD, Reptile,
                              batched_forward, build_learner, is_batchable)
 from pymeta.nn import Conv4, ResNet12
@@ -217,19 +218,20 @@ def test_regression_mse_matches_reference():
 
 # ---- memory options give the same gradients -------------------------------------------------
 
-@pytest.mark.parametrize("options", [dict(task_chunk=2), dict(checkpoint_inner=True),
+@pytest.mark.parametrize("options", [dict(task_chunk=2),
+                                     dict(checkpoint_inner=True, task_chunk=None),
                                      dict(task_chunk=1, checkpoint_inner=True)],
                          ids=["chunk", "ckpt_inner", "both"])
 @pytest.mark.parametrize("kind", ["maml", "anil", "metasgd", "lslr"])
 def test_chunks_and_checkpoints_keep_gradients(kind, options):
     data = episode("img")
-    plain = make(kind, conv(), steps=2).train()
+    plain = make(kind, conv(), steps=2, task_chunk=None).train()
     expected = grads_of(plain, plain.meta_loss(*data))
     learner = make(kind, conv(), steps=2, **options).train()
     learner.load_state_dict(plain.state_dict())
     loss, logits = learner.loss(*data, ways=3)
     assert logits.shape == (3, 4, 3)
-    assert logits.requires_grad == ("task_chunk" not in options)  # chunks: detached logits
+    assert logits.requires_grad == (options["task_chunk"] is None)  # chunks: detached logits
     assert_grads_close(grads_of(learner, loss), expected, rtol=1e-10)
 
 
@@ -237,6 +239,32 @@ def test_fomaml_chunks_keep_gradients():
     data = episode("mlp")
     a, b = FOMAML(mlp(), steps=3), FOMAML(mlp(), steps=3, task_chunk=2)
     assert_grads_close(grads_of(b, b.meta_loss(*data)), grads_of(a, a.meta_loss(*data)), 1e-10)
+
+
+def test_auto_chunks_conv_models_on_cpu_only():
+    data = episode("img", T=5)
+    auto, whole = MAML(conv()), MAML(conv(), task_chunk=None)
+    assert auto.task_chunk == "auto" and auto._chunk_size(data[0]) == CPU_TASK_CHUNK
+    assert not auto.loss(*data, ways=3)[1].requires_grad  # chunked: detached logits
+    assert whole.loss(*data, ways=3)[1].requires_grad
+    assert MAML(mlp())._chunk_size(episode("mlp", T=5)[0]) == 5
+    torch.testing.assert_close(auto.meta_loss(*data), whole.meta_loss(*data))
+
+
+def test_chunked_loss_backpropagates_like_the_whole_batch():
+    """Chunks take their gradients early: a scaled loss, and inputs that need grad too."""
+    data = episode("mlp", T=5)
+    a, b = MAML(mlp(), steps=2), MAML(mlp(), steps=2, task_chunk=2)
+    xa, xb = (data[0].clone().requires_grad_() for _ in range(2))
+    (3 * a.meta_loss(xa, *data[1:])).backward()
+    loss = b.meta_loss(xb, *data[1:])
+    torch.testing.assert_close(loss, a.meta_loss(*data), rtol=1e-12, atol=0)
+    (3 * loss).backward()
+    assert_grads_close([p.grad for p in b.parameters()], [p.grad for p in a.parameters()], 1e-10)
+    assert_grads_close([xb.grad], [xa.grad], 1e-10)
+    g = torch.autograd.grad(b.meta_loss(*data), list(b.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # no silent 2nd pass
+        torch.autograd.grad(sum(x.sum() for x in g), list(b.parameters()))
 
 
 def test_checkpointed_steps_update_running_stats_once():
@@ -425,6 +453,26 @@ def test_batched_forward_matches_functional_call(make_model):
         torch.testing.assert_close(bufs[n], bufs2[n], rtol=1e-10, atol=1e-12, msg=n)
     assert all(not torch.equal(bufs[n], b) for n, b in model.named_buffers()
                if n.endswith("running_mean"))
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_batched_forward_keeps_channels_last(T):
+    """Even one task on one-channel images (ambiguous strides) and per-task fast weights
+    (plain strides, from sgd_step) stay channels_last: NCHW max-pooling is ~7x slower."""
+    model = conv(channels_last=True).train()
+    seen = []
+    for m in model.modules():
+        if isinstance(m, nn.MaxPool2d):
+            m.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    fast = {n: (p + 0.1 * torch.randn(T, *p.shape, dtype=DT)).contiguous()
+            for n, p in model.named_parameters()}
+    x = torch.randn(T, 5, 1, 28, 28, dtype=DT)
+    out = batched_forward(model, fast, None, x)
+    assert len(seen) == 4 and all(
+        a.is_contiguous(memory_format=torch.channels_last) and a.stride(1) == 1 for a in seen)
+    ref = torch.stack([functional_call(model, {n: p[t] for n, p in fast.items()}, (x[t],))
+                       for t in range(T)])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("per_task", [False, True])

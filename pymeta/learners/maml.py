@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..ops import sgd_step, sgd_step_
 from .base import FewShotLearner, _check_label_tensor, _check_shapes, check_episode, upcast
 from .functional import BN_MODES, batched_forward
 
 LOSSES = ("cross_entropy", "mse")
-Rate = Union[float, list]  # sgd_step's lr: a float or one tensor per adapted parameter
+Rate = Union[float, list]
+Chunk = Union[int, str, None]  # task_chunk: a size, "auto" or None (all tasks at once)
+CPU_TASK_CHUNK = 2  # "auto" task_chunk for convolutional models on CPU (bench/RESULTS.md)  # sgd_step's lr: a float or one tensor per adapted parameter
 
 _SECOND, _FIRST, _EVAL = "second", "first", "eval"  # how the inner loop connects to the meta-params
 
@@ -292,12 +295,16 @@ class MAML(GradientLearner):
         bn_mode: BatchNorm in eval: ``"transductive"`` (per-task batch statistics, as in
             MAML) or ``"running"`` (running statistics). Training always uses per-task batch
             statistics and updates the running ones with the mean over tasks.
-        task_chunk: process the meta-batch in chunks of this many tasks; each chunk's graph is
-            rebuilt in backward, so only one chunk's second-order graph is alive at a time.
-            Same gradients, about one extra first-order forward of compute. Small chunks
-            also stay in cache: conv4 (64 channels, 28x28), 32 tasks of 5-way 1-shot
-            15-query, one second-order step, 1 CPU thread: 4.8 s a meta-batch with
-            ``task_chunk=4`` against 8.2 s without.
+        task_chunk: tasks processed together. Each chunk's meta-gradient is taken as soon
+            as its loss is computed (inside :meth:`meta_loss`), so only one chunk's graph is
+            alive at a time and nothing is recomputed; the loss then backpropagates once (no
+            double backward through it), and :meth:`loss` returns detached logits. ``None``:
+            the whole meta-batch at once. ``"auto"`` (default): chunks of
+            ``CPU_TASK_CHUNK`` (2) tasks for convolutional models on CPU, the whole
+            meta-batch otherwise. Conv4-64 + BatchNorm on this project's 2-vCPU machine
+            (5-way 1-shot 15-query, 32 tasks, one second-order step; bench/RESULTS.md):
+            chunks of 1-2 tasks are fastest and hold about 70 MiB of graph per task, the
+            whole batch 2.2 GiB; small models (the sinusoid MLP) and GPUs gain from batching.
         checkpoint_inner: rebuild each inner step in backward instead of keeping its graph,
             so memory grows slowly with ``steps`` (second order only).
         loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression: float targets
@@ -330,11 +337,11 @@ class MAML(GradientLearner):
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, steps: int = 1,
                  test_steps: Optional[int] = None, second_order: bool = True,
                  lslr: bool = False, bn_mode: str = "transductive",
-                 task_chunk: Optional[int] = None, checkpoint_inner: bool = False,
+                 task_chunk: Chunk = "auto", checkpoint_inner: bool = False,
                  loss: str = "cross_entropy", per_task: bool = False,
                  fixed_init: Optional[Sequence[str]] = None) -> None:
         super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task, fixed_init)
-        if task_chunk is not None:
+        if task_chunk not in (None, "auto"):
             _check_count(type(self).__name__, "task_chunk", task_chunk)
         self.second_order, self.task_chunk = bool(second_order), task_chunk
         self.checkpoint_inner, self.lslr = bool(checkpoint_inner), bool(lslr)
@@ -407,35 +414,30 @@ class MAML(GradientLearner):
     def _chunked(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Optional[Tensor], steps: int,
                  mode: str, ways: Optional[int]) -> tuple[Optional[Tensor], Tensor]:
         T = sx.shape[0]
-        c = self.task_chunk or T
+        c = self._chunk_size(sx)
         if c >= T:
             return super()._chunked(sx, sy, qx, qy, steps, mode, ways)
-        losses, outs = [], []
-        for lo in range(0, T, c):
-            part = [None if t is None else t[lo:lo + c] for t in (sx, sy, qx, qy)]
-            loss, out = (self._episode(self._meta(mode), *part, steps, mode, self.training, ways)
-                         if mode == _EVAL or qy is None else self._recomputed(part, steps, mode,
-                                                                              ways))
-            losses.append(None if loss is None else loss * part[0].shape[0])
-            outs.append(out)
-        total = None if qy is None else torch.stack(losses).sum() / T
-        return total, torch.cat(outs)
-
-    def _recomputed(self, part: list[Tensor], steps: int, mode: str,
-                    ways: Optional[int]) -> tuple[Tensor, Tensor]:
-        """One chunk's (loss, logits) whose graph is rebuilt in backward."""
+        if mode == _EVAL or qy is None:  # no meta-gradient wanted: chunks just run in turn
+            outs = [self._episode(self._meta(mode), *_rows(lo, c, sx, sy, qx, None), steps, mode,
+                                  self.training, ways)[1] for lo in range(0, T, c)]
+            return None, torch.cat(outs)
         meta = self._meta(mode)
         names = list(meta)
-        update = self.training
 
-        def run(tensors: Sequence[Tensor], record: bool) -> tuple[Tensor, ...]:
-            m = dict(zip(names, tensors[:len(names)]))
-            data = tensors[len(names):]
-            return self._episode(m, *data, steps, mode if record else _EVAL,
-                                 update and not record, ways)
+        def chunks(tensors: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+            m, data = dict(zip(names, tensors)), tensors[len(names):]
+            for lo in range(0, T, c):
+                part = _rows(lo, c, *data)
+                loss, out = self._episode(m, *part, steps, mode, self.training, ways)
+                yield loss * (part[0].shape[0] / T), out
 
-        loss, out = _Recompute.apply(run, 1, *meta.values(), *part)
-        return loss, out
+        return _EagerChunks.apply(chunks, *meta.values(), sx, sy, qx, qy)
+
+    def _chunk_size(self, x: Tensor) -> int:
+        if self.task_chunk != "auto":
+            return self.task_chunk or x.shape[0]
+        convolutional = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
+        return CPU_TASK_CHUNK if convolutional and x.device.type == "cpu" else x.shape[0]
 
 
 class FOMAML(MAML):
@@ -458,7 +460,7 @@ class FOMAML(MAML):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, steps: int = 1,
                  test_steps: Optional[int] = None, lslr: bool = False,
-                 bn_mode: str = "transductive", task_chunk: Optional[int] = None,
+                 bn_mode: str = "transductive", task_chunk: Chunk = "auto",
                  loss: str = "cross_entropy", per_task: bool = False,
                  fixed_init: Optional[Sequence[str]] = None) -> None:
         super().__init__(model, inner_lr, steps, test_steps, second_order=False, lslr=lslr,
@@ -494,7 +496,7 @@ class MetaSGD(MAML):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, steps: int = 1,
                  test_steps: Optional[int] = None, second_order: bool = True,
-                 bn_mode: str = "transductive", task_chunk: Optional[int] = None,
+                 bn_mode: str = "transductive", task_chunk: Chunk = "auto",
                  checkpoint_inner: bool = False, loss: str = "cross_entropy",
                  per_task: bool = False, fixed_init: Optional[Sequence[str]] = None) -> None:
         super().__init__(model, inner_lr, steps, test_steps, second_order, False, bn_mode,
@@ -545,7 +547,7 @@ class ANIL(MAML):
     def __init__(self, model: nn.Module, head: Optional[Sequence[str]] = None,
                  inner_lr: float = 0.4, steps: int = 1, test_steps: Optional[int] = None,
                  second_order: bool = True, lslr: bool = False, bn_mode: str = "transductive",
-                 task_chunk: Optional[int] = None, checkpoint_inner: bool = False,
+                 task_chunk: Chunk = "auto", checkpoint_inner: bool = False,
                  loss: str = "cross_entropy", per_task: bool = False,
                  fixed_init: Optional[Sequence[str]] = None) -> None:
         self.head = _head_prefixes(model, head)  # before MAML counts the adapted parameters
@@ -572,6 +574,48 @@ class ANIL(MAML):
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+class _EagerChunks(torch.autograd.Function):
+    """The sum of the losses that ``chunks(tensors)`` yields, one ``(loss, output)`` per task
+    chunk. Each chunk's loss is differentiated as soon as it is computed, so only one chunk's
+    graph is ever alive and nothing is recomputed (what a per-task ``backward()`` loop does,
+    behind a loss that ``backward`` as usual). Backward scales the summed gradients by the
+    incoming one; the outputs come back concatenated and detached. Once differentiable."""
+
+    @staticmethod
+    def forward(ctx, chunks: Callable, *tensors: Tensor) -> tuple[Tensor, Tensor]:
+        inputs = [t.detach().requires_grad_(n) for t, n in zip(tensors, ctx.needs_input_grad[1:])]
+        wanted = [i for i in inputs if i.requires_grad]
+        sums: list[Optional[Tensor]] = [None] * len(wanted)
+        total, outs = None, []
+        with torch.enable_grad():
+            for loss, out in chunks(inputs):
+                if wanted and loss.requires_grad:
+                    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+                    sums = [a if g is None else g if a is None else a + g
+                            for a, g in zip(sums, grads)]
+                total = loss.detach() if total is None else total + loss.detach()
+                outs.append(out.detach())
+        ctx.sums = sums
+        out = torch.cat(outs)
+        ctx.mark_non_differentiable(out)
+        return total, out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_out: Tensor):
+        sums = iter(ctx.sums)
+        scaled = []
+        for n in ctx.needs_input_grad[1:]:
+            s = next(sums) if n else None
+            scaled.append(None if s is None else s * grad_loss)
+        return (None, *scaled)
+
+
+def _rows(lo: int, n: int, *tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """Tasks ``lo .. lo + n - 1`` of each task-batched tensor (None stays None)."""
+    return [None if t is None else t[lo:lo + n] for t in tensors]
+
 
 class _Recompute(torch.autograd.Function):
     """Runs ``run(tensors, record=False)`` for the outputs' values only (no graph kept) and
