@@ -5,7 +5,7 @@
 
 One meta-step = zero_grad + meta-loss forward + backward + Adam step, conv4-64 with
 BatchNorm in train mode (per-task batch statistics), 5-way 1-shot, 15 queries per class,
-inner lr 0.4, second and first order, for each inner step count of ``--steps``. About 15
+inner lr 0.4, second and first order, for each inner step count of ``--steps``. About 17
 minutes on the 2-vCPU reference machine (``--quick``: 2 minutes); results in bench/RESULTS.md.
 
 Contenders (same initial weights, same fixed random batch, torch's default thread count):

@@ -569,7 +569,8 @@ def test_bad_arguments():
     for kwargs, match in ((dict(inner_lr=-1.0), "inner_lr"), (dict(inner_lr=True), "inner_lr"),
                           (dict(steps=0), "steps"), (dict(test_steps=1.5), "test_steps"),
                           (dict(bn_mode="batch"), "bn_mode"), (dict(loss="l1"), "loss"),
-                          (dict(task_chunk=0), "task_chunk")):
+                          (dict(task_chunk=0), "task_chunk"),
+                          (dict(task_chunk="all"), "positive int, .auto. or None")):
         with pytest.raises(ValueError, match=match):
             MAML(m, **kwargs)
     with pytest.raises(ValueError, match="no parameters"):

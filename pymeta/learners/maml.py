@@ -28,9 +28,9 @@ from .base import FewShotLearner, _check_label_tensor, _check_shapes, check_epis
 from .functional import BN_MODES, batched_forward
 
 LOSSES = ("cross_entropy", "mse")
-Rate = Union[float, list]
+Rate = Union[float, list]  # sgd_step's lr: a float or one tensor per adapted parameter
 Chunk = Union[int, str, None]  # task_chunk: a size, "auto" or None (all tasks at once)
-CPU_TASK_CHUNK = 2  # "auto" task_chunk for convolutional models on CPU (bench/RESULTS.md)  # sgd_step's lr: a float or one tensor per adapted parameter
+CPU_TASK_CHUNK = 2  # "auto" task_chunk for convolutional models on CPU (bench/RESULTS.md)
 
 _SECOND, _FIRST, _EVAL = "second", "first", "eval"  # how the inner loop connects to the meta-params
 
@@ -301,10 +301,10 @@ class MAML(GradientLearner):
             double backward through it), and :meth:`loss` returns detached logits. ``None``:
             the whole meta-batch at once. ``"auto"`` (default): chunks of
             ``CPU_TASK_CHUNK`` (2) tasks for convolutional models on CPU, the whole
-            meta-batch otherwise. Conv4-64 + BatchNorm on this project's 2-vCPU machine
-            (5-way 1-shot 15-query, 32 tasks, one second-order step; bench/RESULTS.md):
-            chunks of 1-2 tasks are fastest and hold about 70 MiB of graph per task, the
-            whole batch 2.2 GiB; small models (the sinusoid MLP) and GPUs gain from batching.
+            meta-batch otherwise. Conv4-64 + BatchNorm, 5-way 1-shot 15-query, 32 tasks, one
+            second-order step on a 2-vCPU machine (bench/RESULTS.md): chunks of 2 run 1.4x
+            as fast as ``higher`` at 260 MiB of peak memory, all 32 tasks at once 0.9x at
+            2.2 GiB. Small models (the sinusoid MLP) and GPUs gain from batching.
         checkpoint_inner: rebuild each inner step in backward instead of keeping its graph,
             so memory grows slowly with ``steps`` (second order only).
         loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression: float targets
@@ -341,8 +341,10 @@ class MAML(GradientLearner):
                  loss: str = "cross_entropy", per_task: bool = False,
                  fixed_init: Optional[Sequence[str]] = None) -> None:
         super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task, fixed_init)
-        if task_chunk not in (None, "auto"):
-            _check_count(type(self).__name__, "task_chunk", task_chunk)
+        if task_chunk not in (None, "auto") and (isinstance(task_chunk, bool) or not
+                                                 isinstance(task_chunk, int) or task_chunk < 1):
+            raise ValueError(f"{type(self).__name__}: task_chunk must be a positive int, "
+                             f"'auto' or None, got {task_chunk!r}")
         self.second_order, self.task_chunk = bool(second_order), task_chunk
         self.checkpoint_inner, self.lslr = bool(checkpoint_inner), bool(lslr)
         if self.lslr:

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..ops import sgd_step
 from .maml import _EVAL, GradientLearner
 
 
@@ -15,10 +16,11 @@ class Reptile(GradientLearner):
 
     :meth:`loss` returns the query loss of the adapted weights (a detached scalar, for
     logging) and the query logits, and accumulates the pseudo-gradient
-    ``theta - mean_t adapted_t`` into each meta-parameter's ``.grad`` (as ``backward`` would).
-    So a plain ``torch.optim.SGD(lr=epsilon)`` step after it is exactly Reptile's outer
-    update, and any other optimizer (Adam, as in the paper's few-shot runs) applies to the
-    same direction. ``sets_own_grads = True`` tells the training engine not to call
+    ``theta - mean_t adapted_t`` into each meta-parameter's ``.grad`` (as ``backward`` would;
+    all tensors in one fused :func:`pymeta.ops.sgd_step` call). So a plain
+    ``torch.optim.SGD(lr=epsilon)`` step after it (torch's multi-tensor step) is exactly
+    Reptile's outer update, and any other optimizer (Adam, as in the paper's few-shot runs)
+    applies to the same direction. ``sets_own_grads = True`` tells the training engine not to call
     ``backward`` on the loss.
 
     Args:
@@ -65,11 +67,12 @@ class Reptile(GradientLearner):
             out = self._checked(self._fwd(self.model, meta, query_x, False, fast), ways)
             loss = self._task_losses(out, query_y, ways).mean()
             params = dict(self.model.named_parameters())
-            for name, w in fast.items():
-                p = params[name]
-                if not p.requires_grad:  # fixed_init: adapted, never meta-learned
-                    continue
-                step = p.detach() - w.mean(0)
+            learned = [(params[n], w) for n, w in fast.items()
+                       if params[n].requires_grad]  # fixed_init ones are never meta-learned
+            # theta - mean_t adapted_t for every tensor in one fused call: sgd_step(p, m, 1)
+            steps = sgd_step([p.detach() for p, _ in learned], [w.mean(0) for _, w in learned],
+                             1.0)
+            for (p, _), step in zip(learned, steps):
                 p.grad = step if p.grad is None else p.grad + step
         return loss, out
 
