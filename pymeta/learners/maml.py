@@ -341,11 +341,10 @@ class MAML(GradientLearner):
                  loss: str = "cross_entropy", per_task: bool = False,
                  fixed_init: Optional[Sequence[str]] = None) -> None:
         super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task, fixed_init)
-        if task_chunk not in (None, "auto") and (isinstance(task_chunk, bool) or not
-                                                 isinstance(task_chunk, int) or task_chunk < 1):
-            raise ValueError(f"{type(self).__name__}: task_chunk must be a positive int, "
-                             f"'auto' or None, got {task_chunk!r}")
+        if task_chunk not in (None, "auto"):
+            _check_count(type(self).__name__, "task_chunk", task_chunk, ", 'auto' or None")
         self.second_order, self.task_chunk = bool(second_order), task_chunk
+        self._convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.checkpoint_inner, self.lslr = bool(checkpoint_inner), bool(lslr)
         if self.lslr:
             n = len(self._adapted_names())
@@ -419,11 +418,11 @@ class MAML(GradientLearner):
         c = self._chunk_size(sx)
         if c >= T:
             return super()._chunked(sx, sy, qx, qy, steps, mode, ways)
+        meta = self._meta(mode)
         if mode == _EVAL or qy is None:  # no meta-gradient wanted: chunks just run in turn
-            outs = [self._episode(self._meta(mode), *_rows(lo, c, sx, sy, qx, None), steps, mode,
+            outs = [self._episode(meta, *_rows(lo, c, sx, sy, qx, None), steps, mode,
                                   self.training, ways)[1] for lo in range(0, T, c)]
             return None, torch.cat(outs)
-        meta = self._meta(mode)
         names = list(meta)
 
         def chunks(tensors: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
@@ -438,8 +437,7 @@ class MAML(GradientLearner):
     def _chunk_size(self, x: Tensor) -> int:
         if self.task_chunk != "auto":
             return self.task_chunk or x.shape[0]
-        convolutional = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
-        return CPU_TASK_CHUNK if convolutional and x.device.type == "cpu" else x.shape[0]
+        return CPU_TASK_CHUNK if self._convolutional and x.device.type == "cpu" else x.shape[0]
 
 
 class FOMAML(MAML):
@@ -606,12 +604,9 @@ class _EagerChunks(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_out: Tensor):
-        sums = iter(ctx.sums)
-        scaled = []
-        for n in ctx.needs_input_grad[1:]:
-            s = next(sums) if n else None
-            scaled.append(None if s is None else s * grad_loss)
-        return (None, *scaled)
+        sums = iter(ctx.sums)  # one per input that needs grad, in order
+        grads = [next(sums) if n else None for n in ctx.needs_input_grad[1:]]
+        return (None, *(None if g is None else g * grad_loss for g in grads))
 
 
 def _rows(lo: int, n: int, *tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
@@ -671,9 +666,9 @@ class _replayed_rng:
         self.fork.__exit__(*exc)
 
 
-def _check_count(who: str, name: str, value) -> int:
+def _check_count(who: str, name: str, value, alternatives: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
+        raise ValueError(f"{who}: {name} must be a positive int{alternatives}, got {value!r}")
     return value
 
 
