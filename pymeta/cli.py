@@ -232,9 +232,9 @@ def _add_train(sub) -> None:
                    help="default conv4 (mlp for --data sinusoid)")
     p.add_argument("--learner-opt", action="append", metavar="KEY=VALUE",
                    help="a learner constructor option, repeatable: e.g. fce=true "
-                        "(matching), metric=cosine (protonet), loss=contrastive (siamese), "
-                        "inner_lr=0.4 steps=1 test_steps=3 (maml, ...), task_chunk=1|null, "
-                        "checkpoint_inner=true (maml)")
+                        "scale=1 learn_scale=false (matching), metric=cosine (protonet), "
+                        "loss=contrastive (siamese), inner_lr=0.4 steps=1 test_steps=3 "
+                        "(maml, ...), task_chunk=1|null, checkpoint_inner=true (maml)")
     p.add_argument("--backbone-opt", action="append", metavar="KEY=VALUE",
                    help="a backbone constructor option, repeatable: e.g. hidden=32")
     p.add_argument("--data", choices=DATASETS, help="default digits (embedded, no download); "

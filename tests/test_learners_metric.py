@@ -95,7 +95,7 @@ def ref_protonet(net, sx, sy, qx, qy, ways, metric):
     return torch.stack(losses).mean(), torch.stack(logits)
 
 
-def ref_matching(net, sx, sy, qx, qy, ways, fce_of=None):
+def ref_matching(net, sx, sy, qx, qy, ways, scale, fce_of=None):
     logits, losses = [], []
     for t in range(sx.shape[0]):
         zs, zq = net(sx[t]), net(qx[t])
@@ -105,7 +105,7 @@ def ref_matching(net, sx, sy, qx, qy, ways, fce_of=None):
                               for f in zq])
         rows = []
         for q in range(zq.shape[0]):
-            attention = torch.softmax(F.cosine_similarity(zq[q][None], zs, dim=-1), 0)
+            attention = torch.softmax(scale * F.cosine_similarity(zq[q][None], zs, dim=-1), 0)
             rows.append(torch.stack([attention[class_indices(sy[t], c)].sum()
                                      for c in range(ways)]))
         log_prob = torch.stack(rows).log()
@@ -197,14 +197,27 @@ def test_protonet_matches_reference(metric):
     torch.testing.assert_close(learner(sx, sy, qx, 3), learner.loss(sx, sy, qx, qy, 3)[1], **TOL)
 
 
-@pytest.mark.parametrize("fce", [False, True])
-def test_matching_matches_reference(fce):
+@pytest.mark.parametrize("fce, scale", [(False, {}), (True, {}),
+                                         (False, dict(scale=1, learn_scale=False))])
+def test_matching_matches_reference(fce, scale):
     sx, sy, qx, qy = episode(seed=2, ways=4, S=9)
-    learner = MatchingNet(mlp(), fce=fce, fce_steps=3, feature_dim=D).double()
+    learner = MatchingNet(mlp(), fce=fce, fce_steps=3, feature_dim=D, **scale).double()
     out = learner.loss(sx, sy, qx, qy, 4)
-    ref = ref_matching(learner.backbone, sx, sy, qx, qy, 4, learner if fce else None)
-    assert_same(out, ref, learner)
+    ref = ref_matching(learner.backbone, sx, sy, qx, qy, 4, learner.scale,
+                       learner if fce else None)
+    assert_same(out, ref, learner)  # gradients include the learned scale's
     torch.testing.assert_close(out[1].exp().sum(-1), torch.ones(3, 5, dtype=torch.float64))
+    assert learner.scale.requires_grad == ("learn_scale" not in scale)
+
+
+def test_matching_sharp_attention_stays_finite():
+    """Sharp attention underflows float32 probabilities (< e^-87); the log-probs stay exact."""
+    sx, sy, qx, qy = episode(seed=2, ways=4, S=9)
+    learner = MatchingNet(mlp(), scale=100.0).double()
+    ref = ref_matching(learner.backbone, sx, sy, qx, qy, 4, 100.0)[1]  # float64: no underflow
+    assert (ref < -88).any()
+    logits = learner.float()(sx.float(), sy, qx.float(), 4)
+    torch.testing.assert_close(logits.double(), ref, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("head, loss", [("l1", "bce"), ("euclidean", "bce"),
@@ -388,6 +401,8 @@ def test_bad_learner_arguments():
         ProtoNet(mlp(), metric="l2")
     with pytest.raises(ValueError, match="fce=True needs feature_dim"):
         MatchingNet(mlp(), fce=True)
+    with pytest.raises(ValueError, match="scale must be a positive float, got -1"):
+        MatchingNet(mlp(), scale=-1)
     sx, sy, qx, _ = episode()
     with pytest.raises(ValueError, match="gives 5 features but feature_dim=4"):
         MatchingNet(mlp(), fce=True, feature_dim=4).double()(sx, sy, qx, 3)
