@@ -145,12 +145,16 @@ def test_cli_learner_lists_match_the_registry():
                                             if issubclass(c, GradientLearner))
 
 
-def test_omniglot_preset_gives_gradient_learners_5_way_episodes():
+def test_omniglot_preset_gives_gradient_learners_5_way_episodes_and_maml_lslr():
     from pymeta.cli import _config_from_args, build_parser
     parse = lambda *a: _config_from_args(build_parser().parse_args(["train", *a]))  # noqa: E731
     maml = parse("--preset", "omniglot", "--algo", "maml", "--learner-opt", "inner_lr=0.1")
     assert (maml.ways, maml.eval_ways, maml.test_grid()) == (5, 5, [(5, 1), (20, 1)])
-    assert maml.learner_kwargs == {"inner_lr": 0.1} and maml.max_ways == 20
+    assert maml.learner_kwargs == {"lslr": True, "inner_lr": 0.1} and maml.max_ways == 20
+    assert maml.schedule == "cosine"
+    anil = parse("--preset", "omniglot", "--algo", "anil", "--learner-opt", "inner_lr=0.1")
+    assert (anil.learner_kwargs, anil.schedule) == ({"inner_lr": 0.1}, "step")
+    assert parse("--preset", "omniglot", "--algo", "maml", "--schedule", "step").schedule == "step"
     assert parse("--preset", "omniglot", "--algo", "protonet").ways == 60
     sine = parse("--algo", "reptile", "--data", "sinusoid", "--steps", "5")
     assert (sine.backbone, sine.shots, sine.eval_steps, sine.steps) == ("mlp", 10, [1, 5, 10], 5)
