@@ -76,23 +76,28 @@ def _bench(args) -> int:
 def _config_from_args(args):
     from .engine import RunConfig
     preset = args.preset or ("sinusoid" if args.data == "sinusoid" else None)
-    fields = dict(PRESETS.get(preset, {}))
-    if args.algo in GRADIENT_ALGOS:
-        fields.update(GRADIENT_PRESETS.get(preset, {}))
-    fields.update(ALGO_PRESETS.get((preset, args.algo), {}))
-    for f in dataclasses.fields(RunConfig):  # options left unset (None) keep the preset's
-        value = getattr(args, f.name, None)
-        if value is not None:
-            fields[f.name] = value
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+               if getattr(args, f.name, None) is not None}  # unset options keep the preset's
     if args.no_rotations:
-        fields["rotations"] = False
-    for name, pairs in (("learner_kwargs", args.learner_opt), ("backbone_kwargs",
-                                                               args.backbone_opt)):
-        if pairs:  # on top of the preset's
-            fields[name] = {**fields.get(name, {}), **dict(_key_value(p) for p in pairs)}
+        options["rotations"] = False
+    for name, pairs in (("learner_kwargs", args.learner_opt),
+                        ("backbone_kwargs", args.backbone_opt)):
+        if pairs:
+            options[name] = dict(_key_value(p) for p in pairs)
+    fields: dict = {}
+    for layer in (PRESETS.get(preset, {}),  # most general first, the command line last
+                  GRADIENT_PRESETS.get(preset, {}) if args.algo in GRADIENT_ALGOS else {},
+                  ALGO_PRESETS.get((preset, args.algo), {}), options):
+        _merge(fields, layer)
     if fields.get("device") == "cuda":
         _require_cuda()
     return RunConfig(**fields).validate()
+
+
+def _merge(fields: dict, layer: dict) -> None:
+    """``layer`` on top of ``fields``; constructor kwargs (dicts) merge key by key."""
+    for key, value in layer.items():
+        fields[key] = {**fields.get(key, {}), **value} if isinstance(value, dict) else value
 
 
 def _key_value(text: str) -> tuple:

@@ -158,6 +158,8 @@ def test_omniglot_preset_gives_gradient_learners_5_way_episodes_and_maml_lslr():
     assert parse("--preset", "omniglot", "--algo", "protonet").ways == 60
     sine = parse("--algo", "reptile", "--data", "sinusoid", "--steps", "5")
     assert (sine.backbone, sine.shots, sine.eval_steps, sine.steps) == ("mlp", 10, [1, 5, 10], 5)
+    sine = parse("--algo", "maml", "--data", "sinusoid", "--learner-opt", "steps=2")
+    assert sine.learner_kwargs == {"inner_lr": 0.01, "steps": 2, "test_steps": 10}  # merged
 
 
 def test_better_follows_the_metric_direction_and_never_takes_nan():

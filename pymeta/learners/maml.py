@@ -14,7 +14,6 @@ task its own gradient.
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -24,7 +23,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..ops import sgd_step, sgd_step_
-from .base import FewShotLearner, _check_label_tensor, _check_shapes, check_episode, upcast
+from .base import (FewShotLearner, _check_label_tensor, _check_shapes, check_episode,
+                   check_positive_float, upcast)
 from .functional import BN_MODES, batched_forward
 
 LOSSES = ("cross_entropy", "mse")
@@ -65,9 +65,7 @@ class GradientLearner(FewShotLearner):
         for n, p in model.named_parameters():  # adapted, but never meta-learned
             if _under(n, self.fixed_init):
                 p.requires_grad_(False)
-        if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) \
-                or not math.isfinite(inner_lr) or inner_lr <= 0:
-            raise ValueError(f"{who}: inner_lr must be a positive float, got {inner_lr!r}")
+        inner_lr = check_positive_float(who, "inner_lr", inner_lr)
         _check_count(who, "steps", steps)
         if test_steps is not None:
             _check_count(who, "test_steps", test_steps)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import pairwise_distances
-from .base import FewShotLearner, as_vectors, full_precision
+from .base import FewShotLearner, as_vectors, check_positive_float, full_precision
 
 
 class MatchingNet(FewShotLearner):
@@ -58,9 +58,7 @@ class MatchingNet(FewShotLearner):
                  feature_dim: Optional[int] = None, scale: float = 60.0,
                  learn_scale: bool = True) -> None:
         super().__init__(backbone)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-                or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"MatchingNet: scale must be a positive float, got {scale!r}")
+        scale = check_positive_float("MatchingNet", "scale", scale)
         if fce and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int)
                     or feature_dim < 1):
             raise ValueError("MatchingNet: fce=True needs feature_dim, the backbone's flattened "
@@ -71,7 +69,7 @@ class MatchingNet(FewShotLearner):
         self.fce, self.fce_steps, self.feature_dim = fce, fce_steps, feature_dim
         self.learn_scale = bool(learn_scale)
         # kept as log s: Adam's steps are then relative, so s can move by orders of magnitude
-        log_scale = torch.tensor(float(scale)).log()
+        log_scale = torch.tensor(scale).log()
         if self.learn_scale:
             self.log_scale = nn.Parameter(log_scale)
         else:
@@ -93,10 +91,7 @@ class MatchingNet(FewShotLearner):
                 zq = self._context_query(zq, zs)
             cosine = 1 - pairwise_distances(zq, zs, "cosine")
             log_attention = torch.log_softmax(self.scale * cosine, -1)             # [T, Q, S]
-            # log p(c) = logsumexp of the log-attention on class c's supports, exact at any
-            # scale (summing probabilities would underflow for sharp attention)
-            in_class = F.one_hot(support_y, ways).to(cosine.dtype).log()           # [T, S, ways]
-            return torch.logsumexp(log_attention.unsqueeze(-1) + in_class.unsqueeze(1), 2)
+            return _class_logsumexp(log_attention, support_y, ways)
 
     def _loss(self, logits: Tensor, query_y: Tensor, ways: int) -> Tensor:
         return F.nll_loss(logits.flatten(0, 1), query_y.flatten())
@@ -128,3 +123,15 @@ class MatchingNet(FewShotLearner):
     def extra_config(self) -> dict:
         return {"fce": self.fce, "fce_steps": self.fce_steps, "feature_dim": self.feature_dim,
                 "scale": float(self.scale.detach()), "learn_scale": self.learn_scale}
+
+
+def _class_logsumexp(log_attention: Tensor, support_y: Tensor, ways: int) -> Tensor:
+    """log p(c) = logsumexp of the log-attention ``[T, Q, S]`` on class c's supports, exact
+    at any scale (summing probabilities underflows for sharp attention). Each class is
+    shifted by its own peak, so its sum of exponentials lies in [1, shots]."""
+    index = support_y.unsqueeze(1).expand_as(log_attention)
+    peak = log_attention.detach().new_full((*log_attention.shape[:2], ways), -math.inf)
+    # finite: every class has a support (checked with the episode)
+    peak = peak.scatter_reduce(-1, index, log_attention.detach(), "amax")
+    mass = (log_attention - peak.gather(-1, index)).exp()
+    return peak + (mass @ F.one_hot(support_y, ways).to(mass.dtype)).log()
