@@ -109,5 +109,25 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         pymeta::sgd_step(device(dev, stream, nt), DType(dtype), T, ts, lr);
       });
+  m.def(
+      "batch_norm_relu_pool_forward",
+      [](int dev, ptr stream, int nt, int dtype, int64_t N, int64_t H, int64_t W, int64_t K,
+         ptr x, ptr weight, ptr bias, double eps, ptr out, ptr mean, ptr var) {
+        pymeta::batch_norm_relu_pool_forward(device(dev, stream, nt), DType(dtype), N, H, W, K,
+                                             as<void>(x), as<void>(weight), as<void>(bias), eps,
+                                             as<void>(out), as<double>(mean), as<double>(var));
+      },
+      nogil);
+  m.def(
+      "batch_norm_relu_pool_backward",
+      [](int dev, ptr stream, int nt, int dtype, int64_t N, int64_t H, int64_t W, int64_t K,
+         ptr x, ptr weight, ptr bias, ptr mean, ptr var, double eps, ptr grad_out, ptr grad_x,
+         ptr grad_weight, ptr grad_bias) {
+        pymeta::batch_norm_relu_pool_backward(
+            device(dev, stream, nt), DType(dtype), N, H, W, K, as<void>(x), as<void>(weight),
+            as<void>(bias), as<double>(mean), as<double>(var), eps, as<void>(grad_out),
+            as<void>(grad_x), as<void>(grad_weight), as<void>(grad_bias));
+      },
+      nogil);
   m.def("info", &info);
 }

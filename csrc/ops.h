@@ -33,4 +33,19 @@ void class_prototypes_backward(const Device& dev, DType dtype, std::int64_t B, s
 void sgd_step(const Device& dev, DType dtype, std::int64_t T,
               const std::vector<SgdTensor>& tensors, double lr_scalar);
 
+// Training-mode BatchNorm (batch statistics) + ReLU + 2x2 max-pool (stride 2, floor) on NHWC
+// x [N,H,W,K] -> out [N,H/2,W/2,K]; mean and biased var [K] (float64) come out of forward
+// and go back into backward. grad_x, grad_weight and grad_bias may each be null. CPU only.
+void batch_norm_relu_pool_forward(const Device& dev, DType dtype, std::int64_t N, std::int64_t H,
+                                  std::int64_t W, std::int64_t K, const void* x,
+                                  const void* weight, const void* bias, double eps, void* out,
+                                  double* mean, double* var);
+
+void batch_norm_relu_pool_backward(const Device& dev, DType dtype, std::int64_t N,
+                                   std::int64_t H, std::int64_t W, std::int64_t K,
+                                   const void* x, const void* weight, const void* bias,
+                                   const double* mean, const double* var, double eps,
+                                   const void* grad_out, void* grad_x, void* grad_weight,
+                                   void* grad_bias);
+
 }  // namespace pymeta

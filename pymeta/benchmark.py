@@ -31,13 +31,15 @@ from datetime import datetime
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ._info import info
 from ._malloc import retain_freed_memory
-from .ops import class_prototypes, pairwise_distances, sgd_step
+from .ops import batch_norm_relu_pool, class_prototypes, pairwise_distances, sgd_step
 
-OPS = ("pairwise_distances", "class_prototypes", "sgd_step")
+OPS = ("pairwise_distances", "class_prototypes", "sgd_step", "batch_norm_relu_pool")
+CPU_ONLY_OPS = ("batch_norm_relu_pool",)
 SUITES = ("targets", "full")
 SEED = 0
 LR = 0.01
@@ -214,12 +216,39 @@ def _sgd_case(key, mode, device):
     return _bind(impls, (params, grads), mode), nbytes
 
 
+# ---- batch_norm_relu_pool -----------------------------------------------------------------
+
+
+def _torch_tail(x, w, b):
+    return F.max_pool2d(F.relu(F.batch_norm(x, None, None, w, b, True)), 2)
+
+
+def _torch_tail_2d(x, w, b):
+    """The same with BatchNorm on the free ``[N*H*W, C]`` view of a channels_last ``x``
+    (pymeta's unfused path: torch reduces it faster than the 4-D tensor)."""
+    N, C, H, W = x.shape
+    y = F.batch_norm(x.permute(0, 2, 3, 1).reshape(-1, C), None, None, w, b, True)
+    return F.max_pool2d(F.relu(y.view(N, H, W, C).permute(0, 3, 1, 2)), 2)
+
+
+def _tail_case(key, mode, device):
+    """conv4's block tail on channels_last activations ``[N, C, H, W]``: MAML's query pass
+    of 2 tasks at a time has N = 75 images and C = 2 x 64 task-channels."""
+    N, C, H, W = key
+    grad = mode == "fwd+bwd"
+    x = torch.randn(N, C, H, W, device=device).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    impls = {"pymeta": lambda *a: batch_norm_relu_pool(*a)[0], "torch": _torch_tail,
+             "torch_2d": _torch_tail_2d}
+    return _bind(impls, tuple(t.requires_grad_(grad) for t in (x, w, b)), mode), None
+
+
 # ---- suites and goals ---------------------------------------------------------------------
 
 BUILDERS = {"pairwise_distances": _pairwise_case, "class_prototypes": _prototypes_case,
-            "sgd_step": _sgd_case}
+            "sgd_step": _sgd_case, "batch_norm_relu_pool": _tail_case}
 KEY_NAMES = {"pairwise_distances": ("T", "Q", "N", "D"), "class_prototypes": ("T", "N", "K", "D"),
-             "sgd_step": ("T", "layout")}
+             "sgd_step": ("T", "layout"), "batch_norm_relu_pool": ("N", "C", "H", "W")}
 
 
 def _ratio(minimum, baseline=None):
@@ -253,13 +282,17 @@ GRIDS = {"pairwise_distances": ((1, 32), (75, 100), (5, 20, 100), (64, 1600)),
 
 
 def _full_cases(op: str) -> list[tuple]:
+    if op == "batch_norm_relu_pool":  # conv4's first three blocks, and a support pass
+        return [(key, mode) for key in ((75, 128, 28, 28), (75, 128, 14, 14), (75, 128, 7, 7),
+                                        (5, 128, 28, 28)) for mode in ("fwd", "fwd+bwd")]
     if op == "sgd_step":
         return [((T, layout), mode) for T in (1, 32) for layout in ("shared", "stacked")
                 for mode in ("fwd", "fwd+graph")] + [((1, "single"), "fwd")]
     return [(key, mode) for key in itertools.product(*GRIDS[op]) for mode in ("fwd", "fwd+bwd")]
 
 
-def _cases(suite: str, op_names) -> list[tuple]:
+def _cases(suite: str, op_names, device: str = "cpu") -> list[tuple]:
+    op_names = [op for op in op_names if device == "cpu" or op not in CPU_ONLY_OPS]
     if suite == "targets":
         return [(op, key, mode) for op, key, mode in TARGETS if op in op_names]
     return [(op, key, mode) for op in OPS if op in op_names for key, mode in _full_cases(op)]
@@ -371,7 +404,7 @@ def run(suite: str = "targets", ops=OPS, device: str = "cpu", min_time: float = 
     memory is kept for reuse (:func:`retain_freed_memory`) for the rest of the process.
     """
     _check_args(suite, ops, device, min_time)
-    cases = _cases(suite, ops)
+    cases = _cases(suite, ops, device)
     malloc = "default" if fresh_pages else retain_freed_memory()
     results = {"suite": suite, "device": device, "min_time": min_time,
                "machine": {**machine_info(device), "malloc": malloc},

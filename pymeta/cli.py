@@ -12,6 +12,7 @@ METRIC_ALGOS = ["protonet", "matching", "siamese", "relation"]
 GRADIENT_ALGOS = ["maml", "fomaml", "metasgd", "anil", "reptile"]
 ALGOS = METRIC_ALGOS + GRADIENT_ALGOS
 DATASETS = ["digits", "omniglot", "folder", "sinusoid"]
+BENCH_OPS = ["pairwise_distances", "class_prototypes", "sgd_step", "batch_norm_relu_pool"]
 
 # The accuracy protocol of bench/RESULTS.md, as one preset: Omniglot small1 with rotations
 # (and small random warps) for training, a held-out fifth of small1 for validation, the
@@ -339,9 +340,7 @@ def _add_bench(sub) -> None:
                                    "one process and prints medians and ratios.")
     p.add_argument("--suite", choices=["targets", "full"], default="targets",
                    help="targets: the shapes with speed goals (default); full: every shape")
-    p.add_argument("--ops", nargs="+", default=["pairwise_distances", "class_prototypes",
-                                                "sgd_step"],
-                   choices=["pairwise_distances", "class_prototypes", "sgd_step"],
+    p.add_argument("--ops", nargs="+", default=BENCH_OPS, choices=BENCH_OPS,
                    help="which ops to time (default: all)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--min-time", type=float, default=0.2, metavar="SEC",

@@ -158,3 +158,11 @@ def test_non_default_stream():
             expected = [reference.pairwise_distances(x, y, "euclidean"),
                         reference.class_prototypes(x[:, :25], labels, 5), y - 0.5 * x[:, :5]]
         assert_close(out, expected, torch.float32, rtol=1e-3, atol=1e-3)
+
+
+def test_batch_norm_relu_pool_refuses_cuda_and_learners_fall_back():
+    """The fused op is CPU-only; on CUDA the batched forward keeps torch's three ops."""
+    x = rand(2, 3, 4, 4).cuda()
+    w, b = torch.ones(3, device="cuda", dtype=x.dtype), torch.zeros(3, device="cuda", dtype=x.dtype)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        ops.batch_norm_relu_pool(x, w, b)

@@ -1,7 +1,6 @@
 """Episode sampling: seeded by (seed, index), class-consistent labels, clear errors."""
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from pymeta.data import ImageClasses
 from pymeta.data.episodes import EpisodeSampler, episode_loader, fixed_episodes

@@ -475,6 +475,63 @@ def test_batched_forward_keeps_channels_last(T):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
+def _counting_fused(monkeypatch):
+    """Counts the fused BatchNorm - ReLU - max-pool calls of the batched forward."""
+    calls = []
+    fused = pymeta.learners.functional.batch_norm_relu_pool
+    monkeypatch.setattr(pymeta.learners.functional, "batch_norm_relu_pool",
+                        lambda *a: calls.append(a[0].shape) or fused(*a))
+    return calls
+
+
+def test_batched_forward_fuses_conv4_tails_when_differentiated_once(monkeypatch):
+    """double_backward=False: the same outputs, gradients and running statistics as
+    functional_call per task, through the fused kernel (one call per block)."""
+    calls = _counting_fused(monkeypatch)
+    model = conv(channels_last=True).train()
+    T, x = 3, torch.randn(3, 5, 1, 28, 28, dtype=DT)
+    fast = {n: (p + 0.1 * torch.randn(T, *p.shape, dtype=DT)).requires_grad_()
+            for n, p in model.named_parameters()}
+    bufs = {n: b.clone() for n, b in model.named_buffers()}
+    out = batched_forward(model, fast, bufs, x, double_backward=False)
+    assert len(calls) == 4
+    ref, states = [], []
+    for t in range(T):
+        states.append({n: b.clone() for n, b in model.named_buffers()})
+        ref.append(functional_call(model, {**{n: p[t] for n, p in fast.items()}, **states[-1]},
+                                   (x[t],)))
+    ref = torch.stack(ref)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(out)
+    names = list(fast)
+    got = torch.autograd.grad(out, [fast[n] for n in names], g)
+    want = torch.autograd.grad(ref, [fast[n] for n in names], g)
+    for n, a, e in zip(names, got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=n)
+    for n, b in bufs.items():  # the mean over tasks of the per-task momentum updates
+        expect = (torch.stack([st[n] for st in states]).double().mean(0)
+                  if b.is_floating_point() else states[0][n])
+        torch.testing.assert_close(b, expect.to(b.dtype), rtol=1e-10, atol=1e-12, msg=n)
+    calls.clear()
+    batched_forward(model, fast, None, x)  # default: a graph fit for second order, unfused
+    assert not calls
+
+
+@pytest.mark.parametrize("kind", ["maml", "fomaml", "anil"])
+def test_query_pass_runs_fused_and_matches_reference(kind, monkeypatch):
+    """Second order keeps the inner steps unfused (differentiated twice) and fuses only the
+    query pass; first order fuses the inner steps too. Gradients match the reference."""
+    calls = _counting_fused(monkeypatch)
+    learner = make(kind, conv(channels_last=True), steps=2, task_chunk=None).train()
+    data = episode("img")
+    loss = learner.meta_loss(*data)
+    # conv4 passes fused: MAML the query; FOMAML 2 support steps + query; ANIL the body on
+    # the support and the query (its head is the linear layer)
+    passes = {"maml": 1, "fomaml": 3, "anil": 2}[kind]
+    assert len(calls) == 4 * passes
+    assert_grads_close(grads_of(learner, loss), reference_meta(learner, *data)[1])
+
+
 @pytest.mark.parametrize("per_task", [False, True])
 def test_bn_modes_in_eval(per_task):
     model = conv(channels_last=False)

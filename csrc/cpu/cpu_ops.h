@@ -21,6 +21,17 @@ void class_prototypes_backward(const Device& dev, DType dtype, std::int64_t B, s
 void sgd_step(const Device& dev, DType dtype, std::int64_t T,
               const std::vector<SgdTensor>& tensors, double lr_scalar);
 
+void batch_norm_relu_pool_forward(const Device& dev, DType dtype, std::int64_t N, std::int64_t H,
+                                  std::int64_t W, std::int64_t K, const void* x,
+                                  const void* weight, const void* bias, double eps, void* out,
+                                  double* mean, double* var);
+void batch_norm_relu_pool_backward(const Device& dev, DType dtype, std::int64_t N,
+                                   std::int64_t H, std::int64_t W, std::int64_t K,
+                                   const void* x, const void* weight, const void* bias,
+                                   const double* mean, const double* var, double eps,
+                                   const void* grad_out, void* grad_x, void* grad_weight,
+                                   void* grad_bias);
+
 // SIMD level this build dispatches to at run time ("avx512", "avx2", "sse2", ...).
 std::string simd_level();
 

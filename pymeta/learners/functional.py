@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn.backbones import Conv4, ResNet12, _ResidualBlock
+from ..ops._kernels import functorch_active
+from ..ops.batch_norm_relu_pool import batch_norm_relu_pool
 
 BN_MODES = ("transductive", "running")
 
@@ -52,11 +54,12 @@ class _Ctx:
     """What every layer rule needs: task count, weights, buffers and modes."""
 
     def __init__(self, T: int, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                 training: bool, bn_mode: str, update_stats: bool, channels_last: bool) -> None:
+                 training: bool, bn_mode: str, update_stats: bool, channels_last: bool,
+                 fuse: bool) -> None:
         self.T, self.params, self.buffers = T, params, buffers
         self.training, self.update_stats = training, update_stats
         self.batch_stats = training or bn_mode == "transductive"
-        self.channels_last = channels_last
+        self.channels_last, self.fuse = channels_last, fuse
 
     def stacked(self, name: str, default: Optional[Tensor]) -> Optional[Tensor]:
         """The weight ``name`` as ``[T, ...]`` (shared weights are expanded, not copied)."""
@@ -105,8 +108,14 @@ Rule = Callable[[nn.Module, str, _Act, _Ctx], _Act]
 
 
 def _sequential(m: nn.Sequential, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
-    for name, child in m.named_children():
-        a = _run(child, f"{prefix}{name}.", a, ctx)
+    children = list(m.named_children())
+    i = 0
+    while i < len(children):
+        name, child = children[i]
+        if ctx.fuse and _pool_tail(children[i:i + 3], a, ctx):
+            a, i = _batch_norm_relu_pool(child, f"{prefix}{name}.", a, ctx), i + 3
+        else:
+            a, i = _run(child, f"{prefix}{name}.", a, ctx), i + 1
     return a
 
 
@@ -139,6 +148,50 @@ def _batch_norm(m: _BatchNorm, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
     else:
         y = _nhwc_batch_norm(a.x, None, None, w, b, True, 0.0, m.eps)
     return _Act(y, True)
+
+
+def _pool_tail(layers: list, a: _Act, ctx: _Ctx) -> bool:
+    """Whether ``layers`` are BatchNorm2d (batch statistics), ReLU and a plain 2x2 max-pool
+    over a channels_last float CPU activation: conv4's block tail, which
+    :func:`batch_norm_relu_pool` runs as one kernel."""
+    if len(layers) < 3 or not ctx.batch_stats:
+        return False
+    (_, bn), (_, relu), (_, pool) = layers
+    if (type(bn) is not nn.BatchNorm2d or bn.weight is None or type(relu) is not nn.ReLU
+            or type(pool) is not nn.MaxPool2d):
+        return False
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    plain_pool = (pair(pool.kernel_size) == (2, 2) and pair(pool.stride or 2) == (2, 2)
+                  and pair(pool.padding) == (0, 0) and pair(pool.dilation) == (1, 1)
+                  and not pool.ceil_mode and not pool.return_indices)
+    x = a.x
+    return (plain_pool and x.ndim == 4 and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and min(x.shape[2:]) >= 2
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _batch_norm_relu_pool(m: nn.BatchNorm2d, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
+    a = _grouped(a, ctx)
+    w = ctx.stacked(prefix + "weight", m.weight).reshape(-1)
+    b = ctx.stacked(prefix + "bias", m.bias).reshape(-1)
+    y, mean, var = batch_norm_relu_pool(a.x, w, b, m.eps)
+    running = ctx.buffer(prefix + "running_mean", m.running_mean)
+    if running is not None and ctx.training and ctx.update_stats:
+        B, _, H, W = a.x.shape
+        n = B * H * W
+        _update_running(m, prefix, ctx, mean, var * (n / max(n - 1, 1)))
+    return _Act(y, True)
+
+
+def _update_running(m: _BatchNorm, prefix: str, ctx: _Ctx, mean: Tensor, var: Tensor) -> None:
+    """nn.BatchNorm's momentum update with the mean over tasks of the per-task statistics
+    ``[T*C]`` (``var`` unbiased)."""
+    factor = _momentum(m, prefix, ctx)
+    with torch.no_grad():
+        for name, stat in (("running_mean", mean), ("running_var", var)):
+            buf = ctx.buffer(prefix + name, getattr(m, name))
+            buf.mul_(1 - factor).add_(stat.detach().view(ctx.T, -1).mean(0).to(buf.dtype),
+                                      alpha=factor)
 
 
 def _nhwc_batch_norm(x: Tensor, *args) -> Tensor:
@@ -285,7 +338,7 @@ def _wants_channels_last(module: nn.Module) -> bool:
 def batched_forward(module: nn.Module, params: Mapping[str, Tensor], buffers:
                     Optional[Mapping[str, Tensor]], x: Tensor, *, bn_mode: str = "transductive",
                     training: Optional[bool] = None, update_stats: bool = True,
-                    per_task: bool = False) -> Tensor:
+                    per_task: bool = False, double_backward: bool = True) -> Tensor:
     """Runs ``module`` for ``T`` tasks at once, each with its own weights.
 
     Args:
@@ -302,6 +355,11 @@ def batched_forward(module: nn.Module, params: Mapping[str, Tensor], buffers:
         update_stats: in training, update BatchNorm running statistics (the mean over tasks of
             the per-task updates, detached).
         per_task: force the per-task loop (for testing and debugging).
+        double_backward: whether the result's graph must support differentiating its
+            gradients again (second-order MAML's inner steps). ``False`` (or grad mode off)
+            lets conv4's BatchNorm - ReLU - max-pool tails run as one fused CPU kernel
+            (:func:`pymeta.ops.batch_norm_relu_pool`) that stores less and whose backward
+            is once-differentiable: differentiating it again raises an error.
 
     Returns:
         ``[T, B, *out]``.
@@ -320,7 +378,10 @@ def batched_forward(module: nn.Module, params: Mapping[str, Tensor], buffers:
         buffers = dict(module.named_buffers())
     if per_task or type(module) not in _RULES or not is_batchable(module):
         return _per_task(module, params, buffers, x, training, bn_mode, update_stats)
-    ctx = _Ctx(T, params, buffers, training, bn_mode, update_stats, _wants_channels_last(module))
+    fuse = ((not double_backward or not torch.is_grad_enabled()) and not functorch_active()
+            and not torch.compiler.is_compiling())
+    ctx = _Ctx(T, params, buffers, training, bn_mode, update_stats, _wants_channels_last(module),
+               fuse)
     a = _run(module, "", _Act(x.reshape(-1, *x.shape[2:]), False), ctx)
     y = _flat(a, ctx).x
     return y.reshape(T, -1, *y.shape[1:])

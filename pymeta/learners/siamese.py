@@ -43,7 +43,7 @@ def balanced_pairs(support_y: Tensor, query_y: Tensor, pairs_per_query: int = 1,
         True
     """
     matches = _check_pair_labels(support_y, query_y, pairs_per_query)     # [T, Q, S]
-    (T, Q, S), k = matches.shape, pairs_per_query
+    (T, Q, _), k = matches.shape, pairs_per_query
     weights = matches.flatten(0, 1).float()
     pos = torch.multinomial(weights, k, replacement=True, generator=generator)
     neg = torch.multinomial(1 - weights, k, replacement=True, generator=generator)

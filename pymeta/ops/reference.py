@@ -7,6 +7,7 @@ double-backward of ``pairwise_distances``, whose second derivative is rarely on 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 COSINE_EPS = 1e-8
 
@@ -49,3 +50,12 @@ def sgd_step(params, grads, lr):
     """[p - lr * g for each tensor]; ``lr`` is a float or a list of broadcastable tensors."""
     lrs = lr if isinstance(lr, (list, tuple)) else [lr] * len(params)
     return [p - a * g for p, g, a in zip(params, grads, lrs)]
+
+
+def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max_pool2d(relu(batch_norm(x))), batch mean, biased batch variance), torch's own ops."""
+    dims = (0, 2, 3)
+    out = F.max_pool2d(F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)), 2)
+    with torch.no_grad():
+        return out, x.mean(dims), x.var(dims, unbiased=False)

@@ -1,0 +1,33 @@
+#include "cpu/cpu_ops.h"
+#include "ops.h"
+
+namespace pymeta {
+
+// CPU only: on CUDA, pymeta runs torch's own BatchNorm, ReLU and max-pool kernels.
+static void require_cpu(const Device& dev) {
+  if (dev.is_cuda())
+    throw std::invalid_argument("batch_norm_relu_pool: CPU tensors only (no CUDA kernel)");
+}
+
+void batch_norm_relu_pool_forward(const Device& dev, DType dtype, std::int64_t N, std::int64_t H,
+                                  std::int64_t W, std::int64_t K, const void* x,
+                                  const void* weight, const void* bias, double eps, void* out,
+                                  double* mean, double* var) {
+  require_cpu(dev);
+  if (N * H * W < 2) throw std::invalid_argument("batch_norm_relu_pool: needs 2+ values per channel");
+  cpu::batch_norm_relu_pool_forward(dev, dtype, N, H, W, K, x, weight, bias, eps, out, mean, var);
+}
+
+void batch_norm_relu_pool_backward(const Device& dev, DType dtype, std::int64_t N,
+                                   std::int64_t H, std::int64_t W, std::int64_t K,
+                                   const void* x, const void* weight, const void* bias,
+                                   const double* mean, const double* var, double eps,
+                                   const void* grad_out, void* grad_x, void* grad_weight,
+                                   void* grad_bias) {
+  require_cpu(dev);
+  if (N * H * W < 2) throw std::invalid_argument("batch_norm_relu_pool: needs 2+ values per channel");
+  cpu::batch_norm_relu_pool_backward(dev, dtype, N, H, W, K, x, weight, bias, mean, var, eps,
+                                     grad_out, grad_x, grad_weight, grad_bias);
+}
+
+}  // namespace pymeta

@@ -1,0 +1,112 @@
+"""The fused BatchNorm - ReLU - max-pool op against torch's own three ops."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import DTYPES, SETTINGS, assert_close, gen, num_threads, rand, seeds, vjp
+from pymeta.ops import batch_norm_relu_pool, reference
+
+f = batch_norm_relu_pool
+
+
+def params(C, dtype=torch.float64, g=None):
+    """Weights of both signs (a negative weight turns the window maximum into a minimum)."""
+    w = (torch.rand(C, dtype=torch.float64, generator=g) * 2 - 0.5).to(dtype).requires_grad_()
+    return w, rand(C, dtype=dtype, gen=g, requires_grad=True)
+
+
+@SETTINGS
+@given(N=st.integers(1, 4), C=st.integers(1, 11), H=st.integers(2, 7), W=st.integers(2, 7),
+       channels_last=st.booleans(), dtype=st.sampled_from(DTYPES), seed=seeds)
+def test_matches_reference(N, C, H, W, channels_last, dtype, seed):
+    g = gen(seed)
+    x = rand(N, C, H, W, dtype=dtype, gen=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b = params(C, dtype, g)
+    out, grads = vjp(lambda *a: f(*a)[0], (x, w, b))
+    ref, ref_grads = vjp(lambda *a: reference.batch_norm_relu_pool(*a)[0], (x, w, b))
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, dtype)
+    assert_close(grads, ref_grads, dtype)
+    _, mean, var = f(x, w, b)
+    _, ref_mean, ref_var = reference.batch_norm_relu_pool(x, w, b)
+    assert_close((mean, var), (ref_mean, ref_var), dtype)
+    assert not mean.requires_grad and not var.requires_grad
+
+
+def test_gradcheck():
+    g = gen(3)
+    x = rand(3, 4, 5, 6, gen=g, requires_grad=True)
+    w, b = params(4, g=g)
+    assert torch.autograd.gradcheck(lambda *a: f(*a)[0], (x, w, b))
+
+
+def test_backward_is_once_differentiable():
+    """create_graph=True must raise: a backward without a graph would be a silent constant."""
+    x = rand(2, 3, 4, 4, requires_grad=True)
+    w, b = params(3)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(f(x, w, b)[0].sum(), x, create_graph=True)
+
+
+def test_ties_send_the_gradient_to_the_first_maximum():
+    """Equal values in a window: torch's max-pool picks the first; so must the kernel."""
+    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float64).view(2, 3, 2, 2)
+    x = x.repeat_interleave(2, -1).repeat_interleave(2, -2).requires_grad_()  # 2x2 blocks
+    w, b = params(3, g=gen(1))
+    out, grads = vjp(lambda *a: f(*a)[0], (x, w, b))
+    ref, ref_grads = vjp(lambda *a: reference.batch_norm_relu_pool(*a)[0], (x, w, b))
+    assert_close(out, ref)
+    assert torch.equal(grads[0] != 0, ref_grads[0] != 0)
+    assert_close(grads, ref_grads)
+
+
+def test_nan_propagates_like_torch():
+    x = rand(2, 3, 4, 4)
+    x[1, 2, 3, 0] = float("nan")
+    w, b = params(3)
+    out = f(x, w, b)[0].detach()
+    ref = reference.batch_norm_relu_pool(x, w, b)[0].detach()
+    assert torch.equal(out.isnan(), ref.isnan()) and out[:, 2].isnan().all()
+    assert_close(out, ref)
+
+
+def test_bitwise_identical_across_thread_counts():
+    x = rand(40, 24, 14, 14, gen=gen(5)).float().contiguous(memory_format=torch.channels_last)
+    w, b = params(24, torch.float32, gen(6))
+    results = []
+    for n in (1, 2, 3):
+        with num_threads(n):
+            xx = x.clone().requires_grad_()
+            out, mean, var = f(xx, w, b)
+            grads = torch.autograd.grad(out, (xx, w, b), torch.ones_like(out))
+            results.append((out, mean, var, *grads))
+    for other in results[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other))
+
+
+def test_gradient_only_where_requested():
+    x = rand(2, 3, 4, 4)
+    w, b = params(3)
+    gw, = torch.autograd.grad(f(x, w, b.detach())[0].sum(), w)
+    ref, = torch.autograd.grad(reference.batch_norm_relu_pool(x, w, b.detach())[0].sum(), w)
+    assert_close(gw, ref)
+
+
+@pytest.mark.parametrize("case, match", [
+    (lambda w, b: (rand(3, 4, 4), w, b), r"\[N, C, H, W\]"),
+    (lambda w, b: (rand(2, 3, 4, 4), w[:2], b), r"weight must be \[3\]"),
+    (lambda w, b: (rand(2, 3, 4, 4), w, b.view(3, 1)), r"bias must be \[3\]"),
+    (lambda w, b: (rand(2, 3, 1, 4), w, b), "H and W >= 2"),
+    (lambda w, b: (torch.ones(2, 3, 4, 4, dtype=torch.int64), w, b), "floating"),
+    (lambda w, b: (rand(2, 3, 4, 4).float(), w, b), "one dtype"),
+    (lambda w, b: (rand(2, 3, 4, 4).half(), w.half(), b.half()), "float32 and float64"),
+], ids=["rank", "weight", "bias", "too small", "int", "mixed", "half"])
+def test_bad_input_raises(case, match):
+    w, b = params(3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        f(*case(w.detach(), b.detach()))
+
