@@ -30,4 +30,16 @@ void batch_norm_relu_pool_backward(const Device& dev, DType dtype, std::int64_t 
                                      grad_out, grad_x, grad_weight, grad_bias);
 }
 
+void batch_norm_relu_pool_double_backward(const Device& dev, DType dtype, std::int64_t N,
+                                          std::int64_t H, std::int64_t W, std::int64_t K,
+                                          const void* x, const void* weight, const void* bias,
+                                          const double* mean, const double* var, double eps,
+                                          const void* grad_out, const void* gg, const void* ggw,
+                                          const void* ggb, void* gx, void* gweight,
+                                          void* ggrad_out) {
+  require_cpu(dev);
+  cpu::batch_norm_relu_pool_double_backward(dev, dtype, N, H, W, K, x, weight, bias, mean, var,
+                                            eps, grad_out, gg, ggw, ggb, gx, gweight, ggrad_out);
+}
+
 }  // namespace pymeta

@@ -129,5 +129,17 @@ PYBIND11_MODULE(_C, m) {
             as<void>(grad_x), as<void>(grad_weight), as<void>(grad_bias));
       },
       nogil);
+  m.def(
+      "batch_norm_relu_pool_double_backward",
+      [](int dev, ptr stream, int nt, int dtype, int64_t N, int64_t H, int64_t W, int64_t K,
+         ptr x, ptr weight, ptr bias, ptr mean, ptr var, double eps, ptr grad_out, ptr gg,
+         ptr ggw, ptr ggb, ptr gx, ptr gweight, ptr ggrad_out) {
+        pymeta::batch_norm_relu_pool_double_backward(
+            device(dev, stream, nt), DType(dtype), N, H, W, K, as<void>(x), as<void>(weight),
+            as<void>(bias), as<double>(mean), as<double>(var), eps, as<void>(grad_out),
+            as<void>(gg), as<void>(ggw), as<void>(ggb), as<void>(gx), as<void>(gweight),
+            as<void>(ggrad_out));
+      },
+      nogil);
   m.def("info", &info);
 }

@@ -39,3 +39,11 @@ def batch_norm_relu_pool_backward(device: int, stream: int, threads: int, dtype:
                                   H: int, W: int, K: int, x: int, weight: int, bias: int,
                                   mean: int, var: int, eps: float, grad_out: int, grad_x: int,
                                   grad_weight: int, grad_bias: int) -> None: ...
+
+def batch_norm_relu_pool_double_backward(device: int, stream: int, threads: int, dtype: int,
+                                         N: int, H: int, W: int, K: int, x: int, weight: int,
+                                         bias: int, mean: int, var: int, eps: float,
+                                         grad_out: int, gg: int, ggw: int, ggb: int, gx: int,
+                                         gweight: int, ggrad_out: int) -> None:
+    """Gradients of x, weight and grad_out given those (gg, ggw, ggb) of the backward's
+    outputs grad_x, grad_weight and grad_bias."""

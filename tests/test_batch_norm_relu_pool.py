@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import DTYPES, SETTINGS, assert_close, gen, num_threads, rand, seeds, vjp
+DT = torch.float64
 from pymeta.ops import batch_norm_relu_pool, reference
 
 f = batch_norm_relu_pool
@@ -37,19 +38,39 @@ def test_matches_reference(N, C, H, W, channels_last, dtype, seed):
     assert not mean.requires_grad and not var.requires_grad
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 3, 4, 4), (1, 2, 7, 5)])
+def test_gradcheck_and_gradgradcheck(shape):
+    """Second derivatives too: second-order MAML differentiates the backward."""
     g = gen(3)
-    x = rand(3, 4, 5, 6, gen=g, requires_grad=True)
-    w, b = params(4, g=g)
-    assert torch.autograd.gradcheck(lambda *a: f(*a)[0], (x, w, b))
+    x = rand(*shape, gen=g, requires_grad=True)
+    w, b = params(shape[1], g=g)
+    fn = lambda *a: f(*a)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
-def test_backward_is_once_differentiable():
-    """create_graph=True must raise: a backward without a graph would be a silent constant."""
+def test_second_derivatives_match_reference():
+    """A scalar of all three first derivatives, differentiated again, as torch's ops give."""
+    x = rand(4, 3, 6, 5, gen=gen(8), requires_grad=True)
+    w, b = params(3, g=gen(9))
+    grad_out = rand(4, 3, 3, 2, gen=gen(10))
+
+    def second(fn):
+        gx, gw, gb = torch.autograd.grad(fn(x, w, b)[0], (x, w, b), grad_out, create_graph=True)
+        s = (gx ** 2).sum() + (gw * torch.arange(3.0, dtype=DT)).sum() + (gb ** 3).sum()
+        grads = torch.autograd.grad(s, (x, w, b), allow_unused=True)
+        return [torch.zeros_like(t) if d is None else d for d, t in zip(grads, (x, w, b))]
+
+    assert_close(second(f), second(reference.batch_norm_relu_pool))
+
+
+def test_third_derivative_raises():
+    """create_graph through the second derivative must raise, not return a constant."""
     x = rand(2, 3, 4, 4, requires_grad=True)
     w, b = params(3)
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        torch.autograd.grad(f(x, w, b)[0].sum(), x, create_graph=True)
+    gx, = torch.autograd.grad(f(x, w, b)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative is not differentiable"):
+        torch.autograd.grad((gx ** 2).sum(), x, create_graph=True)
 
 
 def test_ties_send_the_gradient_to_the_first_maximum():

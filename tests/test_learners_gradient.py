@@ -467,7 +467,7 @@ def test_batched_forward_keeps_channels_last(T):
     fast = {n: (p + 0.1 * torch.randn(T, *p.shape, dtype=DT)).contiguous()
             for n, p in model.named_parameters()}
     x = torch.randn(T, 5, 1, 28, 28, dtype=DT)
-    out = batched_forward(model, fast, None, x)
+    out = batched_forward(model, fast, None, x, fused=False)  # torch's max-pool, hooked
     assert len(seen) == 4 and all(
         a.is_contiguous(memory_format=torch.channels_last) and a.stride(1) == 1 for a in seen)
     ref = torch.stack([functional_call(model, {n: p[t] for n, p in fast.items()}, (x[t],))
@@ -484,16 +484,17 @@ def _counting_fused(monkeypatch):
     return calls
 
 
-def test_batched_forward_fuses_conv4_tails_when_differentiated_once(monkeypatch):
-    """double_backward=False: the same outputs, gradients and running statistics as
-    functional_call per task, through the fused kernel (one call per block)."""
+def test_batched_forward_fuses_conv4_tails(monkeypatch):
+    """The same outputs, first and second derivatives and running statistics as
+    functional_call per task, through the fused kernel (one call per block); fused=False
+    keeps torch's ops."""
     calls = _counting_fused(monkeypatch)
     model = conv(channels_last=True).train()
     T, x = 3, torch.randn(3, 5, 1, 28, 28, dtype=DT)
     fast = {n: (p + 0.1 * torch.randn(T, *p.shape, dtype=DT)).requires_grad_()
             for n, p in model.named_parameters()}
     bufs = {n: b.clone() for n, b in model.named_buffers()}
-    out = batched_forward(model, fast, bufs, x, double_backward=False)
+    out = batched_forward(model, fast, bufs, x)
     assert len(calls) == 4
     ref, states = [], []
     for t in range(T):
@@ -502,32 +503,34 @@ def test_batched_forward_fuses_conv4_tails_when_differentiated_once(monkeypatch)
                                    (x[t],)))
     ref = torch.stack(ref)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(out)
-    names = list(fast)
-    got = torch.autograd.grad(out, [fast[n] for n in names], g)
-    want = torch.autograd.grad(ref, [fast[n] for n in names], g)
-    for n, a, e in zip(names, got, want):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=n)
+    weights = list(fast.values())
+
+    def second(y):  # gradients of a function of the first derivatives
+        firsts = torch.autograd.grad((y ** 2).sum(), weights, create_graph=True)
+        return torch.autograd.grad(sum((d ** 2).sum() for d in firsts), weights)
+
+    for n, a, e in zip(fast, second(out), second(ref)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12, msg=n)
     for n, b in bufs.items():  # the mean over tasks of the per-task momentum updates
         expect = (torch.stack([st[n] for st in states]).double().mean(0)
                   if b.is_floating_point() else states[0][n])
         torch.testing.assert_close(b, expect.to(b.dtype), rtol=1e-10, atol=1e-12, msg=n)
     calls.clear()
-    batched_forward(model, fast, None, x)  # default: a graph fit for second order, unfused
+    batched_forward(model, fast, None, x, fused=False)
     assert not calls
 
 
 @pytest.mark.parametrize("kind", ["maml", "fomaml", "anil"])
-def test_query_pass_runs_fused_and_matches_reference(kind, monkeypatch):
-    """Second order keeps the inner steps unfused (differentiated twice) and fuses only the
-    query pass; first order fuses the inner steps too. Gradients match the reference."""
+def test_learners_run_the_fused_tail_and_match_reference(kind, monkeypatch):
+    """Every conv4 pass of the inner loop and of the query runs fused, second order
+    included; the meta-gradients still match the per-task reference."""
     calls = _counting_fused(monkeypatch)
     learner = make(kind, conv(channels_last=True), steps=2, task_chunk=None).train()
     data = episode("img")
     loss = learner.meta_loss(*data)
-    # conv4 passes fused: MAML the query; FOMAML 2 support steps + query; ANIL the body on
-    # the support and the query (its head is the linear layer)
-    passes = {"maml": 1, "fomaml": 3, "anil": 2}[kind]
+    # conv4 passes: MAML and FOMAML 2 support steps + the query; ANIL the body on the
+    # support and on the query (its inner loop adapts the linear head only)
+    passes = {"maml": 3, "fomaml": 3, "anil": 2}[kind]
     assert len(calls) == 4 * passes
     assert_grads_close(grads_of(learner, loss), reference_meta(learner, *data)[1])
 

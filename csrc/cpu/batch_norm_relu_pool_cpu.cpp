@@ -28,13 +28,20 @@ struct Geometry {
   }
 };
 
-// acc[k] += f(row, k) over rows [r0, r1) of x; rows are K apart.
+// Over rows [r0, r1) (K apart): acc[k] += x (center null), or acc[k] += (x - center)^2, or
+// with weights a: acc[k] += a and acc[K + k] += a * (x - center).
 template <class T>
-PYMETA_SIMD_CLONES void sum_rows(const T* x, std::int64_t r0, std::int64_t r1, std::int64_t K,
-                                 const double* center, double* acc) {
+PYMETA_SIMD_CLONES void sum_rows(const T* x, const T* a, std::int64_t r0, std::int64_t r1,
+                                 std::int64_t K, const double* center, double* acc) {
   for (std::int64_t r = r0; r < r1; ++r) {
     const T* __restrict__ row = x + r * K;
-    if (center) {
+    if (a) {
+      const T* __restrict__ ar = a + r * K;
+      for (std::int64_t k = 0; k < K; ++k) {
+        acc[k] += double(ar[k]);
+        acc[K + k] += double(ar[k]) * (double(row[k]) - center[k]);
+      }
+    } else if (center) {
       for (std::int64_t k = 0; k < K; ++k) {
         const double d = double(row[k]) - center[k];
         acc[k] += d * d;
@@ -45,33 +52,39 @@ PYMETA_SIMD_CLONES void sum_rows(const T* x, std::int64_t r0, std::int64_t r1, s
   }
 }
 
-// Per-channel sum over all rows (center == nullptr) or of squared deviations from center.
+// Per-channel sums over all rows, as sum_rows; out holds K values (2K with weights a).
 template <class T>
-void channel_sums(const Device& dev, const Geometry& g, const T* x, const double* center,
-                  double* out) {
-  const std::int64_t rows = g.rows(), K = g.K, nblk = ceil_div(rows, kRowBlock);
-  std::vector<double> part(nblk * K, 0.0);
-  parallel_region(threads_for(dev, rows * K), [&] {
+void channel_sums(const Device& dev, const Geometry& g, const T* x, const T* a,
+                  const double* center, double* out) {
+  const std::int64_t rows = g.rows(), n = a ? 2 * g.K : g.K, nblk = ceil_div(rows, kRowBlock);
+  std::vector<double> part(nblk * n, 0.0);
+  parallel_region(threads_for(dev, rows * g.K), [&] {
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < nblk; ++b)
-      sum_rows(x, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), K, center, &part[b * K]);
+      sum_rows(x, a, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), g.K, center,
+               &part[b * n]);
   });
-  std::fill(out, out + K, 0.0);
+  std::fill(out, out + n, 0.0);
   for (std::int64_t b = 0; b < nblk; ++b)
-    for (std::int64_t k = 0; k < K; ++k) out[k] += part[b * K + k];
+    for (std::int64_t k = 0; k < n; ++k) out[k] += part[b * n + k];
 }
 
-// Per-channel constants in T: y = (x - mean) * scale + bias is BatchNorm's output, and
-// backward's dx = dy * scale + (x - mean) * u + v (scale = weight * invstd).
+// Per-channel constants in T: y = (x - mean) * scale + bias is BatchNorm's output
+// (scale = weight * invstd). Gradient passes write dx = dy * route + (x - mean) * u + v
+// (+ gg * extra in double backward), and double backward's gathered output is
+// gg * gain + (x - mean) * p + q at each window's winner.
 template <class T>
 struct Coef {
-  std::vector<T> mean, scale, bias, u, v;
+  std::vector<T> mean, scale, bias, u, v, route, extra, gain, p, q;
 };
 
 template <class T>
 Coef<T> coefficients(std::int64_t K, const T* weight, const T* bias, const double* mean,
                      const double* invstd) {
-  Coef<T> f{std::vector<T>(K), std::vector<T>(K), std::vector<T>(K), {}, {}};
+  Coef<T> f;
+  f.mean.resize(K);
+  f.scale.resize(K);
+  f.bias.resize(K);
   for (std::int64_t k = 0; k < K; ++k) {
     f.mean[k] = T(mean[k]);
     f.scale[k] = T(double(weight[k]) * invstd[k]);
@@ -159,32 +172,41 @@ PYMETA_SIMD_CLONES void pool_unit(const Geometry& g, const T* x, const Coef<T>& 
   }
 }
 
-// Backward, pass 1, one row of windows: sum_dy[k] += dy and sum_dy_xc[k] += dy * (x - mean)
-// at each window's first maximum, where dy is the output gradient if it passed the ReLU.
+// Backward, pass 1, one row of windows: sums[k] += dy and sums[K + k] += dy * (x - mean) at
+// each window's first maximum, where dy is the output gradient if it passed the ReLU; with gg,
+// also sums[2K + k] += dy * gg there.
 template <class T>
-PYMETA_SIMD_CLONES void grad_sums_unit(const Geometry& g, const T* x, const Coef<T>& f,
-                                       const T* grad_out, std::int64_t n, std::int64_t ho,
-                                       T* sum_dy, T* sum_dy_xc) {
+PYMETA_SIMD_CLONES void grad_sums_unit(const Geometry& g, const T* x, const T* gg,
+                                       const Coef<T>& f, const T* grad_out, std::int64_t n,
+                                       std::int64_t ho, T* sums) {
+  const std::int64_t K = g.K;
   for (std::int64_t wo = 0; wo < g.Wo; ++wo) {
     const Window w(g, n, ho, wo);
     const T* px[4] = {x + w.off[0], x + w.off[1], x + w.off[2], x + w.off[3]};
-    const T* go = grad_out + ((n * g.Ho + ho) * g.Wo + wo) * g.K;
-    over_channels<T>(g.K, [&](auto lanes, std::int64_t k) {
+    const T* go = grad_out + ((n * g.Ho + ho) * g.Wo + wo) * K;
+    over_channels<T>(K, [&](auto lanes, std::int64_t k) {
       using V = decltype(lanes);
       const WindowAt<V, T> a(px, k, f);
-      V x_best = a.x[0];
-      for (int i = 3; i > 0; --i) x_best = (a.y[i] == a.best) ? a.x[i] : x_best;  // first wins
+      V x_best = a.x[3], gg_best = gg ? load<V>(gg + w.off[3] + k) : V{};
+      for (int i = 2; i >= 0; --i) {  // the first maximum wins
+        const auto hit = a.y[i] == a.best;
+        x_best = hit ? a.x[i] : x_best;
+        if (gg) gg_best = hit ? load<V>(gg + w.off[i] + k) : gg_best;
+      }
       const V dy = zero_unless(load<V>(go + k), a.best);
-      store(sum_dy + k, load<V>(sum_dy + k) + dy);
-      store(sum_dy_xc + k, load<V>(sum_dy_xc + k) + dy * x_best);
+      store(sums + k, load<V>(sums + k) + dy);
+      store(sums + K + k, load<V>(sums + K + k) + dy * x_best);
+      if (gg) store(sums + 2 * K + k, load<V>(sums + 2 * K + k) + dy * gg_best);
     });
   }
 }
 
-// Pass 2, one row of windows: dx = (x - mean) * u + v, plus dy * scale at the first maximum.
+// Pass 2, one row of windows: dx = (x - mean) * u + v (+ gg * extra), plus dy * route at the
+// first maximum.
 template <class T>
-PYMETA_SIMD_CLONES void grad_x_unit(const Geometry& g, const T* x, const Coef<T>& f,
-                                    const T* grad_out, std::int64_t n, std::int64_t ho, T* dx) {
+PYMETA_SIMD_CLONES void grad_x_unit(const Geometry& g, const T* x, const T* gg,
+                                    const Coef<T>& f, const T* grad_out, std::int64_t n,
+                                    std::int64_t ho, T* dx) {
   for (std::int64_t wo = 0; wo < g.Wo; ++wo) {
     const Window w(g, n, ho, wo);
     const T* px[4] = {x + w.off[0], x + w.off[1], x + w.off[2], x + w.off[3]};
@@ -193,23 +215,48 @@ PYMETA_SIMD_CLONES void grad_x_unit(const Geometry& g, const T* x, const Coef<T>
       using V = decltype(lanes);
       const WindowAt<V, T> a(px, k, f);
       const V u = load<V>(&f.u[k]), v = load<V>(&f.v[k]);
-      V rest = zero_unless(load<V>(go + k) * load<V>(&f.scale[k]), a.best);
+      V rest = zero_unless(load<V>(go + k) * load<V>(&f.route[k]), a.best);
       for (int i = 0; i < 4; ++i) {
         const V hit = (a.y[i] == a.best) ? rest : V{};
         rest -= hit;
-        store(dx + w.off[i] + k, a.x[i] * u + v + hit);
+        V d = a.x[i] * u + v + hit;
+        if (gg) d += load<V>(gg + w.off[i] + k) * load<V>(&f.extra[k]);
+        store(dx + w.off[i] + k, d);
       }
+    });
+  }
+}
+
+// Double backward, one row of windows: out = gg * gain + (x - mean) * p + q at each window's
+// first maximum if it passed the ReLU, else 0.
+template <class T>
+PYMETA_SIMD_CLONES void gather_unit(const Geometry& g, const T* x, const T* gg,
+                                    const Coef<T>& f, std::int64_t n, std::int64_t ho, T* out) {
+  for (std::int64_t wo = 0; wo < g.Wo; ++wo) {
+    const Window w(g, n, ho, wo);
+    const T* px[4] = {x + w.off[0], x + w.off[1], x + w.off[2], x + w.off[3]};
+    T* o = out + ((n * g.Ho + ho) * g.Wo + wo) * g.K;
+    over_channels<T>(g.K, [&](auto lanes, std::int64_t k) {
+      using V = decltype(lanes);
+      const WindowAt<V, T> a(px, k, f);
+      V h = a.x[3] * load<V>(&f.p[k]) + load<V>(gg + w.off[3] + k) * load<V>(&f.gain[k]);
+      for (int i = 2; i >= 0; --i) {
+        const V hi = a.x[i] * load<V>(&f.p[k]) + load<V>(gg + w.off[i] + k) * load<V>(&f.gain[k]);
+        h = (a.y[i] == a.best) ? hi : h;
+      }
+      store(o + k, zero_unless(h + load<V>(&f.q[k]), a.best));
     });
   }
 }
 
 // dx of pixels outside every window (dy = 0): count consecutive pixels from x.
 template <class T>
-PYMETA_SIMD_CLONES void grad_x_uncovered(const T* x, std::int64_t count, const Coef<T>& f,
-                                         std::int64_t K, T* __restrict__ dx) {
-  const T *mean = f.mean.data(), *u = f.u.data(), *v = f.v.data();
+PYMETA_SIMD_CLONES void grad_x_uncovered(const T* x, const T* gg, std::int64_t count,
+                                         const Coef<T>& f, std::int64_t K, T* __restrict__ dx) {
+  const T *mean = f.mean.data(), *u = f.u.data(), *v = f.v.data(), *e = f.extra.data();
   for (std::int64_t i = 0; i < count; ++i)
-    for (std::int64_t k = 0; k < K; ++k) dx[i * K + k] = (x[i * K + k] - mean[k]) * u[k] + v[k];
+    for (std::int64_t k = 0; k < K; ++k)
+      dx[i * K + k] = (x[i * K + k] - mean[k]) * u[k] + v[k] + (gg ? gg[i * K + k] * e[k] : T(0));
 }
 
 std::vector<double> inverse_std(std::int64_t K, const double* var, double eps) {
@@ -222,9 +269,9 @@ template <class T>
 void forward(const Device& dev, const Geometry& g, const T* x, const T* weight, const T* bias,
              double eps, T* out, double* mean, double* var) {
   const double count = double(g.rows());
-  channel_sums(dev, g, x, nullptr, mean);
+  channel_sums(dev, g, x, static_cast<const T*>(nullptr), nullptr, mean);
   for (std::int64_t k = 0; k < g.K; ++k) mean[k] /= count;
-  channel_sums(dev, g, x, mean, var);
+  channel_sums(dev, g, x, static_cast<const T*>(nullptr), mean, var);
   for (std::int64_t k = 0; k < g.K; ++k) var[k] /= count;
   const Coef<T> f = coefficients(g.K, weight, bias, mean, inverse_std(g.K, var, eps).data());
   parallel_region(threads_for(dev, g.rows() * g.K), [&] {
@@ -233,49 +280,54 @@ void forward(const Device& dev, const Geometry& g, const T* x, const T* weight, 
   });
 }
 
+// Pass 1 over all windows: sums [2K] (3K with gg) as grad_sums_unit adds them. One row of
+// windows sums in T (a few dozen terms), blocks of rows in double.
 template <class T>
-void grad_sums(const Device& dev, const Geometry& g, const T* x, const Coef<T>& f,
-               const T* grad_out, double* sum_dy, double* sum_dy_xc) {
-  // One row of windows sums in T (a few dozen terms), blocks of rows in double.
-  const std::int64_t K = g.K, nblk = ceil_div(g.units(), kRowBlock);
-  std::vector<double> part(2 * nblk * K, 0.0);
-  parallel_region(threads_for(dev, g.rows() * K), [&] {
-    std::vector<T> row(2 * K);
+std::vector<double> grad_sums(const Device& dev, const Geometry& g, const T* x, const T* gg,
+                              const Coef<T>& f, const T* grad_out) {
+  const std::int64_t n = (gg ? 3 : 2) * g.K, nblk = ceil_div(g.units(), kRowBlock);
+  std::vector<double> part(nblk * n, 0.0), sums(n, 0.0);
+  parallel_region(threads_for(dev, g.rows() * g.K), [&] {
+    std::vector<T> row(n);
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < nblk; ++b) {
-      double* acc = &part[2 * b * K];
+      double* acc = &part[b * n];
       for (std::int64_t u = b * kRowBlock; u < std::min(g.units(), (b + 1) * kRowBlock); ++u) {
         std::fill(row.begin(), row.end(), T(0));
-        grad_sums_unit(g, x, f, grad_out, u / g.Ho, u % g.Ho, row.data(), row.data() + K);
-        for (std::int64_t k = 0; k < 2 * K; ++k) acc[k] += double(row[k]);
+        grad_sums_unit(g, x, gg, f, grad_out, u / g.Ho, u % g.Ho, row.data());
+        for (std::int64_t k = 0; k < n; ++k) acc[k] += double(row[k]);
       }
     }
   });
-  std::fill(sum_dy, sum_dy + K, 0.0);
-  std::fill(sum_dy_xc, sum_dy_xc + K, 0.0);
   for (std::int64_t b = 0; b < nblk; ++b)
-    for (std::int64_t k = 0; k < K; ++k) {
-      sum_dy[k] += part[2 * b * K + k];
-      sum_dy_xc[k] += part[(2 * b + 1) * K + k];
-    }
+    for (std::int64_t k = 0; k < n; ++k) sums[k] += part[b * n + k];
+  return sums;
 }
 
+// Pass 2: dx of every pixel (grad_x_unit; pixels outside every window get no dy) and, with
+// gathered, double backward's pooled output (gather_unit).
 template <class T>
-void grad_x(const Device& dev, const Geometry& g, const T* x, const Coef<T>& f,
-            const T* grad_out, T* dx) {
+void grad_x(const Device& dev, const Geometry& g, const T* x, const T* gg, const Coef<T>& f,
+            const T* grad_out, T* dx, T* gathered) {
   const std::int64_t K = g.K, Wc = 2 * g.Wo;  // columns [Wc, W) and rows [2 Ho, H): no window
+  auto off = [&](const T* p, std::int64_t n, std::int64_t h, std::int64_t w) {
+    return p ? p + g.at(n, h, w) : p;
+  };
   parallel_region(threads_for(dev, g.rows() * K), [&] {
 #pragma omp for schedule(static)
     for (std::int64_t un = 0; un < g.units(); ++un) {
       const std::int64_t n = un / g.Ho, ho = un % g.Ho;
-      grad_x_unit(g, x, f, grad_out, n, ho, dx);
+      if (gathered) gather_unit(g, x, gg, f, n, ho, gathered);
+      if (!dx) continue;
+      grad_x_unit(g, x, gg, f, grad_out, n, ho, dx);
       for (std::int64_t h = 2 * ho; h < 2 * ho + 2 && Wc < g.W; ++h)
-        grad_x_uncovered(x + g.at(n, h, Wc), g.W - Wc, f, K, dx + g.at(n, h, Wc));
+        grad_x_uncovered(x + g.at(n, h, Wc), off(gg, n, h, Wc), g.W - Wc, f, K,
+                         dx + g.at(n, h, Wc));
     }
 #pragma omp for schedule(static)
     for (std::int64_t n = 0; n < g.N; ++n)
-      for (std::int64_t h = 2 * g.Ho; h < g.H; ++h)
-        grad_x_uncovered(x + g.at(n, h, 0), g.W, f, K, dx + g.at(n, h, 0));
+      for (std::int64_t h = 2 * g.Ho; h < g.H && dx; ++h)
+        grad_x_uncovered(x + g.at(n, h, 0), off(gg, n, h, 0), g.W, f, K, dx + g.at(n, h, 0));
   });
 }
 
@@ -286,14 +338,16 @@ void backward(const Device& dev, const Geometry& g, const T* x, const T* weight,
   const std::int64_t K = g.K;
   const std::vector<double> invstd = inverse_std(K, var, eps);
   Coef<T> f = coefficients(K, weight, bias, mean, invstd.data());
-  std::vector<double> sum_dy(K), sum_dy_xc(K);
-  grad_sums(dev, g, x, f, grad_out, sum_dy.data(), sum_dy_xc.data());
+  const std::vector<double> sums = grad_sums(dev, g, x, static_cast<const T*>(nullptr), f,
+                                             grad_out);
+  const double *sum_dy = sums.data(), *sum_dy_xc = sums.data() + K;
   for (std::int64_t k = 0; k < K; ++k) {
     if (grad_weight) grad_weight[k] = T(sum_dy_xc[k] * invstd[k]);
     if (grad_bias) grad_bias[k] = T(sum_dy[k]);
   }
   if (!grad_x_out) return;
   // dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)), x_hat = (x - mean) * invstd.
+  f.route = f.scale;
   f.u.resize(K);
   f.v.resize(K);
   const double count = double(g.rows());
@@ -302,7 +356,48 @@ void backward(const Device& dev, const Geometry& g, const T* x, const T* weight,
     f.u[k] = T(-s * invstd[k] * invstd[k] * sum_dy_xc[k] / count);
     f.v[k] = T(-s * sum_dy[k] / count);
   }
-  grad_x(dev, g, x, f, grad_out, grad_x_out);
+  grad_x(dev, g, x, static_cast<const T*>(nullptr), f, grad_out, grad_x_out,
+         static_cast<T*>(nullptr));
+}
+
+// Backward of backward. Per channel, with M pixels, r = invstd, xc = x - mean, x_hat = xc r,
+// dy the output gradient routed to each window's winner, A = mean(dy), B = mean(dy x_hat),
+// and the incoming gradients gg (of dx), ggw (of dweight), ggb (of dbias):
+//   G = mean(gg), D = sum(gg x_hat), C = sum(gg dy) - M A G
+//   d/dgrad_out at a winner = w r (gg - G - x_hat D / M) + ggw x_hat + ggb
+//   d/dweight = r (C - B D)                   d/dbias = 0 (the winners are locally constant)
+//   d/dx = c1 x_hat + c2 (dy - A - x_hat B) + c3 (gg - G - x_hat D / M), with
+//   c1 = -w r^2 (C - B D) / M, c2 = ggw r - w r^2 D / M, c3 = -w r^2 B.
+template <class T>
+void double_backward(const Device& dev, const Geometry& g, const T* x, const T* weight,
+                     const T* bias, const double* mean, const double* var, double eps,
+                     const T* grad_out, const T* gg, const T* ggw, const T* ggb, T* gx,
+                     T* gweight, T* ggrad_out) {
+  const std::int64_t K = g.K;
+  const double M = double(g.rows());
+  const std::vector<double> r = inverse_std(K, var, eps);
+  Coef<T> f = coefficients(K, weight, bias, mean, r.data());
+  const std::vector<double> sums = grad_sums(dev, g, x, gg, f, grad_out);
+  std::vector<double> gsums(2 * K);
+  channel_sums(dev, g, x, gg, mean, gsums.data());
+  for (auto* v : {&f.u, &f.v, &f.route, &f.extra, &f.gain, &f.p, &f.q}) v->resize(K);
+  for (std::int64_t k = 0; k < K; ++k) {
+    const double w = weight[k], rk = r[k], A = sums[k] / M, B = sums[K + k] * rk / M,
+                 G = gsums[k] / M, D = gsums[K + k] * rk, C = sums[2 * K + k] - M * A * G;
+    const double c1 = -w * rk * rk * (C - B * D) / M, c2 = double(ggw[k]) * rk - w * rk * rk * D / M,
+                 c3 = -w * rk * rk * B;
+    if (gweight) gweight[k] = T(rk * (C - B * D));
+    // dx = dy c2 + gg c3 + xc u + v
+    f.route[k] = T(c2);
+    f.extra[k] = T(c3);
+    f.u[k] = T(rk * (c1 - c2 * B - c3 * D / M));
+    f.v[k] = T(-c2 * A - c3 * G);
+    // d/dgrad_out = gg gain + xc p + q
+    f.gain[k] = T(w * rk);
+    f.p[k] = T(rk * (double(ggw[k]) - w * rk * D / M));
+    f.q[k] = T(double(ggb[k]) - w * rk * G);
+  }
+  grad_x(dev, g, x, gg, f, grad_out, gx, ggrad_out);
 }
 
 }  // namespace
@@ -331,6 +426,25 @@ void batch_norm_relu_pool_backward(const Device& dev, DType dtype, std::int64_t 
     backward(dev, g, static_cast<const T*>(x), static_cast<const T*>(weight),
              static_cast<const T*>(bias), mean, var, eps, static_cast<const T*>(grad_out),
              static_cast<T*>(grad_x), static_cast<T*>(grad_weight), static_cast<T*>(grad_bias));
+  });
+}
+
+
+void batch_norm_relu_pool_double_backward(const Device& dev, DType dtype, std::int64_t N,
+                                          std::int64_t H, std::int64_t W, std::int64_t K,
+                                          const void* x, const void* weight, const void* bias,
+                                          const double* mean, const double* var, double eps,
+                                          const void* grad_out, const void* gg, const void* ggw,
+                                          const void* ggb, void* gx, void* gweight,
+                                          void* ggrad_out) {
+  const Geometry g{N, H, W, K, H / 2, W / 2};
+  dispatch_float(dtype, "batch_norm_relu_pool", [&](auto zero) {
+    using T = decltype(zero);
+    double_backward(dev, g, static_cast<const T*>(x), static_cast<const T*>(weight),
+                    static_cast<const T*>(bias), mean, var, eps, static_cast<const T*>(grad_out),
+                    static_cast<const T*>(gg), static_cast<const T*>(ggw),
+                    static_cast<const T*>(ggb), static_cast<T*>(gx), static_cast<T*>(gweight),
+                    static_cast<T*>(ggrad_out));
   });
 }
 

@@ -31,6 +31,13 @@ void batch_norm_relu_pool_backward(const Device& dev, DType dtype, std::int64_t 
                                    const double* mean, const double* var, double eps,
                                    const void* grad_out, void* grad_x, void* grad_weight,
                                    void* grad_bias);
+void batch_norm_relu_pool_double_backward(const Device& dev, DType dtype, std::int64_t N,
+                                          std::int64_t H, std::int64_t W, std::int64_t K,
+                                          const void* x, const void* weight, const void* bias,
+                                          const double* mean, const double* var, double eps,
+                                          const void* grad_out, const void* gg, const void* ggw,
+                                          const void* ggb, void* gx, void* gweight,
+                                          void* ggrad_out);
 
 // SIMD level this build dispatches to at run time ("avx512", "avx2", "sse2", ...).
 std::string simd_level();

@@ -338,7 +338,7 @@ def _wants_channels_last(module: nn.Module) -> bool:
 def batched_forward(module: nn.Module, params: Mapping[str, Tensor], buffers:
                     Optional[Mapping[str, Tensor]], x: Tensor, *, bn_mode: str = "transductive",
                     training: Optional[bool] = None, update_stats: bool = True,
-                    per_task: bool = False, double_backward: bool = True) -> Tensor:
+                    per_task: bool = False, fused: bool = True) -> Tensor:
     """Runs ``module`` for ``T`` tasks at once, each with its own weights.
 
     Args:
@@ -355,11 +355,10 @@ def batched_forward(module: nn.Module, params: Mapping[str, Tensor], buffers:
         update_stats: in training, update BatchNorm running statistics (the mean over tasks of
             the per-task updates, detached).
         per_task: force the per-task loop (for testing and debugging).
-        double_backward: whether the result's graph must support differentiating its
-            gradients again (second-order MAML's inner steps). ``False`` (or grad mode off)
-            lets conv4's BatchNorm - ReLU - max-pool tails run as one fused CPU kernel
-            (:func:`pymeta.ops.batch_norm_relu_pool`) that stores less and whose backward
-            is once-differentiable: differentiating it again raises an error.
+        fused: run conv4's BatchNorm - ReLU - max-pool tails (with batch statistics, on
+            CPU) as one kernel, :func:`pymeta.ops.batch_norm_relu_pool`: less memory, faster,
+            differentiable twice (second-order MAML); a third derivative raises. ``False``
+            keeps torch's three ops, differentiable to any order.
 
     Returns:
         ``[T, B, *out]``.
@@ -378,8 +377,7 @@ def batched_forward(module: nn.Module, params: Mapping[str, Tensor], buffers:
         buffers = dict(module.named_buffers())
     if per_task or type(module) not in _RULES or not is_batchable(module):
         return _per_task(module, params, buffers, x, training, bn_mode, update_stats)
-    fuse = ((not double_backward or not torch.is_grad_enabled()) and not functorch_active()
-            and not torch.compiler.is_compiling())
+    fuse = fused and not functorch_active() and not torch.compiler.is_compiling()
     ctx = _Ctx(T, params, buffers, training, bn_mode, update_stats, _wants_channels_last(module),
                fuse)
     a = _run(module, "", _Act(x.reshape(-1, *x.shape[2:]), False), ctx)

@@ -164,18 +164,15 @@ class GradientLearner(FewShotLearner):
         return nn.Sequential(OrderedDict(children[:k])), nn.Sequential(OrderedDict(children[k:]))
 
     def _fwd(self, module: nn.Module, meta: dict[str, Tensor], x: Tensor, update_stats: bool,
-             fast: Optional[dict[str, Tensor]] = None, double_backward: bool = True) -> Tensor:
+             fast: Optional[dict[str, Tensor]] = None) -> Tensor:
         """``module`` (the model or a part of it) on ``x [T, B, ...]``: fast weights where
-        given, else the meta-parameters (``backbone.<name>`` in ``meta``). Pass
-        ``double_backward=False`` where the graph is differentiated only once: the query pass
-        (its gradient runs back through the inner loop's graph, not through its own twice)
-        and first-order inner steps; fused kernels may then run."""
+        given, else the meta-parameters (``backbone.<name>`` in ``meta``)."""
         fast = fast or {}
         params = {n: fast[n] if n in fast else meta["backbone." + n]
                   for n, _ in module.named_parameters()}
         return batched_forward(module, params, None, x, bn_mode=self.bn_mode,
                                training=self.training, update_stats=update_stats,
-                               per_task=self.per_task, double_backward=double_backward)
+                               per_task=self.per_task)
 
     def _inner_loop(self, meta: dict[str, Tensor], head: nn.Module, x: Tensor, y: Tensor,
                     steps: int, mode: str, update_stats: bool,
@@ -197,8 +194,7 @@ class GradientLearner(FewShotLearner):
             leaves = [p.detach().requires_grad_() if mode == _EVAL or not p.requires_grad
                       else p for p in base]
             inputs = [p.expand(T, *p.shape) if sh else p for p, sh in zip(leaves, shared)]
-            out = self._fwd(head, meta, x, update_stats, dict(zip(names, inputs)),
-                            double_backward=mode == _SECOND)
+            out = self._fwd(head, meta, x, update_stats, dict(zip(names, inputs)))
             loss = self._task_losses(out, y, ways).sum()  # sum: task t's grad is its own loss's
             grads = torch.autograd.grad(loss, inputs, create_graph=mode == _SECOND,
                                         allow_unused=True)
@@ -217,10 +213,10 @@ class GradientLearner(FewShotLearner):
         """(mean query loss over tasks or None, query outputs) for one batch of tasks."""
         body, head = self._parts()
         if body is not None:  # ANIL: the body runs once, outside the inner loop
-            sx = self._fwd(body, meta, sx, update_stats, double_backward=False)
-            qx = self._fwd(body, meta, qx, update_stats, double_backward=False)
+            sx = self._fwd(body, meta, sx, update_stats)
+            qx = self._fwd(body, meta, qx, update_stats)
         fast = self._inner_loop(meta, head, sx, sy, steps, mode, update_stats, ways)
-        out = self._checked(self._fwd(head, meta, qx, update_stats, fast, False), ways)
+        out = self._checked(self._fwd(head, meta, qx, update_stats, fast), ways)
         return None if qy is None else self._task_losses(out, qy, ways).mean(), out
 
     def _chunked(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Optional[Tensor], steps: int,

@@ -4,7 +4,7 @@
 - :func:`class_prototypes`: batched per-class mean embeddings.
 - :func:`sgd_step` / :func:`sgd_step_`: one fused SGD update over a list of tensors.
 - :func:`batch_norm_relu_pool`: conv4's BatchNorm - ReLU - 2x2 max-pool tail in one pass
-  (CPU, training-mode statistics, once-differentiable).
+  (CPU, training-mode statistics, differentiable twice).
 
 ``pymeta.ops.reference`` holds plain-torch versions of each, used to check the kernels.
 """

@@ -2,11 +2,10 @@
 
 Kernel: ``csrc/cpu/batch_norm_relu_pool_cpu.cpp`` (CPU only). It is conv4's block tail
 (conv - BatchNorm - ReLU - max-pool) after the convolution. Forward keeps only its input:
-backward recomputes each window's normalised values, so the normalised map, the ReLU output
-and the max-pool indices (2.4x the input's size) are never stored, and the three backward
-passes become two. Its backward is not itself differentiable (``create_graph=True`` raises):
-use it where the graph is differentiated once, such as the query pass of MAML, whose gradient
-flows back through the inner loop's second-order graph without being differentiated again.
+backward recomputes each window's normalised values and winner, so the normalised map, the
+ReLU output and the max-pool indices (2.4x the input's size) are never stored. The backward
+is a kernel too, and so is its own backward (the analytic second derivative), so the op
+serves second-order MAML's inner steps; a third derivative raises.
 """
 from __future__ import annotations
 
@@ -37,17 +36,29 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
                          f"{shape_str(x.shape)}")
 
 
+def _code(x: torch.Tensor) -> tuple:
+    return (*launch(x), DTYPE_CODES[x.dtype], *_nhwc(x))
+
+
+def _nhwc(x: torch.Tensor) -> tuple:
+    N, C, H, W = x.shape
+    return N, H, W, C
+
+
+def _empty(like: torch.Tensor, wanted: bool):
+    return torch.empty_like(like) if wanted else None
+
+
 class _BatchNormReluPool(torch.autograd.Function):
+    """Forward kernel; its backward is :class:`_Backward`, itself differentiable once more."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        x = x.contiguous(memory_format=torch.channels_last)
-        weight, bias = weight.contiguous(), bias.contiguous()
         N, C, H, W = x.shape
         out = torch.empty(N, C, H // 2, W // 2, dtype=x.dtype, memory_format=torch.channels_last)
         stats = torch.empty(2, C, dtype=torch.float64)
-        _C.batch_norm_relu_pool_forward(*launch(x), DTYPE_CODES[x.dtype], N, H, W, C, ptr(x),
-                                        ptr(weight), ptr(bias), eps, ptr(out), ptr(stats[0]),
-                                        ptr(stats[1]))
+        _C.batch_norm_relu_pool_forward(*_code(x), ptr(x), ptr(weight), ptr(bias), eps, ptr(out),
+                                        ptr(stats[0]), ptr(stats[1]))
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.eps = eps
         mean, var = stats.to(x.dtype)
@@ -56,20 +67,43 @@ class _BatchNormReluPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
-        if torch.is_grad_enabled():  # create_graph=True: refuse rather than return a constant
-            raise RuntimeError(f"{_OP}: its backward is not differentiable; differentiate "
-                               "torch's batch_norm, relu and max_pool2d instead")
         x, weight, bias, stats = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grads = _Backward.apply(x, weight, bias, stats, grad_out, ctx.eps,
+                                ctx.needs_input_grad[:3])
+        return (*grads, None)
+
+
+class _Backward(torch.autograd.Function):
+    """(grad_x, grad_weight, grad_bias) from grad_out; differentiable (second-order MAML's
+    inner steps), its own backward is not (a third derivative raises)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stats, grad_out, eps, needs):
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-        N, C, H, W = x.shape
-        gx = torch.empty_like(x) if need_x else None
-        gw = torch.empty_like(weight) if need_w else None
-        gb = torch.empty_like(bias) if need_b else None
-        _C.batch_norm_relu_pool_backward(*launch(x), DTYPE_CODES[x.dtype], N, H, W, C, ptr(x),
-                                         ptr(weight), ptr(bias), ptr(stats[0]), ptr(stats[1]),
-                                         ctx.eps, ptr(grad_out), ptr(gx), ptr(gw), ptr(gb))
-        return gx, gw, gb, None
+        gx, gw, gb = (_empty(t, n) for t, n in zip((x, weight, bias), needs))
+        _C.batch_norm_relu_pool_backward(*_code(x), ptr(x), ptr(weight), ptr(bias),
+                                         ptr(stats[0]), ptr(stats[1]), eps, ptr(grad_out),
+                                         ptr(gx), ptr(gw), ptr(gb))
+        ctx.save_for_backward(x, weight, bias, stats, grad_out)
+        ctx.eps = eps
+        return gx, gw, gb
+
+    @staticmethod
+    def backward(ctx, gg, ggw, ggb):
+        if torch.is_grad_enabled():  # create_graph=True: refuse rather than return a constant
+            raise RuntimeError(f"{_OP}: its second derivative is not differentiable; "
+                               "differentiate torch's batch_norm, relu and max_pool2d instead")
+        x, weight, bias, stats, grad_out = ctx.saved_tensors
+        gg = (torch.zeros_like(x) if gg is None
+              else gg.contiguous(memory_format=torch.channels_last))
+        ggw = torch.zeros_like(weight) if ggw is None else ggw.contiguous()
+        ggb = torch.zeros_like(bias) if ggb is None else ggb.contiguous()
+        need_x, need_w, _, _, need_go = ctx.needs_input_grad[:5]
+        gx, gw, ggo = _empty(x, need_x), _empty(weight, need_w), _empty(grad_out, need_go)
+        _C.batch_norm_relu_pool_double_backward(
+            *_code(x), ptr(x), ptr(weight), ptr(bias), ptr(stats[0]), ptr(stats[1]), ctx.eps,
+            ptr(grad_out), ptr(gg), ptr(ggw), ptr(ggb), ptr(gx), ptr(gw), ptr(ggo))
+        return gx, gw, None, None, ggo, None, None
 
 
 def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -85,8 +119,8 @@ def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     Returns:
         ``(out, mean, var)``: ``out [N, C, H // 2, W // 2]`` (channels_last), and the
         per-channel batch mean and biased variance ``[C]`` (not differentiable), from which
-        callers update running statistics. Gradients flow to ``x``, ``weight`` and ``bias``
-        once: a backward with ``create_graph=True`` raises.
+        callers update running statistics. Differentiable twice (``gradgradcheck``-clean);
+        differentiating a second derivative raises.
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -98,7 +132,8 @@ def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         (True, (8, 4, 3, 3))
     """
     _check(x, weight, bias)
-    return _BatchNormReluPool.apply(x, weight, bias, float(eps))
+    x = x.contiguous(memory_format=torch.channels_last)  # outside the Function: recorded
+    return _BatchNormReluPool.apply(x, weight.contiguous(), bias.contiguous(), float(eps))
 
 
 __all__ = ["batch_norm_relu_pool"]
