@@ -26,6 +26,11 @@ BatchNorm: in training, statistics come from each task's own batch (as in MAML).
 ``bn_mode="running"`` uses the module's running statistics. When training with
 ``update_stats=True``, the running statistics get the mean over tasks of the per-task
 momentum updates (detached).
+
+On CPU, conv4's block tail (BatchNorm with batch statistics, ReLU, 2x2 max-pool) on the
+grouped channels_last layout runs as one kernel, :func:`pymeta.ops.batch_norm_relu_pool`:
+it stores only the convolution output and has analytic first and second derivatives, which
+halves what a task's MAML step keeps for backward (``fused=False`` keeps torch's ops).
 """
 from __future__ import annotations
 
