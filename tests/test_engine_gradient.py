@@ -151,9 +151,10 @@ def test_omniglot_preset_gives_gradient_learners_5_way_episodes_and_maml_lslr():
     maml = parse("--preset", "omniglot", "--algo", "maml", "--learner-opt", "inner_lr=0.1")
     assert (maml.ways, maml.eval_ways, maml.test_grid()) == (5, 5, [(5, 1), (20, 1)])
     assert maml.learner_kwargs == {"lslr": True, "inner_lr": 0.1} and maml.max_ways == 20
-    assert maml.schedule == "cosine"
+    assert (maml.schedule, maml.steps) == ("cosine", 6000)
     anil = parse("--preset", "omniglot", "--algo", "anil", "--learner-opt", "inner_lr=0.1")
-    assert (anil.learner_kwargs, anil.schedule) == ({"inner_lr": 0.1}, "step")
+    assert (anil.learner_kwargs, anil.schedule, anil.steps) == ({"inner_lr": 0.1}, "step", 4500)
+    assert parse("--preset", "omniglot", "--algo", "maml", "--steps", "10").steps == 10
     assert parse("--preset", "omniglot", "--algo", "maml", "--schedule", "step").schedule == "step"
     assert parse("--preset", "omniglot", "--algo", "protonet").ways == 60
     sine = parse("--algo", "reptile", "--data", "sinusoid", "--steps", "5")
