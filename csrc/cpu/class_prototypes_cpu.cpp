@@ -113,9 +113,11 @@ template <class T>
 void backward(const Device& dev, std::int64_t B, std::int64_t S, std::int64_t C, std::int64_t D,
               const T* g, const std::int64_t* labels, const std::vector<std::int64_t>& counts,
               T* gz) {
-  // grad_z is written once, not read here: past the cache size it bypasses the cache.
-  const bool stream = B * S * D * std::int64_t(sizeof(T)) >= kStreamBytes && aligned16(gz) &&
-                      (D * sizeof(T)) % 16 == 0;
+  // grad_z is written once, not read here: when it and grad_out outgrow the last-level cache
+  // it bypasses the cache.
+  const std::int64_t bytes = (B * S + B * C) * D * std::int64_t(sizeof(T));
+  const bool stream = bytes >= std::max(kStreamBytes, last_level_cache_bytes()) &&
+                      aligned16(gz) && (D * sizeof(T)) % 16 == 0;
   parallel_region(threads_for(dev, B * S * D), [&] {
 #pragma omp for schedule(static)
     for (std::int64_t r = 0; r < B * S; ++r) {

@@ -1,6 +1,7 @@
 // Helpers shared by the CPU kernels.
 #pragma once
 #include <omp.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
@@ -83,6 +84,18 @@ __attribute__((always_inline)) inline void storeu(T* p, Vec<T> v) {
 // Outputs at least this large bypass the cache: non-temporal stores skip the read-for-ownership
 // of every written line, a third of the traffic of a streaming kernel.
 constexpr std::int64_t kStreamBytes = std::int64_t(4) << 20;
+
+// The last-level cache in bytes (sysconf; kStreamBytes where unknown). A kernel whose whole
+// working set fits in it gains nothing from bypassing the cache: a training loop reuses freed
+// buffers that are still cached, and regular stores to them are about 3x faster (a 5 MB
+// class_prototypes gradient: 73 against 226 us here).
+inline std::int64_t last_level_cache_bytes() {
+  static const std::int64_t bytes = [] {
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return l3 > 0 ? std::int64_t(l3) : kStreamBytes;
+  }();
+  return bytes;
+}
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15) == 0; }
 
