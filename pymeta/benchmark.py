@@ -224,11 +224,10 @@ def _torch_tail(x, w, b):
 
 
 def _torch_tail_2d(x, w, b):
-    """The same with BatchNorm on the free ``[N*H*W, C]`` view of a channels_last ``x``
-    (pymeta's unfused path: torch reduces it faster than the 4-D tensor)."""
-    N, C, H, W = x.shape
-    y = F.batch_norm(x.permute(0, 2, 3, 1).reshape(-1, C), None, None, w, b, True)
-    return F.max_pool2d(F.relu(y.view(N, H, W, C).permute(0, 3, 1, 2)), 2)
+    """The same with BatchNorm on the free ``[N*H*W, C]`` view of a channels_last ``x``:
+    the batched forward's unfused path."""
+    from .learners.functional import _nhwc_batch_norm
+    return F.max_pool2d(F.relu(_nhwc_batch_norm(x, None, None, w, b, True)), 2)
 
 
 def _tail_case(key, mode, device):

@@ -160,8 +160,8 @@ def test_non_default_stream():
         assert_close(out, expected, torch.float32, rtol=1e-3, atol=1e-3)
 
 
-def test_batch_norm_relu_pool_refuses_cuda_and_learners_fall_back():
-    """The fused op is CPU-only; on CUDA the batched forward keeps torch's three ops."""
+def test_batch_norm_relu_pool_refuses_cuda():
+    """The fused op is CPU-only (the batched forward keeps torch's ops on CUDA)."""
     x = rand(2, 3, 4, 4).cuda()
     w, b = torch.ones(3, device="cuda", dtype=x.dtype), torch.zeros(3, device="cuda", dtype=x.dtype)
     with pytest.raises(ValueError, match="CPU tensors only"):

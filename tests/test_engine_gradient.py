@@ -145,6 +145,12 @@ def test_cli_learner_lists_match_the_registry():
                                             if issubclass(c, GradientLearner))
 
 
+def test_cli_bench_ops_match_the_benchmark():
+    from pymeta.benchmark import OPS
+    from pymeta.cli import BENCH_OPS
+    assert list(BENCH_OPS) == list(OPS)
+
+
 def test_omniglot_preset_gives_gradient_learners_5_way_episodes_and_maml_lslr():
     from pymeta.cli import _config_from_args, build_parser
     parse = lambda *a: _config_from_args(build_parser().parse_args(["train", *a]))  # noqa: E731

@@ -22,11 +22,32 @@ struct Geometry {
   std::int64_t N, H, W, K, Ho, Wo;
   std::int64_t rows() const { return N * H * W; }
   std::int64_t units() const { return N * Ho; }  // rows of windows
-  // Offset of pixel (n, h, w) in elements.
+  // Offset of pixel (n, h, w) of x, and of window (n, ho, wo) in the pooled output.
   std::int64_t at(std::int64_t n, std::int64_t h, std::int64_t w) const {
     return ((n * H + h) * W + w) * K;
   }
+  std::int64_t pooled(std::int64_t n, std::int64_t ho, std::int64_t wo) const {
+    return ((n * Ho + ho) * Wo + wo) * K;
+  }
 };
+
+// Sums of width values over items [0, count), taken per fixed block of kRowBlock items and
+// added in block order, so they never depend on the thread count: add(i0, i1, acc) adds
+// items [i0, i1) into acc[0, width).
+template <class Add>
+std::vector<double> block_sums(const Device& dev, std::int64_t count, std::int64_t width,
+                               std::int64_t work, Add add) {
+  const std::int64_t nblk = ceil_div(count, kRowBlock);
+  std::vector<double> part(nblk * width, 0.0), sums(width, 0.0);
+  parallel_region(threads_for(dev, work), [&] {
+#pragma omp for schedule(static)
+    for (std::int64_t b = 0; b < nblk; ++b)
+      add(b * kRowBlock, std::min(count, (b + 1) * kRowBlock), &part[b * width]);
+  });
+  for (std::int64_t b = 0; b < nblk; ++b)
+    for (std::int64_t k = 0; k < width; ++k) sums[k] += part[b * width + k];
+  return sums;
+}
 
 // Over rows [r0, r1) (K apart): acc[k] += x (center null), or acc[k] += (x - center)^2, or
 // with weights a: acc[k] += a and acc[K + k] += a * (x - center).
@@ -52,21 +73,14 @@ PYMETA_SIMD_CLONES void sum_rows(const T* x, const T* a, std::int64_t r0, std::i
   }
 }
 
-// Per-channel sums over all rows, as sum_rows; out holds K values (2K with weights a).
+// Per-channel sums over all rows, as sum_rows: K values (2K with weights a).
 template <class T>
-void channel_sums(const Device& dev, const Geometry& g, const T* x, const T* a,
-                  const double* center, double* out) {
-  const std::int64_t rows = g.rows(), n = a ? 2 * g.K : g.K, nblk = ceil_div(rows, kRowBlock);
-  std::vector<double> part(nblk * n, 0.0);
-  parallel_region(threads_for(dev, rows * g.K), [&] {
-#pragma omp for schedule(static)
-    for (std::int64_t b = 0; b < nblk; ++b)
-      sum_rows(x, a, b * kRowBlock, std::min(rows, (b + 1) * kRowBlock), g.K, center,
-               &part[b * n]);
-  });
-  std::fill(out, out + n, 0.0);
-  for (std::int64_t b = 0; b < nblk; ++b)
-    for (std::int64_t k = 0; k < n; ++k) out[k] += part[b * n + k];
+std::vector<double> channel_sums(const Device& dev, const Geometry& g, const T* x, const T* a,
+                                 const double* center) {
+  return block_sums(dev, g.rows(), a ? 2 * g.K : g.K, g.rows() * g.K,
+                    [&](std::int64_t r0, std::int64_t r1, double* acc) {
+                      sum_rows(x, a, r0, r1, g.K, center, acc);
+                    });
 }
 
 // Per-channel constants in T: y = (x - mean) * scale + bias is BatchNorm's output
@@ -137,11 +151,11 @@ __attribute__((always_inline)) inline V zero_unless(V value, V keep_if_positive)
 template <class V, class T>
 struct WindowAt {
   V x[4], y[4], best;
-  WindowAt(const T* const* px, std::int64_t k, const Coef<T>& f) {
+  WindowAt(const T* px, const Window& w, std::int64_t k, const Coef<T>& f) {
     const V mean = load<V>(&f.mean[k]), scale = load<V>(&f.scale[k]),
             bias = load<V>(&f.bias[k]);
     for (int i = 0; i < 4; ++i) {
-      x[i] = load<V>(px[i] + k) - mean;  // centred
+      x[i] = load<V>(px + w.off[i] + k) - mean;  // centred
       y[i] = x[i] * scale + bias;
     }
     best = pick_max(pick_max(pick_max(y[0], y[1]), y[2]), y[3]);  // ReLU commutes: after
@@ -162,11 +176,10 @@ PYMETA_SIMD_CLONES void pool_unit(const Geometry& g, const T* x, const Coef<T>& 
                                   std::int64_t n, std::int64_t ho, T* out) {
   for (std::int64_t wo = 0; wo < g.Wo; ++wo) {
     const Window w(g, n, ho, wo);
-    const T* px[4] = {x + w.off[0], x + w.off[1], x + w.off[2], x + w.off[3]};
-    T* o = out + ((n * g.Ho + ho) * g.Wo + wo) * g.K;
+    T* o = out + g.pooled(n, ho, wo);
     over_channels<T>(g.K, [&](auto lanes, std::int64_t k) {
       using V = decltype(lanes);
-      const V best = WindowAt<V, T>(px, k, f).best;
+      const V best = WindowAt<V, T>(x, w, k, f).best;
       store(o + k, ((best < V{}) ? V{} : best));  // ReLU; NaN stays NaN
     });
   }
@@ -182,11 +195,10 @@ PYMETA_SIMD_CLONES void grad_sums_unit(const Geometry& g, const T* x, const T* g
   const std::int64_t K = g.K;
   for (std::int64_t wo = 0; wo < g.Wo; ++wo) {
     const Window w(g, n, ho, wo);
-    const T* px[4] = {x + w.off[0], x + w.off[1], x + w.off[2], x + w.off[3]};
-    const T* go = grad_out + ((n * g.Ho + ho) * g.Wo + wo) * K;
+    const T* go = grad_out + g.pooled(n, ho, wo);
     over_channels<T>(K, [&](auto lanes, std::int64_t k) {
       using V = decltype(lanes);
-      const WindowAt<V, T> a(px, k, f);
+      const WindowAt<V, T> a(x, w, k, f);
       V x_best = a.x[3], gg_best = gg ? load<V>(gg + w.off[3] + k) : V{};
       for (int i = 2; i >= 0; --i) {  // the first maximum wins
         const auto hit = a.y[i] == a.best;
@@ -209,11 +221,10 @@ PYMETA_SIMD_CLONES void grad_x_unit(const Geometry& g, const T* x, const T* gg,
                                     std::int64_t ho, T* dx) {
   for (std::int64_t wo = 0; wo < g.Wo; ++wo) {
     const Window w(g, n, ho, wo);
-    const T* px[4] = {x + w.off[0], x + w.off[1], x + w.off[2], x + w.off[3]};
-    const T* go = grad_out + ((n * g.Ho + ho) * g.Wo + wo) * g.K;
+    const T* go = grad_out + g.pooled(n, ho, wo);
     over_channels<T>(g.K, [&](auto lanes, std::int64_t k) {
       using V = decltype(lanes);
-      const WindowAt<V, T> a(px, k, f);
+      const WindowAt<V, T> a(x, w, k, f);
       const V u = load<V>(&f.u[k]), v = load<V>(&f.v[k]);
       V rest = zero_unless(load<V>(go + k) * load<V>(&f.route[k]), a.best);
       for (int i = 0; i < 4; ++i) {
@@ -234,11 +245,10 @@ PYMETA_SIMD_CLONES void gather_unit(const Geometry& g, const T* x, const T* gg,
                                     const Coef<T>& f, std::int64_t n, std::int64_t ho, T* out) {
   for (std::int64_t wo = 0; wo < g.Wo; ++wo) {
     const Window w(g, n, ho, wo);
-    const T* px[4] = {x + w.off[0], x + w.off[1], x + w.off[2], x + w.off[3]};
-    T* o = out + ((n * g.Ho + ho) * g.Wo + wo) * g.K;
+    T* o = out + g.pooled(n, ho, wo);
     over_channels<T>(g.K, [&](auto lanes, std::int64_t k) {
       using V = decltype(lanes);
-      const WindowAt<V, T> a(px, k, f);
+      const WindowAt<V, T> a(x, w, k, f);
       V h = a.x[3] * load<V>(&f.p[k]) + load<V>(gg + w.off[3] + k) * load<V>(&f.gain[k]);
       for (int i = 2; i >= 0; --i) {
         const V hi = a.x[i] * load<V>(&f.p[k]) + load<V>(gg + w.off[i] + k) * load<V>(&f.gain[k]);
@@ -269,10 +279,11 @@ template <class T>
 void forward(const Device& dev, const Geometry& g, const T* x, const T* weight, const T* bias,
              double eps, T* out, double* mean, double* var) {
   const double count = double(g.rows());
-  channel_sums(dev, g, x, static_cast<const T*>(nullptr), nullptr, mean);
-  for (std::int64_t k = 0; k < g.K; ++k) mean[k] /= count;
-  channel_sums(dev, g, x, static_cast<const T*>(nullptr), mean, var);
-  for (std::int64_t k = 0; k < g.K; ++k) var[k] /= count;
+  const T* none = nullptr;
+  const std::vector<double> sums = channel_sums(dev, g, x, none, nullptr);
+  for (std::int64_t k = 0; k < g.K; ++k) mean[k] = sums[k] / count;
+  const std::vector<double> squares = channel_sums(dev, g, x, none, mean);
+  for (std::int64_t k = 0; k < g.K; ++k) var[k] = squares[k] / count;
   const Coef<T> f = coefficients(g.K, weight, bias, mean, inverse_std(g.K, var, eps).data());
   parallel_region(threads_for(dev, g.rows() * g.K), [&] {
 #pragma omp for schedule(static)
@@ -285,23 +296,16 @@ void forward(const Device& dev, const Geometry& g, const T* x, const T* weight, 
 template <class T>
 std::vector<double> grad_sums(const Device& dev, const Geometry& g, const T* x, const T* gg,
                               const Coef<T>& f, const T* grad_out) {
-  const std::int64_t n = (gg ? 3 : 2) * g.K, nblk = ceil_div(g.units(), kRowBlock);
-  std::vector<double> part(nblk * n, 0.0), sums(n, 0.0);
-  parallel_region(threads_for(dev, g.rows() * g.K), [&] {
-    std::vector<T> row(n);
-#pragma omp for schedule(static)
-    for (std::int64_t b = 0; b < nblk; ++b) {
-      double* acc = &part[b * n];
-      for (std::int64_t u = b * kRowBlock; u < std::min(g.units(), (b + 1) * kRowBlock); ++u) {
-        std::fill(row.begin(), row.end(), T(0));
-        grad_sums_unit(g, x, gg, f, grad_out, u / g.Ho, u % g.Ho, row.data());
-        for (std::int64_t k = 0; k < n; ++k) acc[k] += double(row[k]);
-      }
-    }
-  });
-  for (std::int64_t b = 0; b < nblk; ++b)
-    for (std::int64_t k = 0; k < n; ++k) sums[k] += part[b * n + k];
-  return sums;
+  const std::int64_t n = (gg ? 3 : 2) * g.K;
+  return block_sums(dev, g.units(), n, g.rows() * g.K,
+                    [&](std::int64_t u0, std::int64_t u1, double* acc) {
+                      std::vector<T> row(n);
+                      for (std::int64_t u = u0; u < u1; ++u) {
+                        std::fill(row.begin(), row.end(), T(0));
+                        grad_sums_unit(g, x, gg, f, grad_out, u / g.Ho, u % g.Ho, row.data());
+                        for (std::int64_t k = 0; k < n; ++k) acc[k] += double(row[k]);
+                      }
+                    });
 }
 
 // Pass 2: dx of every pixel (grad_x_unit; pixels outside every window get no dy) and, with
@@ -338,8 +342,8 @@ void backward(const Device& dev, const Geometry& g, const T* x, const T* weight,
   const std::int64_t K = g.K;
   const std::vector<double> invstd = inverse_std(K, var, eps);
   Coef<T> f = coefficients(K, weight, bias, mean, invstd.data());
-  const std::vector<double> sums = grad_sums(dev, g, x, static_cast<const T*>(nullptr), f,
-                                             grad_out);
+  const T* none = nullptr;
+  const std::vector<double> sums = grad_sums(dev, g, x, none, f, grad_out);
   const double *sum_dy = sums.data(), *sum_dy_xc = sums.data() + K;
   for (std::int64_t k = 0; k < K; ++k) {
     if (grad_weight) grad_weight[k] = T(sum_dy_xc[k] * invstd[k]);
@@ -356,8 +360,7 @@ void backward(const Device& dev, const Geometry& g, const T* x, const T* weight,
     f.u[k] = T(-s * invstd[k] * invstd[k] * sum_dy_xc[k] / count);
     f.v[k] = T(-s * sum_dy[k] / count);
   }
-  grad_x(dev, g, x, static_cast<const T*>(nullptr), f, grad_out, grad_x_out,
-         static_cast<T*>(nullptr));
+  grad_x(dev, g, x, none, f, grad_out, grad_x_out, static_cast<T*>(nullptr));
 }
 
 // Backward of backward. Per channel, with M pixels, r = invstd, xc = x - mean, x_hat = xc r,
@@ -378,8 +381,7 @@ void double_backward(const Device& dev, const Geometry& g, const T* x, const T* 
   const std::vector<double> r = inverse_std(K, var, eps);
   Coef<T> f = coefficients(K, weight, bias, mean, r.data());
   const std::vector<double> sums = grad_sums(dev, g, x, gg, f, grad_out);
-  std::vector<double> gsums(2 * K);
-  channel_sums(dev, g, x, gg, mean, gsums.data());
+  const std::vector<double> gsums = channel_sums(dev, g, x, gg, mean);
   for (auto* v : {&f.u, &f.v, &f.route, &f.extra, &f.gain, &f.p, &f.q}) v->resize(K);
   for (std::int64_t k = 0; k < K; ++k) {
     const double w = weight[k], rk = r[k], A = sums[k] / M, B = sums[K + k] * rk / M,

@@ -116,7 +116,7 @@ void backward(const Device& dev, std::int64_t B, std::int64_t S, std::int64_t C,
   // grad_z is written once, not read here: when it and grad_out outgrow the last-level cache
   // it bypasses the cache.
   const std::int64_t bytes = (B * S + B * C) * D * std::int64_t(sizeof(T));
-  const bool stream = bytes >= std::max(kStreamBytes, last_level_cache_bytes()) &&
+  const bool stream = bytes >= past_cache_bytes() &&
                       aligned16(gz) && (D * sizeof(T)) % 16 == 0;
   parallel_region(threads_for(dev, B * S * D), [&] {
 #pragma omp for schedule(static)

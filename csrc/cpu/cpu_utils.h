@@ -3,6 +3,7 @@
 #include <omp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -85,15 +86,13 @@ __attribute__((always_inline)) inline void storeu(T* p, Vec<T> v) {
 // of every written line, a third of the traffic of a streaming kernel.
 constexpr std::int64_t kStreamBytes = std::int64_t(4) << 20;
 
-// The last-level cache in bytes (sysconf; kStreamBytes where unknown). A kernel whose whole
-// working set fits in it gains nothing from bypassing the cache: a training loop reuses freed
-// buffers that are still cached, and regular stores to them are about 3x faster (a 5 MB
-// class_prototypes gradient: 73 against 226 us here).
-inline std::int64_t last_level_cache_bytes() {
-  static const std::int64_t bytes = [] {
-    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return l3 > 0 ? std::int64_t(l3) : kStreamBytes;
-  }();
+// Operands past this size outgrow the last-level cache (sysconf; at least kStreamBytes). A
+// kernel whose whole working set fits in it gains nothing from bypassing the cache: a
+// training loop reuses freed buffers that are still cached, and regular stores to them are
+// about 3x faster (a 5 MB class_prototypes gradient: 73 against 226 us here).
+inline std::int64_t past_cache_bytes() {
+  static const std::int64_t bytes = std::max<std::int64_t>(kStreamBytes,
+                                                           sysconf(_SC_LEVEL3_CACHE_SIZE));
   return bytes;
 }
 

@@ -180,11 +180,10 @@ def _batch_norm_relu_pool(m: nn.BatchNorm2d, prefix: str, a: _Act, ctx: _Ctx) ->
     w = ctx.stacked(prefix + "weight", m.weight).reshape(-1)
     b = ctx.stacked(prefix + "bias", m.bias).reshape(-1)
     y, mean, var = batch_norm_relu_pool(a.x, w, b, m.eps)
-    running = ctx.buffer(prefix + "running_mean", m.running_mean)
-    if running is not None and ctx.training and ctx.update_stats:
+    if m.running_mean is not None and ctx.training and ctx.update_stats:
         B, _, H, W = a.x.shape
-        n = B * H * W
-        _update_running(m, prefix, ctx, mean, var * (n / max(n - 1, 1)))
+        n = B * H * W  # >= 2: the op checks it
+        _update_running(m, prefix, ctx, mean, var * (n / (n - 1)))
     return _Act(y, True)
 
 

@@ -37,12 +37,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
 
 
 def _code(x: torch.Tensor) -> tuple:
-    return (*launch(x), DTYPE_CODES[x.dtype], *_nhwc(x))
-
-
-def _nhwc(x: torch.Tensor) -> tuple:
+    """The kernels' leading arguments: launch, dtype code and the NHWC sizes N, H, W, C."""
     N, C, H, W = x.shape
-    return N, H, W, C
+    return (*launch(x), DTYPE_CODES[x.dtype], N, H, W, C)
 
 
 def _empty(like: torch.Tensor, wanted: bool):
