@@ -18,7 +18,7 @@ import torch
 from .. import _C
 from ._kernels import (CPU_DTYPES, DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function,
                        check_float_tensors, functorch_active, launch, needs_autograd,
-                       numpy_float, numpy_launch, ptr, shape_str)
+                       numpy_float, numpy_launch, ptr, shape_str, valid_float_tensors)
 
 _OP = "sgd_step"
 _FULL, _SHARED, _SCALAR, _PER_TASK = range(4)
@@ -109,9 +109,10 @@ def _out_shapes(params, grads, lrs) -> list:
 def _kernel(params, grads, lrs, lr: float, outs=None) -> list[torch.Tensor]:
     """The fused step on torch tensors; params entries may be None (read as zero)."""
     if outs is None and lrs is None:
-        simple = _simple_plan(params, grads)
-        if simple is not None:
-            return _run_simple(simple, params, grads, lr)
+        g0 = grads[0]
+        done = _plain_run(params, grads, lr, g0.dtype, g0.device, False)
+        if done is not None:
+            return done
     if outs is None:
         outs = [g.new_empty(s) for g, s in zip(grads, _out_shapes(params, grads, lrs))]
     plan = _Plan(params, grads, lrs, outs)
@@ -119,46 +120,48 @@ def _kernel(params, grads, lrs, lr: float, outs=None) -> list[torch.Tensor]:
     return outs
 
 
-def _simple_plan(params, grads):
-    """(T, shared flags) when every param is either the grad's shape or the grad without its
-    leading task dim T (MAML's first inner step), all contiguous; else None. This covers
-    nearly every call and skips the general planner's per-tensor work."""
-    T = 1
-    for p, g in zip(params, grads):
-        if p is None or p.shape == g.shape:
-            continue
-        if g.dim() != p.dim() + 1 or g.shape[1:] != p.shape or (T != 1 and g.shape[0] != T):
-            return None
-        T = g.shape[0]
-    shared = []
-    for p, g in zip(params, grads):
-        if p is not None and not p.is_contiguous() or not g.is_contiguous():
-            return None
-        is_shared = p is not None and p.shape != g.shape
-        if T != 1 and not is_shared and (g.dim() == 0 or g.shape[0] != T):
-            return None
-        shared.append(is_shared)
-    return T, shared
-
-
-def _run_simple(simple, params, grads, lr: float) -> list[torch.Tensor]:
-    T, shared = simple
+def _plain_run(params, grads, lr: float, dtype, device, grad_mode: bool):
+    """The step in one pass over the list, for the layouts nearly every call has: each param
+    (or None) either the grad's shape, or, in MAML's first inner step, the grad without its
+    leading task dim T; all contiguous, of ``dtype`` on ``device``, and (in ``grad_mode``)
+    none requiring grad. Returns None, having run nothing, whenever anything differs: the
+    general path then plans (or explains) it."""
+    p0, g0 = params[0], grads[0]
+    shared0 = p0 is not None and p0.dim() + 1 == g0.dim()
+    T = g0.shape[0] if shared0 else 1
+    if T == 0:
+        return None
     outs, desc = [], []
-    for p, g, is_shared in zip(params, grads, shared):
+    for p, g in zip(params, grads):
+        if not (isinstance(g, torch.Tensor) and g.dtype is dtype and g.device == device
+                and g.is_contiguous()) or grad_mode and g.requires_grad:
+            return None
+        gs, n = g.shape, g.numel()
+        if p is None or (ps := p.shape) == gs:
+            if T != 1 and (not gs or gs[0] != T):
+                return None
+            m = n // T
+            p_stride = m
+        elif len(gs) == len(ps) + 1 and gs[0] == T and gs[1:] == ps:
+            m, p_stride = n // T, 0
+        else:
+            return None
+        if p is not None and not (isinstance(p, torch.Tensor) and p.dtype is dtype
+                                  and p.device == device and p.is_contiguous()
+                                  and not (grad_mode and p.requires_grad)):
+            return None
         out = torch.empty_like(g)
         outs.append(out)
-        M = g.numel() // T if T else 0
-        desc += (out.data_ptr(), 0 if p is None else p.data_ptr(), g.data_ptr(), 0,
-                 0 if is_shared else M, M, 0, 0, M)
-    if T and grads:
-        _C.sgd_step(*launch(grads[0]), DTYPE_CODES[grads[0].dtype], T, lr, desc)
+        desc += (out.data_ptr(), 0 if p is None else p.data_ptr(), g.data_ptr(), 0, p_stride,
+                 m, 0, 0, m)
+    _C.sgd_step(*launch(g0), DTYPE_CODES[dtype], T, lr, desc)
     return outs
 
 
 def _eager_plain(params, grads, lr):
-    """The common eager call without autograd: a float rate and the layouts of _simple_plan.
-    Checks types, dtypes and devices in the same pass. Returns None whenever anything
-    differs; the general path then checks the inputs and explains any problem."""
+    """The common eager call without autograd: a float rate and :func:`_plain_run`'s layouts.
+    Returns None whenever anything differs; the general path then checks the inputs and
+    explains any problem."""
     if (isinstance(lr, bool) or not isinstance(lr, (float, int))
             or not isinstance(grads, (list, tuple)) or not isinstance(params, (list, tuple))
             or not grads or len(params) != len(grads)):
@@ -168,17 +171,9 @@ def _eager_plain(params, grads, lr):
     g0 = grads[0]
     if not isinstance(g0, torch.Tensor) or g0.dtype not in DTYPE_CODES:
         return None
-    dtype, device, grad_mode = g0.dtype, g0.device, torch.is_grad_enabled()
-    if not g0.is_cuda and dtype not in CPU_DTYPES:
+    if not g0.is_cuda and g0.dtype not in CPU_DTYPES or not isinstance(params[0], torch.Tensor):
         return None
-    for p, g in zip(params, grads):
-        if not (isinstance(p, torch.Tensor) and isinstance(g, torch.Tensor)
-                and p.dtype is dtype and g.dtype is dtype and p.device == device
-                and g.device == device
-                and not (grad_mode and (p.requires_grad or g.requires_grad))):
-            return None
-    simple = _simple_plan(params, grads)
-    return None if simple is None else _run_simple(simple, params, grads, float(lr))
+    return _plain_run(params, grads, float(lr), g0.dtype, g0.device, torch.is_grad_enabled())
 
 
 class _SgdStep(torch.autograd.Function):
@@ -336,6 +331,21 @@ def _check_shapes(i, p, g, lr):
     return shape
 
 
+def _common_case(params, grads, lrs) -> bool:
+    """A cheap test that :func:`_check_tensors` would pass: tensors of one supported dtype
+    and device, each param the grad's shape or the grad without its leading dim, each rate
+    0-d or the param's shape."""
+    if not valid_float_tensors(*grads, *(p for p in params if p is not None), *(lrs or ())):
+        return False
+    for i, (p, g) in enumerate(zip(params, grads)):
+        gs = g.shape
+        if p is not None and p.shape != gs and gs[1:] != p.shape:
+            return False
+        if lrs is not None and lrs[i].dim() and lrs[i].shape != (gs if p is None else p.shape):
+            return False
+    return True
+
+
 def _check_tensors(params, grads, lrs) -> list:
     """Checks types, dtypes, devices and shapes; returns the result shapes."""
     first = check_float_tensors(_OP, **{"grads[0]": grads[0]})
@@ -411,7 +421,8 @@ def sgd_step(params: Sequence, grads: Sequence, lr):
     lrs = _check_lists(params, grads, lr)
     if not grads:
         return []
-    _check_tensors(params, grads, lrs)
+    if not _common_case(params, grads, lrs):
+        _check_tensors(params, grads, lrs)  # the slow path names the problem
     lr_float = 0.0 if lrs is not None else float(lr)
     if torch.compiler.is_compiling():
         if any(p is None for p in params):
