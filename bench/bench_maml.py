@@ -2,6 +2,7 @@
 
     python bench/bench_maml.py [--steps 1 5] [--tasks 32] [--rounds 2] [--chunks 1 4]
                                [--quick] [--no-steps-memory] [--json bench/out/maml.json]
+                               [--device cpu|cuda]
 
 One meta-step = zero_grad + meta-loss forward + backward + Adam step, conv4-64 with
 BatchNorm in train mode (per-task batch statistics), 5-way 1-shot, 15 queries per class,
@@ -28,6 +29,9 @@ malloc: one warm-up step, ``malloc_trim``, reset the peak RSS (``/proc/self/clea
 = 5), read VmRSS, run one step, read VmHWM; increase = VmHWM - VmRSS before (absolute peak
 where clear_refs does not work). A last table compares the peak increase of second-order
 steps at 1 and 10 inner steps, ``checkpoint_inner`` off and on.
+
+``--device cuda``: everything on the GPU, each timed step synchronised; memory is the peak of
+torch's CUDA allocator during one step minus what it held before; the speed goal is 5x.
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ from pymeta.nn import Conv4
 
 OUT = Path(__file__).resolve().parent / "out" / "maml.json"
 WAYS, SHOTS, QUERIES, LR, META_LR, SEED = 5, 1, 15, 0.4, 1e-3, 0
-SPEED_GOAL, STEPS_MEM_GOAL = 1.5, 2.0
+SPEED_GOALS, STEPS_MEM_GOAL = {"cpu": 1.5, "cuda": 5.0}, 2.0
+DEVICE = "cpu"  # set by main() (and in the memory subprocesses) from --device
 
 try:
     import higher
@@ -87,7 +92,7 @@ def models() -> tuple[nn.Module, nn.Module]:
     with torch.no_grad():
         for p, q in zip(plain.parameters(), ours.parameters(), strict=True):
             p.copy_(q)
-    return ours, plain
+    return ours.to(DEVICE), plain.to(DEVICE)
 
 
 def batch(tasks: int) -> tuple[torch.Tensor, ...]:
@@ -96,7 +101,7 @@ def batch(tasks: int) -> tuple[torch.Tensor, ...]:
     qx = torch.randn(tasks, WAYS * QUERIES, 1, 28, 28, generator=g)
     sy = torch.arange(WAYS).repeat_interleave(SHOTS).expand(tasks, -1).contiguous()
     qy = torch.arange(WAYS).repeat_interleave(QUERIES).expand(tasks, -1).contiguous()
-    return sx, sy, qx, qy
+    return tuple(t.to(DEVICE) for t in (sx, sy, qx, qy))
 
 
 # ---- meta-gradients (fill .grad) of each contender ----------------------------------------
@@ -187,6 +192,12 @@ def meta_step(grads_fn, opt, data) -> None:
     opt.zero_grad(set_to_none=True)
     grads_fn(data)
     opt.step()
+    _sync()
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def stepper(name: str, steps: int, second: bool, tasks: int):
@@ -251,6 +262,8 @@ def memory_one(name: str, steps: int, second: bool, tasks: int) -> dict:
     """Peak-RSS increase (MiB) of one meta-step after a warm-up step (run in a subprocess)."""
     step, _ = stepper(name, steps, second, tasks)
     gc.collect()
+    if DEVICE == "cuda":
+        return _cuda_memory_one(step)
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
@@ -265,9 +278,23 @@ def memory_one(name: str, steps: int, second: bool, tasks: int) -> dict:
             "increase_mib": (peak - before) / 1024 if reset else None, "s": seconds}
 
 
+def _cuda_memory_one(step) -> dict:
+    """The CUDA allocator's peak during one step minus what it held before, in MiB."""
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated()
+    return {"before_mib": before / 2**20, "peak_mib": peak / 2**20, "reset": True,
+            "increase_mib": (peak - before) / 2**20, "s": seconds}
+
+
 def memory(name: str, steps: int, second: bool, tasks: int) -> dict:
     cmd = [sys.executable, __file__, "--memory-one", name, "--steps", str(steps),
-           "--tasks", str(tasks), "--order", "second" if second else "first"]
+           "--tasks", str(tasks), "--order", "second" if second else "first",
+           "--device", DEVICE]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1:]}
@@ -315,9 +342,10 @@ def goal_lines(results: dict) -> list[str]:
                 continue
             speed, m, bm = base["s"] / r["s"], _mem(r.get("mem")), _mem(base.get("mem"))
             mem_ok = m is not None and bm is not None and m <= bm
-            ok = speed >= SPEED_GOAL and mem_ok
+            goal = SPEED_GOALS[DEVICE]
+            ok = speed >= goal and mem_ok
             lines.append(f"{'PASS' if ok else 'FAIL'} {key} {n}: {speed:.2f}x higher's tasks/s "
-                         f"(goal >= {SPEED_GOAL}x), peak increase {_fmt(m, '.0f')} MiB vs "
+                         f"(goal >= {goal}x), peak increase {_fmt(m, '.0f')} MiB vs "
                          f"higher {_fmt(bm, '.0f')} MiB")
     return lines
 
@@ -368,6 +396,7 @@ def steps_memory_table(rows: list[dict]) -> list[str]:
 def header(args, load: float, reset: bool) -> dict:
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": (torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"),
             "torch": torch.__version__, "higher": _version("higher"),
             "learn2learn": _version("learn2learn") if l2l else "not importable (skipped)",
             "loadavg_start": load, "clear_refs": reset, "tasks": args.tasks,
@@ -419,6 +448,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=OUT)
     p.add_argument("--no-steps-memory", action="store_true",
                    help="skip the memory-vs-inner-steps table (1 and 10 steps)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--memory-one", help=argparse.SUPPRESS)
     p.add_argument("--order", choices=["first", "second"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -428,7 +458,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    global DEVICE
     args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_maml: --device cuda, but torch sees no CUDA device")
+    DEVICE = args.device
     if args.memory_one:
         print(json.dumps(memory_one(args.memory_one, args.steps[0], args.order == "second",
                                     args.tasks)))
@@ -447,7 +481,8 @@ def main(argv=None) -> None:
 def report(results: dict, args) -> None:
     m = results["machine"]
     reset = "works" if m["clear_refs"] else "unavailable: absolute peak RSS reported"
-    lines = [f"bench_maml {m['date']} | {m['cpu']} | {m['cpus']} CPUs, {m['threads']} threads "
+    lines = [f"bench_maml {m['date']} | device {m['device']} | {m['cpu']} | {m['cpus']} CPUs, "
+             f"{m['threads']} threads "
              f"| torch {m['torch']} | higher {m['higher']} | learn2learn {m['learn2learn']} | "
              f"1-min load at start/end {_fmt(m['loadavg_start'], '.2f')}/"
              f"{_fmt(m['loadavg_end'], '.2f')} | tasks {m['tasks']} | "
@@ -456,7 +491,8 @@ def report(results: dict, args) -> None:
              f"recommended task_chunk: {results['recommended_task_chunk']} "
              f"({results['recommendation']})"]
     if "steps_memory" in results:
-        lines += ["", "Memory vs inner steps (second order, peak-RSS increase of one step):",
+        what = "CUDA allocator peak" if DEVICE == "cuda" else "peak-RSS"
+        lines += ["", f"Memory vs inner steps (second order, {what} increase of one step):",
                   *steps_memory_table(results["steps_memory"])]
     print("\n".join(lines))
     args.json.parent.mkdir(parents=True, exist_ok=True)
