@@ -190,13 +190,14 @@ class _SgdStep(torch.autograd.Function):
         params, grads, lrs = _unpack(n, has_lrs, tensors)
         ctx.n, ctx.lr, ctx.has_lrs = n, lr, has_lrs
         ctx.param_shapes = [None if p is None else p.shape for p in params]
-        ctx.save_for_backward(*grads, *(lrs or ()))
+        ctx.grad_shapes = [g.shape for g in grads]
+        if has_lrs:  # with a float rate the backward needs no tensor of the forward
+            ctx.save_for_backward(*grads, *lrs)
 
     @staticmethod
     def backward(ctx, *gos):
         n = ctx.n
-        grads = ctx.saved_tensors[:n]
-        lrs = ctx.saved_tensors[n:] if ctx.has_lrs else None
+        grads, lrs = (ctx.saved_tensors[:n], ctx.saved_tensors[n:]) if ctx.has_lrs else (None, None)
         need = ctx.needs_input_grad[3:]
         dps = [go.sum_to_size(s) if s is not None and need[i] else None
                for i, (go, s) in enumerate(zip(gos, ctx.param_shapes))]
@@ -206,8 +207,8 @@ class _SgdStep(torch.autograd.Function):
                 steps = sgd_step([None] * n, list(gos), list(lrs) if lrs else ctx.lr)
             else:
                 steps = _kernel([None] * n, [go.contiguous() for go in gos], lrs, ctx.lr)
-            dgs = [d.sum_to_size(g.shape) if need[n + i] else None
-                   for i, (d, g) in enumerate(zip(steps, grads))]
+            dgs = [d.sum_to_size(shape) if need[n + i] else None
+                   for i, (d, shape) in enumerate(zip(steps, ctx.grad_shapes))]
         dlrs = []
         if lrs is not None:
             dlrs = [-(go * g).sum_to_size(a.shape) if need[2 * n + i] else None
