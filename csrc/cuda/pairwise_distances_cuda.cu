@@ -25,6 +25,12 @@ void dispatch_metric(Metric metric, F&& f) {
                               std::to_string(static_cast<int>(metric)));
 }
 
+// max(v, eps) as std::max on the CPU: a NaN norm stays NaN (PTX max returns the non-NaN operand).
+template <class A>
+__device__ __forceinline__ A clamp_eps(A v) {
+  return v < A(kCosineEps) ? A(kCosineEps) : v;
+}
+
 // Distance from the reduced sums: s = sum (x-y)^2 for the Euclidean metrics, x.y otherwise;
 // xx, yy = |x|^2, |y|^2 (cosine only).
 template <Metric M, class A>
@@ -36,8 +42,7 @@ __device__ __forceinline__ A finish(A s, A xx, A yy) {
   } else if constexpr (M == Metric::Dot) {
     return -s;
   } else {
-    const A eps = A(kCosineEps);
-    return A(1) - s / (max(sqrt(xx), eps) * max(sqrt(yy), eps));
+    return A(1) - s / (clamp_eps(sqrt(xx)) * clamp_eps(sqrt(yy)));
   }
 }
 
@@ -103,7 +108,7 @@ __device__ __forceinline__ void pair_coef(A g, A dist, A ns, A no, A& w, A& a) {
     w = -g;
     a = 0;
   } else if constexpr (M == Metric::Cosine) {
-    const A eps = A(kCosineEps), cs = max(ns, eps), co = max(no, eps);
+    const A eps = A(kCosineEps), cs = clamp_eps(ns), co = clamp_eps(no);
     w = -g / (cs * co);
     a = ns > eps ? g * (A(1) - dist) / (cs * cs) : A(0);  // 1 - dist = cosine similarity
   } else {
@@ -177,6 +182,13 @@ void pairwise_distances_backward(const Device& dev, DType dtype, Metric metric, 
   dispatch_dtype(dtype, kName, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
+    if (Q == 0 || N == 0) {  // no distances: zero gradients as on the CPU (not 0 * x: NaN at Inf)
+      if (want_x)
+        PYMETA_CUDA_CHECK(kName, cudaMemsetAsync(grad_x, 0, std::size_t(B * Q * D) * sizeof(T), stream));
+      if (want_y)
+        PYMETA_CUDA_CHECK(kName, cudaMemsetAsync(grad_y, 0, std::size_t(B * N * D) * sizeof(T), stream));
+      return;
+    }
     const T* g = static_cast<const T*>(grad_out);
     const T* o = static_cast<const T*>(out);
     const T* xs = static_cast<const T*>(x);
