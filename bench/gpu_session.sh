@@ -6,13 +6,14 @@
 #
 #   pip download --no-deps higher==0.2.1 -d .whl    # once, here: higher is not on the GPU image
 #   echo /.whl/ >> .git/info/exclude
-#   device run, carry [".whl"]:  bash bench/gpu_session.sh build test ops
-#   device run, carry [".whl"]:  bash bench/gpu_session.sh build maml
+#   device run, carry [".whl"]:  bash bench/gpu_session.sh build test sanitize
+#   device run, carry [".whl"]:  bash bench/gpu_session.sh build ops maml
 #
 # Stages:
 #   build  CUDA-on editable build into build-cuda/ (nothing fetched: the image has
 #          scikit-build-core, pybind11, cmake and ninja), then `pymeta info`
 #   test   the CUDA tests, then the whole suite on the image's torch
+#   sanitize  the op tests of tests/test_cuda.py under compute-sanitizer's memcheck
 #   ops    `pymeta bench --device cuda` (the targets) and bench/bench_ops.py's full suite
 #   maml   bench/bench_maml.py --device cuda (issue 4's >= 5x higher target)
 set -uo pipefail
@@ -37,6 +38,11 @@ stage_test() {
   $PY -m pytest tests -q -p no:cacheprovider
 }
 
+stage_sanitize() {
+  compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest tests/test_cuda.py -x -q \
+    -p no:cacheprovider -k "not learner and not cli"
+}
+
 stage_ops() {
   $PY -m pymeta bench --device cuda --no-progress --json "$OUT/ops_targets_cuda.json"
   $PY bench/bench_ops.py --device cuda && cp bench/out/ops.json "$OUT/ops_full_cuda.json"
@@ -49,7 +55,7 @@ stage_maml() {
 status=0
 for stage in "$@"; do
   if ! declare -F "stage_$stage" >/dev/null; then
-    echo "gpu_session.sh: unknown stage '$stage' (build, test, ops, maml)" >&2
+    echo "gpu_session.sh: unknown stage '$stage' (build, test, sanitize, ops, maml)" >&2
     exit 2
   fi
   echo "== $stage $(date -u +%FT%TZ)"

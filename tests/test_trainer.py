@@ -159,6 +159,19 @@ def test_trainer_in_process_learns_and_validates(tmp_path):
     assert fit["steps"] == 120 and after > before + 0.08 and after > 0.5
 
 
+def test_validation_before_the_first_log_without_progress_bar(tmp_path):
+    """A disabled bar has no postfix: validating before any training log must not crash."""
+    splits = build_splits(RunConfig(data="digits"))
+    cfg = RunConfig(ways=3, shots=1, queries=2, steps=3, val_every=2, log_every=10,
+                    val_episodes=2)
+    trainer = Trainer(ProtoNet(Conv4(hidden=4, out_channels=4)), cfg,
+                      EpisodeSampler(splits.train, 3, 1, 2, seed=0),
+                      fixed_episodes(splits.val, 3, 1, 2, n=2), tmp_path, progress=False)
+    assert trainer.fit()["steps"] == 3
+    assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "val"] == [2, 3]
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_autocast_training_steps(amp, tmp_path):
     splits = build_splits(RunConfig(data="digits"))

@@ -153,7 +153,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 bar.set_postfix(self._log_train())
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-                bar.set_postfix_str(self._validate(bar.postfix or ""))
+                # a disabled bar (no progress) has no postfix attribute at all
+                bar.set_postfix_str(self._validate(getattr(bar, "postfix", None) or ""))
             elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save("last.pt")
             bar.update(1)
