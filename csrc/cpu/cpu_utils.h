@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <type_traits>
 #if defined(__SSE2__)
@@ -86,13 +87,27 @@ __attribute__((always_inline)) inline void storeu(T* p, Vec<T> v) {
 // of every written line, a third of the traffic of a streaming kernel.
 constexpr std::int64_t kStreamBytes = std::int64_t(4) << 20;
 
-// Operands past this size outgrow the last-level cache (sysconf; at least kStreamBytes). A
-// kernel whose whole working set fits in it gains nothing from bypassing the cache: a
-// training loop reuses freed buffers that are still cached, and regular stores to them are
-// about 3x faster (a 5 MB class_prototypes gradient: 73 against 226 us here).
+// The last-level cache this CPU reaches, in bytes: Linux's sysfs entry for it (what lscpu
+// shows) where there is one, else glibc's sysconf, which on some VMs reports the whole
+// package's L3 (256 MiB for a 32 MiB one here); 0 if neither knows.
+inline std::int64_t last_level_cache_bytes() {
+  if (std::FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+    long long size = 0;
+    char unit = 0;
+    const int got = std::fscanf(f, "%lld%c", &size, &unit);
+    std::fclose(f);
+    if (got >= 1 && size > 0)
+      return size << (unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0);
+  }
+  return std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+}
+
+// Operands past this size outgrow the last-level cache (at least kStreamBytes). A kernel
+// whose whole working set fits in it gains nothing from bypassing the cache: a training
+// loop reuses freed buffers that are still cached, and regular stores to them are about 3x
+// faster (a 5 MB class_prototypes gradient: 73 against 226 us here).
 inline std::int64_t past_cache_bytes() {
-  static const std::int64_t bytes = std::max<std::int64_t>(kStreamBytes,
-                                                           sysconf(_SC_LEVEL3_CACHE_SIZE));
+  static const std::int64_t bytes = std::max(kStreamBytes, last_level_cache_bytes());
   return bytes;
 }
 

@@ -92,10 +92,17 @@ void step_range(const std::vector<SgdTensor>& ts, const std::vector<std::int64_t
 template <class T>
 void step(const Device& dev, std::int64_t T_, const std::vector<SgdTensor>& ts, double lr) {
   std::vector<std::int64_t> first(ts.size() + 1, 0);
-  for (std::size_t i = 0; i < ts.size(); ++i) first[i + 1] = first[i] + T_ * ts[i].numel;
+  std::int64_t touched = 0;  // elements read or written: the kernel's working set
+  for (std::size_t i = 0; i < ts.size(); ++i) {
+    const SgdTensor& s = ts[i];
+    first[i + 1] = first[i] + T_ * s.numel;
+    touched += T_ * s.numel * (1 + (s.g_task_stride != 0) + (s.p && s.p_task_stride != 0)) +
+               s.numel * ((s.g_task_stride == 0) + (s.p && s.p_task_stride == 0));
+  }
   const std::int64_t total = first.back();
-  // In place (out == p), the lines are read anyway: streaming would only evict them.
-  const bool stream = total * std::int64_t(sizeof(T)) >= past_cache_bytes() &&
+  // Outputs bypass the cache only when the operands outgrow it (they then come from memory
+  // anyway), and never in place (out == p): its lines are read anyway.
+  const bool stream = touched * std::int64_t(sizeof(T)) >= past_cache_bytes() &&
                       std::none_of(ts.begin(), ts.end(),
                                    [](const SgdTensor& t) { return t.out == t.p; });
   // Equal element counts per thread, whatever the tensor sizes (chunks of one size shared
