@@ -23,7 +23,7 @@ PRESETS = {
                      steps=3500, val_every=500, val_episodes=200, lr_step=1000),
     # MAML's sinusoid regression (Finn et al. 2017, section 5.1): K=10 in training, meta-batch
     # 25, inner rate 0.01; tested at K=5 with 100 query points after 1, 5 and 10 steps.
-    "sinusoid": dict(data="sinusoid", backbone="mlp", shots=10, queries=10, meta_batch=25,
+    "sinusoid": dict(algo="maml", data="sinusoid", backbone="mlp", shots=10, queries=10, meta_batch=25,
                      eval_shots=5, eval_queries=100, eval_steps=[1, 5, 10],
                      learner_kwargs={"inner_lr": 0.01, "steps": 1, "test_steps": 10},
                      steps=30000, schedule="none", val_every=2000, val_episodes=500,
@@ -82,6 +82,8 @@ def _config_from_args(args):
                if getattr(args, f.name, None) is not None}  # unset options keep the preset's
     if args.no_rotations:
         options["rotations"] = False
+    if options.get("root"):  # runs are evaluated from other directories too
+        options["root"] = str(Path(options["root"]).expanduser().resolve())
     for name, pairs in (("learner_kwargs", args.learner_opt),
                         ("backbone_kwargs", args.backbone_opt)):
         if pairs:
@@ -102,11 +104,18 @@ def _merge(fields: dict, layer: dict) -> None:
         fields[key] = {**fields.get(key, {}), **value} if isinstance(value, dict) else value
 
 
+_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False,
+          "none": None, "null": None}
+
+
 def _key_value(text: str) -> tuple:
-    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true, null), else text."""
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, lists), as a bool or
+    None for true/false/yes/no/on/off/none/null in any case, else as text."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    if value.strip().lower() in _WORDS:
+        return key, _WORDS[value.strip().lower()]
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
@@ -225,11 +234,26 @@ def _prepare_process(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _int_at_least(low: int):
+    """An argparse type: an int >= low (argparse then names the option in its error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's "invalid int value" message for non-numbers
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def _add_common(p, device=True) -> None:
     if device:
         p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                        help="where to run (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=POSITIVE, default=None,
+                   help="CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -258,9 +282,10 @@ def _add_train(sub) -> None:
                    help="omniglot split protocol (default small)")
     p.add_argument("--no-rotations", action="store_true",
                    help="omniglot: no 90/180/270-degree rotated training classes")
-    p.add_argument("--image-size", type=int, help="images are resized to this square size")
-    p.add_argument("--augment", action="store_true", default=None,
-                   help="random small rotation/scale/shift of every training image")
+    p.add_argument("--image-size", type=POSITIVE, help="images are resized to this square size")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random small rotation/scale/shift of every training image (on in "
+                        "the omniglot preset)")
     for name, help_ in (("ways", "N classes per task"), ("shots", "K support images per class"),
                         ("queries", "Q query images per class"),
                         ("meta-batch", "tasks per outer step"),
@@ -275,8 +300,9 @@ def _add_train(sub) -> None:
                         ("checkpoint-every", "also checkpoint every this many steps"),
                         ("log-every", "log training metrics every this many steps"),
                         ("seed", "run seed"), ("workers", "DataLoader workers for episodes")):
-        p.add_argument(f"--{name}", type=int, help=help_)
-    p.add_argument("--eval-steps", type=int, nargs="+", metavar="N",
+        counts = ("seed", "workers", "checkpoint-every")
+        p.add_argument(f"--{name}", type=NON_NEGATIVE if name in counts else POSITIVE, help=help_)
+    p.add_argument("--eval-steps", type=POSITIVE, nargs="+", metavar="N",
                    help="gradient learners: test after each of these numbers of inner steps "
                         "(default: the learner's test_steps)")
     p.add_argument("--lr", type=float, help="outer learning rate (default 1e-3)")
@@ -309,11 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a .pt file written by pymeta train")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--root", help="data directory, if it moved since training")
-    p.add_argument("--ways", type=int)
-    p.add_argument("--shots", type=int)
-    p.add_argument("--queries", type=int)
-    p.add_argument("--episodes", type=int, default=1000, help="default 1000")
-    p.add_argument("--steps", type=int, nargs="+", metavar="N",
+    p.add_argument("--ways", type=POSITIVE)
+    p.add_argument("--shots", type=POSITIVE)
+    p.add_argument("--queries", type=POSITIVE)
+    p.add_argument("--episodes", type=POSITIVE, default=1000, help="default 1000")
+    p.add_argument("--steps", type=POSITIVE, nargs="+", metavar="N",
                    help="gradient learners: inner steps at test time, one score per value "
                         "(default: the learner's test_steps)")
     _add_common(p)

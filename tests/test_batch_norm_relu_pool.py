@@ -125,7 +125,9 @@ def test_gradient_only_where_requested():
     (lambda w, b: (torch.ones(2, 3, 4, 4, dtype=torch.int64), w, b), "floating"),
     (lambda w, b: (rand(2, 3, 4, 4).float(), w, b), "one dtype"),
     (lambda w, b: (rand(2, 3, 4, 4).half(), w.half(), b.half()), "float32 and float64"),
-], ids=["rank", "weight", "bias", "too small", "int", "mixed", "half"])
+    (lambda w, b: (rand(2, 3, 4, 4).numpy(), w, b), "x must be a torch.Tensor, got ndarray"),
+    (lambda w, b: (rand(2, 3, 4, 4), w, b, 0.0), "eps must be a positive float, got 0.0"),
+], ids=["rank", "weight", "bias", "too small", "int", "mixed", "half", "numpy", "eps"])
 def test_bad_input_raises(case, match):
     w, b = params(3)
     with pytest.raises((ValueError, TypeError), match=match):

@@ -33,6 +33,10 @@ def test_every_command_has_help(capsys):
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["train", "--algo", "nope"], "invalid choice: 'nope'"),
     (["train", "--ways", "x"], "invalid int value: 'x'"),
+    (["train", "--lr-step", "0"], "argument --lr-step: must be >= 1, got 0"),
+    (["train", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["eval", "--checkpoint", "x.pt", "--episodes", "0"], "argument --episodes: must be >= 1"),
+    (["eval", "--checkpoint", "x.pt", "--steps", "1", "0"], "argument --steps: must be >= 1"),
     (["eval"], "the following arguments are required: --checkpoint"),
     (["nonsense"], "invalid choice: 'nonsense'"),
 ])
@@ -48,13 +52,37 @@ def test_bad_options_give_one_line(args, message):
     (["train", "--data", "folder", "--root", "/no/such/dir", "--steps", "1"], "/no/such/dir"),
     (["train", "--data", "omniglot", "--root", "/no/such/dir", "--steps", "1"], "/no/such/dir"),
     (["train", "--ways", "7", "--steps", "1"], "7-way episodes need at least 7 classes"),
-    (["train", "--ways", "0"], "ways must be >= 1"),
+    (["train", "--learner-opt", "learn_scale=maybe", "--algo", "matching", "--steps", "1"],
+     "learn_scale must be True or False, got 'maybe'"),
+    (["train", "--data", "sinusoid", "--backbone-opt", "hidden=8", "--steps", "1"],
+     "hidden must be a list of layer widths"),
 ])
 def test_bad_inputs_give_one_line_errors(args, message, tmp_path):
     res = pymeta(*args, cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and message in res.stderr
     assert res.stderr.strip().count("\n") <= 1, res.stderr
+
+
+@pytest.mark.parametrize("text,value", [("fce=False", False), ("fce=no", False),
+                                        ("fce=TRUE", True), ("task_chunk=None", None),
+                                        ("steps=3", 3), ("hidden=[8, 8]", [8, 8]),
+                                        ("metric=cosine", "cosine")])
+def test_option_values(text, value):
+    from pymeta.cli import _key_value
+    assert _key_value(text) == (text.partition("=")[0], value)
+
+
+def test_mlp_backbone_on_images_and_the_sinusoid_preset(tmp_path):
+    """An MLP sees flat pixels; the sinusoid preset needs no --algo (MAML's)."""
+    tiny = ["--steps", "2", "--val-every", "2", "--val-episodes", "2", "--test-episodes", "2",
+            "--no-progress"]
+    for args in (["--backbone", "mlp", "--algo", "maml", "--ways", "2", "--shots", "1",
+                  "--queries", "1", "--out", "mlp"], ["--preset", "sinusoid", "--out", "sine"]):
+        res = pymeta("train", *args, *tiny, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+    import pymeta as pm
+    assert type(pm.load(tmp_path / "sine" / "best.pt")).__name__ == "MAML"
 
 
 def test_corrupt_checkpoint_one_line(tmp_path):

@@ -265,9 +265,12 @@ def test_gradient_learner_meta_gradients_on_cuda(model_name, kind, steps):
 def test_cli_trains_and_evaluates_on_cuda(tmp_path):
     from test_engine_gradient import run_cli
     out = tmp_path / "run"
-    res = run_cli(["train", "--algo", "maml", "--data", "sinusoid", "--steps", "50",
-                   "--val-every", "25", "--val-episodes", "20", "--test-episodes", "20",
-                   "--device", "cuda", "--no-progress", "--out", str(out)], cwd=tmp_path)
+    train = ["train", "--algo", "maml", "--data", "sinusoid", "--steps", "50", "--val-every",
+             "25", "--val-episodes", "20", "--test-episodes", "20", "--device", "cuda",
+             "--no-progress", "--out", str(out)]
+    res = run_cli(train, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = run_cli([*train, "--resume"], cwd=tmp_path)  # restores the CPU and CUDA RNG states
     assert res.returncode == 0, res.stderr
     res = run_cli(["eval", "--checkpoint", str(out / "best.pt"), "--steps", "5", "--episodes",
                    "20", "--device", "cuda", "--no-progress"], cwd=tmp_path)

@@ -630,7 +630,11 @@ def test_bad_arguments():
                           (dict(steps=0), "steps"), (dict(test_steps=1.5), "test_steps"),
                           (dict(bn_mode="batch"), "bn_mode"), (dict(loss="l1"), "loss"),
                           (dict(task_chunk=0), "task_chunk"),
-                          (dict(task_chunk="all"), "positive int, .auto. or None")):
+                          (dict(task_chunk="all"), "positive int, .auto. or None"),
+                          (dict(second_order="False"), "second_order must be True or False"),
+                          (dict(lslr=1), "lslr must be True or False"),
+                          (dict(checkpoint_inner="no"), "checkpoint_inner must be True"),
+                          (dict(per_task=None), "per_task must be True or False")):
         with pytest.raises(ValueError, match=match):
             MAML(m, **kwargs)
     with pytest.raises(ValueError, match="no parameters"):

@@ -403,6 +403,9 @@ def test_bad_learner_arguments():
         MatchingNet(mlp(), fce=True)
     with pytest.raises(ValueError, match="scale must be a positive float, got -1"):
         MatchingNet(mlp(), scale=-1)
+    for kwargs in (dict(fce="False"), dict(learn_scale="false")):   # strings are not bools
+        with pytest.raises(ValueError, match="must be True or False, got '[Ff]alse'"):
+            MatchingNet(mlp(), **kwargs)
     sx, sy, qx, _ = episode()
     with pytest.raises(ValueError, match="gives 5 features but feature_dim=4"):
         MatchingNet(mlp(), fce=True, feature_dim=4).double()(sx, sy, qx, 3)

@@ -163,8 +163,8 @@ def _locate_or_download(archives: Sequence[str], base: Path, split: str, downloa
         searched = "\n  ".join(str(p) for name in missing for p in _candidates(name, base))
         raise FileNotFoundError(
             f"Omniglot split {split!r} needs {', '.join(missing)}; looked in:\n  {searched}\n"
-            f"Pass download=True, or download {', '.join(urls[n] for n in missing)} "
-            f"into {target}/")
+            f"Download {', '.join(urls[n] for n in missing)} "
+            f"into {target}/ (or pass download=True to the Python loaders)")
     for name in missing:
         try:
             found[name] = download_file(urls[name], target / f"{name}.zip", **CHECKSUMS[name])

@@ -95,6 +95,16 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.queries < 1 or self.eval_queries < 1:
             raise ValueError("queries must be >= 1")
+        for name in ("eval_ways", "eval_shots", "image_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule == "step" and self.lr_step < 1:
+            raise ValueError(f"lr_step must be >= 1, got {self.lr_step}")
+        if not self.lr_gamma > 0:
+            raise ValueError(f"lr_gamma must be > 0, got {self.lr_gamma}")
+        if self.checkpoint_every < 0 or self.workers < 0:
+            raise ValueError("checkpoint_every and workers must be >= 0, got "
+                             f"{self.checkpoint_every} and {self.workers}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.schedule not in ("step", "cosine", "none"):

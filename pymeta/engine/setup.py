@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,12 +149,19 @@ def build_learner(cfg: RunConfig, input_shape: tuple, algo_kwargs: dict | None =
     torch.manual_seed(cfg.seed)
     model = _construct(f"backbone {cfg.backbone!r}", build_backbone, cfg.backbone,
                        **_backbone_kwargs(cfg, input_shape))
+    if cfg.backbone == "mlp" and len(input_shape) > 1:  # images: the MLP sees flat pixels
+        model = nn.Sequential(nn.Flatten(), *model)
     kwargs = dict(cfg.learner_kwargs if algo_kwargs is None else algo_kwargs)
     if cfg.data in REGRESSION_DATA:
         kwargs.setdefault("loss", "mse")
         return _construct(f"learner {cfg.algo!r}", build, cfg.algo, model, **kwargs)
     with torch.no_grad():
-        feat = model.eval()(torch.zeros(2, *input_shape)).shape[1:]
+        try:
+            feat = model.eval()(torch.zeros(2, *input_shape)).shape[1:]
+        except RuntimeError as e:  # e.g. images too small for conv4's four poolings
+            raise ValueError(f"backbone {cfg.backbone!r} cannot take inputs of shape "
+                             f"{list(input_shape)} (see --image-size): "
+                             f"{str(e).splitlines()[0]}") from None
     model.train()
     if gradient:
         model = _with_head(model, feat, cfg.max_ways)
@@ -177,8 +185,9 @@ def _check_learner_kind(cfg: RunConfig, gradient: bool) -> None:
 
 
 def _backbone_kwargs(cfg: RunConfig, input_shape: tuple) -> dict:
-    size = "in_features" if cfg.backbone == "mlp" else "in_channels"
-    kwargs = {size: input_shape[0], **cfg.backbone_kwargs}
+    size = ({"in_features": math.prod(input_shape)} if cfg.backbone == "mlp"
+            else {"in_channels": input_shape[0]})
+    kwargs = {**size, **cfg.backbone_kwargs}
     if cfg.algo == "relation":
         kwargs.setdefault("flatten", False)  # the relation module compares feature maps
     return kwargs
@@ -262,13 +271,16 @@ def load(path: str | Path, map_location="cpu"):
         >>> learner = pymeta.load("runs/demo/best.pt")  # doctest: +SKIP
         >>> logits = learner(support_x, support_y, query_x, ways=5)  # doctest: +SKIP
     """
-    state = load_checkpoint(path, map_location)
+    device = torch.device(map_location)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"cannot load {path} onto {device}: torch sees no CUDA device")
+    state = load_checkpoint(path)  # to the CPU; the learner moves as a whole below
     cfg = RunConfig.from_dict(state["config"])
     pre = state["preprocessing"]
     shape = pre.get("input_shape", pre.get("image_shape"))  # older checkpoints: "image_shape"
     learner = build_learner(cfg, tuple(shape), state["learner_config"]["kwargs"])
     learner.load_state_dict(state["model"])
-    learner.to(map_location).eval()
+    learner.to(device).eval()
     learner.config, learner.preprocessing = cfg, pre
     return learner
 

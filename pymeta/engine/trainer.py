@@ -30,6 +30,11 @@ def make_optimizer(learner: torch.nn.Module, cfg: RunConfig):
     return opt, sched
 
 
+# Settings a resumed run may change: episodes are seeded by (seed, index) whatever the
+# number of loader workers, and a run may move to another device.
+_FREE_ON_RESUME = ("workers", "device")
+
+
 class Trainer:
     """Meta-trains a learner on episodes, validating every ``val_every`` steps.
 
@@ -91,8 +96,10 @@ class Trainer:
                 "versions": {"pymeta": __version__, "torch": str(torch.__version__)}}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != self.cfg.to_dict():
-            diff = sorted(k for k, v in state["config"].items() if self.cfg.to_dict().get(k) != v)
+        cfg = self.cfg.to_dict()
+        diff = sorted(k for k, v in state["config"].items()
+                      if cfg.get(k) != v and k not in _FREE_ON_RESUME)
+        if diff:
             raise ValueError(f"cannot resume: the checkpoint's run config differs in {diff}")
         self.learner.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
@@ -136,7 +143,8 @@ class Trainer:
         for torn in self.out_dir.glob(".*.tmp"):  # left by a process killed mid-write
             torn.unlink()
         if resume and (self.out_dir / "last.pt").exists():
-            self.load_state_dict(load_checkpoint(self.out_dir / "last.pt", self.device))
+            # to the CPU: RNG states must stay there, the rest moves into device tensors
+            self.load_state_dict(load_checkpoint(self.out_dir / "last.pt"))
         else:
             self.log = MetricsLog(self.out_dir)
         cfg = self.cfg

@@ -121,6 +121,14 @@ def check_positive_float(who: str, name: str, value) -> float:
     return float(value)
 
 
+def check_bool(who: str, name: str, value) -> bool:
+    """``value`` if it is a bool, else ``ValueError`` naming it: a string like "False" from a
+    config file must not silently read as True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{who}: {name} must be True or False, got {value!r}")
+    return value
+
+
 def check_episode(who: str, support_x: Tensor, support_y: Tensor, query_x: Tensor, ways: int,
                   query_y: Optional[Tensor] = None) -> None:
     """Raises ``ValueError`` naming the problem for a malformed episode (one host sync)."""

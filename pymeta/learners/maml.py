@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..ops import sgd_step, sgd_step_
-from .base import (FewShotLearner, _check_label_tensor, _check_shapes, check_episode,
-                   check_positive_float, upcast)
+from .base import (FewShotLearner, _check_label_tensor, _check_shapes, check_bool,
+                   check_episode, check_positive_float, upcast)
 from .functional import BN_MODES, batched_forward
 
 LOSSES = ("cross_entropy", "mse")
@@ -77,7 +77,8 @@ class GradientLearner(FewShotLearner):
             raise ValueError(f"{who}: the model has no parameters to adapt")
         self.inner_lr, self.steps = float(inner_lr), steps
         self.test_steps = steps if test_steps is None else test_steps
-        self.bn_mode, self.loss_name, self.per_task = bn_mode, loss, bool(per_task)
+        self.bn_mode, self.loss_name = bn_mode, loss
+        self.per_task = check_bool(who, "per_task", per_task)
 
     @property
     def model(self) -> nn.Module:
@@ -244,8 +245,12 @@ class GradientLearner(FewShotLearner):
         if self.loss_name != "cross_entropy" or ways is None:
             return out
         if out.ndim != 3 or out.shape[-1] < ways:
+            more = (f"; its head has {out.shape[-1]} outputs: train with at least {ways} ways "
+                    f"(pymeta train --eval-ways) to test {ways}-way tasks"
+                    if out.ndim == 3 else "")
             raise ValueError(f"{type(self).__name__}: the model must output [B, ways] logits "
-                             f"(or more); got {list(out.shape[2:])} per sample for ways={ways}")
+                             f"(or more); got {list(out.shape[2:])} per sample for "
+                             f"ways={ways}{more}")
         return out if out.shape[-1] == ways else out[..., :ways]
 
     def _check(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor],
@@ -341,9 +346,12 @@ class MAML(GradientLearner):
         super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task, fixed_init)
         if task_chunk not in (None, "auto"):
             _check_count(type(self).__name__, "task_chunk", task_chunk, ", 'auto' or None")
-        self.second_order, self.task_chunk = bool(second_order), task_chunk
+        who = type(self).__name__
+        self.second_order = check_bool(who, "second_order", second_order)
+        self.task_chunk = task_chunk
         self._convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
-        self.checkpoint_inner, self.lslr = bool(checkpoint_inner), bool(lslr)
+        self.checkpoint_inner = check_bool(who, "checkpoint_inner", checkpoint_inner)
+        self.lslr = check_bool(who, "lslr", lslr)
         if self.lslr:
             n = len(self._adapted_names())
             like = next(iter(model.parameters()))

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import pairwise_distances
-from .base import FewShotLearner, as_vectors, check_positive_float, full_precision
+from .base import (FewShotLearner, as_vectors, check_bool, check_positive_float,
+                   full_precision)
 
 
 class MatchingNet(FewShotLearner):
@@ -59,6 +60,7 @@ class MatchingNet(FewShotLearner):
                  learn_scale: bool = True) -> None:
         super().__init__(backbone)
         scale = check_positive_float("MatchingNet", "scale", scale)
+        fce = check_bool("MatchingNet", "fce", fce)
         if fce and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int)
                     or feature_dim < 1):
             raise ValueError("MatchingNet: fce=True needs feature_dim, the backbone's flattened "
@@ -67,7 +69,7 @@ class MatchingNet(FewShotLearner):
         if fce and fce_steps < 1:
             raise ValueError(f"MatchingNet: fce_steps must be >= 1, got {fce_steps}")
         self.fce, self.fce_steps, self.feature_dim = fce, fce_steps, feature_dim
-        self.learn_scale = bool(learn_scale)
+        self.learn_scale = check_bool("MatchingNet", "learn_scale", learn_scale)
         # kept as log s: Adam's steps are then relative, so s can move by orders of magnitude
         log_scale = torch.tensor(scale).log()
         if self.learn_scale:

@@ -58,6 +58,7 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int = 1, hidden: int = 64, out_channels: int = 64,
                  flatten: bool = True, pool_last: bool = True, channels_last: bool = True) -> None:
         super().__init__()
+        _check_widths("Conv4", in_channels=in_channels, hidden=hidden, out_channels=out_channels)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.flatten, self.pool_last = flatten, pool_last
         widths = [in_channels, hidden, hidden, hidden, out_channels]
@@ -137,8 +138,10 @@ class ResNet12(nn.Module):
     def __init__(self, in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640),
                  flatten: bool = True, drop_rate: float = 0.0, channels_last: bool = True) -> None:
         super().__init__()
-        if len(channels) != 4:
-            raise ValueError(f"ResNet12: channels needs 4 entries, got {tuple(channels)}")
+        if isinstance(channels, (int, str)) or len(channels) != 4:
+            raise ValueError(f"ResNet12: channels needs 4 entries, got {channels!r}")
+        _check_widths("ResNet12", in_channels=in_channels,
+                      **{f"channels[{i}]": c for i, c in enumerate(channels)})
         self.in_channels, self.channels = in_channels, tuple(channels)
         self.flatten, self.drop_rate = flatten, drop_rate
         widths = [in_channels, *channels]
@@ -166,6 +169,12 @@ class ResNet12(nn.Module):
         return math.prod(self.output_shape(input_shape))
 
 
+def _check_widths(who: str, **widths) -> None:
+    for name, n in widths.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{who}: {name} must be a positive int, got {n!r}")
+
+
 def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1,
         activation: str = "relu", init_std: float | None = None) -> nn.Sequential:
     """A plain multi-layer perceptron, ``nn.Sequential`` of Linear and activation layers.
@@ -185,6 +194,9 @@ def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: in
     acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
     if activation not in acts:
         raise ValueError(f"mlp: activation must be one of {sorted(acts)}, got {activation!r}")
+    if isinstance(hidden, (bool, int, float, str)):
+        raise ValueError(f"mlp: hidden must be a list of layer widths such as [40, 40], "
+                         f"got {hidden!r}")
     sizes = [in_features, *hidden, out_features]
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
         raise ValueError(f"mlp: layer sizes must be positive ints, got {sizes}")

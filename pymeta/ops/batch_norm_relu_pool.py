@@ -17,8 +17,13 @@ from ._kernels import DTYPE_CODES, check_float_tensors, launch, ptr, shape_str
 _OP = "batch_norm_relu_pool"
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):  # no numpy path: it exists to train networks
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
     check_float_tensors(_OP, x=x, weight=weight, bias=bias)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{_OP}: eps must be a positive float, got {eps!r}")
     if x.is_cuda:
         raise ValueError(f"{_OP}: CPU tensors only; on CUDA use torch's batch_norm, relu and "
                          "max_pool2d")
@@ -128,7 +133,7 @@ def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         >>> bool(torch.allclose(out, ref)), tuple(out.shape)
         (True, (8, 4, 3, 3))
     """
-    _check(x, weight, bias)
+    _check(x, weight, bias, eps)
     x = x.contiguous(memory_format=torch.channels_last)  # outside the Function: recorded
     return _BatchNormReluPool.apply(x, weight.contiguous(), bias.contiguous(), float(eps))
 
