@@ -135,15 +135,24 @@ def _require_cuda() -> None:
         raise ValueError("--device cuda was given, but torch sees no CUDA device")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _score(t: dict) -> str:
-    """One evaluation as text: setting, then accuracy or MSE with its 95% CI."""
+    """One evaluation as text: setting, then accuracy or MSE with its 95% CI (none from a
+    single episode)."""
     ways = f"{t['ways']}-way " if t.get("ways") else ""
-    steps = f", {t['steps']} inner steps" if "steps" in t else ""
-    head = f"{ways}{t['shots']}-shot ({t['queries']} queries{steps})"
+    steps = f", {_count(t['steps'], 'inner step')}" if "steps" in t else ""
+    q = t["queries"]
+    head = f"{ways}{t['shots']}-shot ({q} {'query' if q == 1 else 'queries'}{steps})"
+    n = t["episodes"]
     if "mse" in t:
-        return f"{head}: MSE {t['mse']:.3f} ± {t['ci95']:.3f} (95% CI, {t['episodes']} tasks)"
-    return (f"{head}: accuracy {100 * t['acc']:.2f}% ± {100 * t['ci95']:.2f}% (95% CI, "
-            f"{t['episodes']} episodes)")
+        ci = f" ± {t['ci95']:.3f} (95% CI, {_count(n, 'task')})" if n > 1 else " (1 task)"
+        return f"{head}: MSE {t['mse']:.3f}{ci}"
+    ci = (f" ± {100 * t['ci95']:.2f}% (95% CI, {_count(n, 'episode')})" if n > 1
+          else " (1 episode)")
+    return f"{head}: accuracy {100 * t['acc']:.2f}%{ci}"
 
 
 def _print_results(res: dict, out: Path) -> None:
@@ -152,7 +161,7 @@ def _print_results(res: dict, out: Path) -> None:
     m = res["metric"]
     best = f"MSE {res['best_mse']:.3f}" if m == "mse" else f"accuracy {100 * res['best_acc']:.2f}%"
     print(f"best validation {best} at step {res['best_step']}; "
-          f"{res['tasks_seen']} training tasks")
+          f"{_count(res['tasks_seen'], 'training task')}")
     print(f"checkpoints: {out / 'best.pt'}, {out / 'last.pt'}")
     print(f"learning curves: {res['plot']}; metrics: {out / 'metrics.csv'}")
 

@@ -85,6 +85,14 @@ def test_mlp_backbone_on_images_and_the_sinusoid_preset(tmp_path):
     assert type(pm.load(tmp_path / "sine" / "best.pt")).__name__ == "MAML"
 
 
+def test_scores_read_naturally():
+    from pymeta.cli import _score
+    one = {"shots": 5, "queries": 1, "steps": 1, "mse": 1.0, "ci95": float("nan"), "episodes": 1}
+    assert _score(one) == "5-shot (1 query, 1 inner step): MSE 1.000 (1 task)"
+    two = {"ways": 5, "shots": 1, "queries": 15, "acc": 0.5, "ci95": 0.01, "episodes": 2}
+    assert _score(two) == "5-way 1-shot (15 queries): accuracy 50.00% ± 1.00% (95% CI, 2 episodes)"
+
+
 def test_corrupt_checkpoint_one_line(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"\x00" * 100)
     res = pymeta("eval", "--checkpoint", "bad.pt", cwd=tmp_path)
