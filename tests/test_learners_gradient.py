@@ -276,6 +276,23 @@ def test_checkpointed_steps_update_running_stats_once():
         torch.testing.assert_close(x, y, rtol=1e-12, atol=0, msg=n)
 
 
+@pytest.mark.parametrize("kind", ["maml", "fomaml"])
+def test_task_chunks_leave_the_running_stats_of_the_whole_batch(kind):
+    """task_chunk is a memory setting: the BatchNorm running statistics that bn_mode="running"
+    evaluates with must not depend on it (T=5: chunks of 2, 2 and 1 tasks)."""
+    data = episode("img", T=5)
+    runs = []
+    for chunk in (None, 2, 1):
+        learner = make(kind, conv(), steps=2, task_chunk=chunk).train()
+        learner.meta_loss(*data).backward()
+        learner.adapt(*data[:2])  # adaptation alone (no meta-gradient) updates them too
+        runs.append(dict(learner.named_buffers()))
+    assert any(k.endswith("running_mean") for k in runs[0])
+    for other in runs[1:]:
+        for k, v in runs[0].items():
+            torch.testing.assert_close(other[k], v, rtol=1e-12, atol=1e-14, msg=k)
+
+
 # ---- inner steps at test time ---------------------------------------------------------------
 
 def test_forward_uses_test_steps_without_graph():

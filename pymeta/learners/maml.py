@@ -14,6 +14,7 @@ task its own gradient.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -425,9 +426,14 @@ class MAML(GradientLearner):
         if c >= T:
             return super()._chunked(sx, sy, qx, qy, steps, mode, ways)
         meta = self._meta(mode)
+        stats = _ChunkedRunningStats(self.model if self.training else None)
         if mode == _EVAL or qy is None:  # no meta-gradient wanted: chunks just run in turn
-            outs = [self._episode(meta, *_rows(lo, c, sx, sy, qx, None), steps, mode,
-                                  self.training, ways)[1] for lo in range(0, T, c)]
+            outs = []
+            for lo in range(0, T, c):
+                with stats.chunk(min(c, T - lo) / T):
+                    outs.append(self._episode(meta, *_rows(lo, c, sx, sy, qx, None), steps,
+                                              mode, self.training, ways)[1])
+            stats.finish()
             return None, torch.cat(outs)
         names = list(meta)
 
@@ -435,8 +441,10 @@ class MAML(GradientLearner):
             m, data = dict(zip(names, tensors)), tensors[len(names):]
             for lo in range(0, T, c):
                 part = _rows(lo, c, *data)
-                loss, out = self._episode(m, *part, steps, mode, self.training, ways)
+                with stats.chunk(part[0].shape[0] / T):
+                    loss, out = self._episode(m, *part, steps, mode, self.training, ways)
                 yield loss * (part[0].shape[0] / T), out
+            stats.finish()
 
         return _EagerChunks.apply(chunks, *meta.values(), sx, sy, qx, qy)
 
@@ -613,6 +621,40 @@ class _EagerChunks(torch.autograd.Function):
         sums = iter(ctx.sums)  # one per input that needs grad, in order
         grads = [next(sums) if n else None for n in ctx.needs_input_grad[1:]]
         return (None, *(None if g is None else g * grad_loss for g in grads))
+
+
+class _ChunkedRunningStats:
+    """BatchNorm running statistics of a meta-batch run in task chunks, equal to those of
+    one whole-batch run: every chunk starts from the statistics before the meta-batch, and
+    the result is the task-weighted mean of the chunks' results. Each update is linear in
+    the batch statistics (the mean over the chunk's tasks), so the mean is exact; without
+    it ``task_chunk`` would change the statistics that ``bn_mode="running"`` evaluates with.
+    ``model=None``: nothing to do (evaluation mode updates nothing)."""
+
+    def __init__(self, model: Optional[nn.Module]) -> None:
+        self.buffers = [] if model is None else [
+            b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self.start = [b.clone() for b in self.buffers]
+        self.mean = [torch.zeros_like(b) if b.is_floating_point() else None
+                     for b in self.buffers]
+
+    @contextlib.contextmanager
+    def chunk(self, weight: float) -> Iterator[None]:
+        with torch.no_grad():
+            for b, s in zip(self.buffers, self.start):
+                b.copy_(s)
+        yield
+        with torch.no_grad():
+            for b, m in zip(self.buffers, self.mean):
+                if m is not None:
+                    m.add_(b, alpha=weight)
+
+    def finish(self) -> None:
+        with torch.no_grad():
+            for b, m in zip(self.buffers, self.mean):
+                if m is not None:
+                    b.copy_(m)
 
 
 def _rows(lo: int, n: int, *tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
