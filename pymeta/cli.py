@@ -95,7 +95,14 @@ def _config_from_args(args):
         _merge(fields, layer)
     if fields.get("device") == "cuda":
         _require_cuda()
+    _no_ways_for_regression(fields.get("data"), args.ways or args.eval_ways)
     return RunConfig(**fields).validate()
+
+
+def _no_ways_for_regression(data, ways) -> None:
+    from .engine.setup import REGRESSION_DATA
+    if data in REGRESSION_DATA and ways:
+        raise ValueError(f"{data} is a regression task: --ways/--eval-ways do not apply")
 
 
 def _merge(fields: dict, layer: dict) -> None:
@@ -204,6 +211,7 @@ def _eval(args) -> int:
     learner, device = _load_learner(args)
     cfg = learner.config
     cfg.device = str(device)
+    _no_ways_for_regression(cfg.data, args.ways)
     if args.root:
         cfg.root = args.root
     data = build_splits(cfg)

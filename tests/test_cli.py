@@ -56,6 +56,8 @@ def test_bad_options_give_one_line(args, message):
      "learn_scale must be True or False, got 'maybe'"),
     (["train", "--data", "sinusoid", "--backbone-opt", "hidden=8", "--steps", "1"],
      "hidden must be a list of layer widths"),
+    (["train", "--data", "sinusoid", "--ways", "7", "--steps", "1"],
+     "sinusoid is a regression task: --ways/--eval-ways do not apply"),
 ])
 def test_bad_inputs_give_one_line_errors(args, message, tmp_path):
     res = pymeta(*args, cwd=tmp_path)
