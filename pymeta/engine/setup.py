@@ -21,6 +21,11 @@ from .trainer import Trainer
 
 VAL_SEED, TEST_SEED = 1009, 2024  # fixed evaluation sets, shared by every learner
 REGRESSION_DATA = ("sinusoid",)
+
+
+def _or(value, default):
+    """``value`` unless it is None (a 0 must reach the checks, not become the default)."""
+    return default if value is None else value
 _SEEDS = {"val": VAL_SEED, "test": TEST_SEED}
 
 
@@ -52,8 +57,8 @@ class Splits:
     def eval_sampler(self, cfg: RunConfig, split: str, episodes: int, ways: int | None = None,
                      shots: int | None = None, queries: int | None = None) -> EpisodeSampler:
         """The fixed episodes of ``split`` ("val" or "test"), the same for every learner."""
-        return fixed_episodes(getattr(self, split), ways or cfg.test_ways,
-                              shots or cfg.test_shots, queries or cfg.eval_queries,
+        return fixed_episodes(getattr(self, split), _or(ways, cfg.test_ways),
+                              _or(shots, cfg.test_shots), _or(queries, cfg.eval_queries),
                               n=episodes, seed=_SEEDS[split])
 
 
@@ -78,8 +83,8 @@ class SinusoidData:
 
     def eval_sampler(self, cfg: RunConfig, split: str, episodes: int, ways: int | None = None,
                      shots: int | None = None, queries: int | None = None) -> SinusoidTasks:
-        return fixed_sinusoid_tasks(episodes, shots or cfg.test_shots,
-                                    queries or cfg.eval_queries, seed=_SEEDS[split])
+        return fixed_sinusoid_tasks(episodes, _or(shots, cfg.test_shots),
+                                    _or(queries, cfg.eval_queries), seed=_SEEDS[split])
 
 
 def build_splits(cfg: RunConfig) -> Splits:
@@ -252,11 +257,11 @@ def evaluate_split(learner, cfg: RunConfig, data, ways: int | None = None,
                    queries: int | None = None) -> dict:
     """Score ``learner`` on the fixed ``split`` tasks of ``data`` (from :func:`build_splits`);
     gradient-based learners adapt with ``steps`` inner steps (default: their ``test_steps``)."""
-    sampler = data.eval_sampler(cfg, split, episodes or cfg.test_episodes, ways, shots, queries)
+    sampler = data.eval_sampler(cfg, split, _or(episodes, cfg.test_episodes), ways, shots, queries)
     res = evaluate(learner, sampler, cfg.device, cfg.amp, progress=progress, steps=steps)
     setting = {"ways": sampler.ways, "shots": sampler.shots, "queries": sampler.queries}
     if hasattr(learner, "test_steps"):
-        setting["steps"] = steps or learner.test_steps
+        setting["steps"] = _or(steps, learner.test_steps)
     return {**res, **setting}
 
 
