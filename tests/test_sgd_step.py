@@ -188,6 +188,26 @@ def test_inplace_refuses_tensors_requiring_grad():
     assert_close(w.detach(), before - 0.1, torch.float32)
 
 
+def test_inplace_refuses_params_that_overlap_other_operands():
+    """Aliased or overlapping params would make the result depend on the order of the
+    updates (and on the thread count); disjoint views of one buffer and shared reads are fine."""
+    a, one = torch.zeros(4), torch.ones(4)
+    x = torch.arange(1.0, 2001.0)
+    cases = [([a, a], [one, one], "params\\[0\\] shares memory with params\\[1\\]"),
+             ([x[1:]], [x[:-1]], "shares memory with a grad or rate"),
+             ([torch.zeros(4, 3).t(), None], [torch.ones(3, 4)] * 2, "params\\[0\\] shares"),
+             ([a.numpy(), a.numpy()], [one.numpy()] * 2, "shares memory with params")]
+    for params, grads, match in cases:
+        if params[-1] is None:
+            params[-1] = params[0]
+        with torch.no_grad(), pytest.raises(ValueError, match=match):
+            ops.sgd_step_(params, grads, 0.5)
+    flat, rate = torch.zeros(10), torch.tensor(0.5)
+    with torch.no_grad():
+        ops.sgd_step_([flat[:4], flat[4:]], [one, torch.ones(6)], [rate, rate])
+    assert torch.equal(flat, torch.full((10,), -0.5))
+
+
 def test_inplace_requires_the_result_shape():
     with pytest.raises(ValueError, match=r"params\[0\] \[3\] cannot hold the update of shape \[2, 3\]"):
         ops.sgd_step_([torch.zeros(3)], [torch.ones(2, 3)], 0.1)

@@ -375,6 +375,7 @@ def _numpy(params, grads, lr, inplace: bool):
     shapes = [_check_shapes(i, ps[i], gs[i], ls[i] if ls else None) for i in range(n)]
     if inplace:
         _check_inplace_shapes(params, shapes)
+        _check_no_overlap(params, [*grads, *(lrs or ())])
     outs = [np.empty(s, dtype) for s in shapes]
     _run(_Plan(ps, gs, ls, outs), numpy_launch(), NUMPY_DTYPE_CODES[dtype],
          0.0 if lrs is not None else float(lr))
@@ -383,6 +384,43 @@ def _numpy(params, grads, lr, inplace: bool):
             p[...] = o
         return list(params)
     return outs
+
+
+def _check_no_overlap(params, reads) -> None:
+    """An in-place step must not write memory that another operand reads or writes: the
+    result would depend on the order the kernel visits elements (and on the thread count).
+    Address ranges are compared (as numpy's ``may_share_memory``), sorted, in one sweep."""
+    tensors = [(i, t) for i, t in enumerate([*params, *reads]) if t is not None]
+    if isinstance(params[0], np.ndarray):
+        pairs = ((i, j) for i, a in tensors[:len(params)] for j, b in tensors
+                 if j != i and np.may_share_memory(a, b))
+    else:
+        pairs = _overlapping_pairs([(t.untyped_storage().data_ptr(), *_byte_range(t), i)
+                                    for i, t in tensors if t.numel()])
+    for i, j in pairs:
+        if min(i, j) < len(params):
+            i, j = (i, j) if i < len(params) else (j, i)
+            what = f"params[{j}]" if j < len(params) else "a grad or rate"
+            raise ValueError(f"{_OP}_: params[{i}] shares memory with {what}; an in-place "
+                             "step needs params that overlap nothing else (clone one)")
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    reach = t.numel() if t.is_contiguous() else \
+        sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+    start = t.data_ptr()
+    return start, start + reach * t.element_size()
+
+
+def _overlapping_pairs(spans):
+    """Index pairs of the (storage, start, end, index) spans whose ranges intersect."""
+    active, storage = [], None
+    for st, lo, hi, i in sorted(spans):
+        if st != storage:
+            active, storage = [], st
+        active = [(h, j) for h, j in active if h > lo]
+        yield from ((j, i) for _, j in active)
+        active.append((hi, i))
 
 
 def _check_inplace_shapes(params, shapes):
@@ -459,9 +497,13 @@ def sgd_step_(params: Sequence, grads: Sequence, lr):
         return params
     lr_float = 0.0 if lrs is not None else float(lr)
     _check_inplace_shapes(params, _check_tensors(params, grads, lrs))
-    if functorch_active() or needs_autograd(*params):
+    if functorch_active():
+        raise RuntimeError(f"{_OP}_: in-place updates are not supported under torch.func "
+                           "transforms; use the differentiable sgd_step")
+    if needs_autograd(*params):
         raise RuntimeError(f"{_OP}_: in-place update of tensors that require grad; call it "
                            "under torch.no_grad(), or use the differentiable sgd_step")
+    _check_no_overlap(params, [*grads, *(lrs or ())])
     outs = [p if p.is_contiguous() else torch.empty_like(p, memory_format=torch.contiguous_format)
             for p in params]
     if grads:
