@@ -115,6 +115,18 @@ def test_load_omniglot_downloads(server, tmp_path, monkeypatch):
         SMALL1, "images_background_small2.zip"]
 
 
+def test_download_true_replaces_a_half_written_zip(server, tmp_path):
+    """What an interrupted wget leaves: with download=True it is verified and fetched again."""
+    url, directory = server
+    (tmp_path / "omniglot").mkdir()
+    whole = (directory / SMALL1).read_bytes()
+    (tmp_path / "omniglot" / SMALL1).write_bytes(whole[: len(whole) // 2])
+    classes = load_omniglot("small1", tmp_path, alphabets=["Early_Aramaic"], download=True,
+                            base_url=url, cache=False)
+    assert classes.num_classes == 22
+    assert (tmp_path / "omniglot" / SMALL1).read_bytes() == whole
+
+
 def test_load_omniglot_offline_message(tmp_path):
     base = _closed_port_url("").rstrip("/")
     with pytest.raises(DownloadError) as err:

@@ -88,6 +88,15 @@ def test_csv_errors(tmp_path):
     _write_csv(tmp_path / "missing.csv", [("a.png", "a"), ("gone.png", "a")])
     with pytest.raises(FileNotFoundError, match="missing.csv:3.*gone.png"):
         load_image_folder(tmp_path, "missing.csv")
+    _write_csv(tmp_path / "twice.csv", [("a.png", "a"), ("a.png", "a")])
+    with pytest.raises(ValueError, match="twice.csv:3: image a.png is listed again .first on line 2"):
+        load_image_folder(tmp_path, "twice.csv")
+
+
+def test_csv_saved_with_a_byte_order_mark(tmp_path):
+    _save(tmp_path / "images" / "a.png", (0, 0, 0))
+    (tmp_path / "bom.csv").write_bytes("\ufefffilename,label\r\na.png,a\r\n".encode("utf-8"))
+    assert load_image_folder(tmp_path, "bom.csv", image_size=4).names == ["a"]
 
 
 def test_corrupt_image_names_file(class_folders):

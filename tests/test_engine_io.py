@@ -55,6 +55,22 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "cut.pt")
 
 
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Not mkstemp's 0600: a dataset downloaded into a shared data root stays readable."""
+    import importlib
+    import os
+    import pymeta._atomic as atomic
+    old = os.umask(0o022)
+    try:
+        importlib.reload(atomic)  # it reads the umask once, at import
+        with atomic.atomic_open(tmp_path / "f.bin") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+        importlib.reload(atomic)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+
+
 def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"step": 1})

@@ -5,9 +5,9 @@ number of DataLoader workers, and a resumed run sees exactly the episodes it wou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+import operator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,6 +51,17 @@ class Episode:
                        move(self.query_y), self.ways, self.classes)
 
 
+def _index(name: str, value, low: int) -> int:
+    """``value`` as an int (numpy ints too) >= low, else a ValueError naming it."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {value!r}") from None
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
 class EpisodeSampler(Dataset):
     """Seeded N-way K-shot Q-query episodes; ``sampler[i]`` is episode ``i``.
 
@@ -79,13 +90,12 @@ class EpisodeSampler(Dataset):
     def __init__(self, classes: ImageClasses, ways: int, shots: int, queries: int,
                  tasks: int = 1, seed: int = 0, length: int | None = None,
                  dtype: torch.dtype = torch.float32, augment: bool = False):
-        for name, value in (("ways", ways), ("shots", shots), ("tasks", tasks)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if int(queries) < 0:
-            raise ValueError(f"queries must be >= 0, got {queries}")
+        ways, shots, queries, tasks, seed = (
+            _index(name, v, low) for name, v, low in (("ways", ways, 1), ("shots", shots, 1),
+                                                    ("queries", queries, 0), ("tasks", tasks, 1),
+                                                    ("seed", seed, 0)))
         self.classes, self.ways, self.shots, self.queries = classes, ways, shots, queries
-        self.tasks, self.seed, self.dtype, self.augment = tasks, int(seed), dtype, augment
+        self.tasks, self.seed, self.dtype, self.augment = tasks, seed, dtype, augment
         self.length = 2 ** 62 if length is None else int(length)
         self._check_store()
         self._counts = classes.counts

@@ -140,7 +140,8 @@ def _folder_listing(folder: Path) -> dict:
 
 def _csv_listing(folder: Path, csv_path: Path) -> dict:
     by_label: dict = {}
-    with open(csv_path, newline="") as f:
+    seen: dict = {}
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
         rows = list(csv.reader(f))
     if not rows or [c.strip().lower() for c in rows[0]] != ["filename", "label"]:
         raise ValueError(f"{csv_path}:1: expected the header 'filename,label'")
@@ -155,6 +156,10 @@ def _csv_listing(folder: Path, csv_path: Path) -> dict:
         if path is None:
             raise FileNotFoundError(f"{csv_path}:{line}: image {name} not found as "
                                     f"{candidates[0]} or {candidates[1]}")
+        if path in seen:  # it could be support and query of one episode
+            raise ValueError(f"{csv_path}:{line}: image {name} is listed again (first on line "
+                             f"{seen[path]})")
+        seen[path] = line
         by_label.setdefault(label, []).append(path)
     if not by_label:
         raise ValueError(f"{csv_path} lists no images")

@@ -154,7 +154,10 @@ def _find(name: str, base: Path) -> Path | None:
 def _locate_or_download(archives: Sequence[str], base: Path, split: str, download: bool,
                         base_url: str | None) -> dict:
     found = {name: _find(name, base) for name in archives}
-    missing = [name for name, path in found.items() if path is None]
+    # With download=True a zip already there is verified too: a half-written one (an
+    # interrupted wget) is fetched again instead of failing as "not a zip archive".
+    missing = [name for name, path in found.items()
+               if path is None or download and path.suffix == ".zip"]
     if not missing:
         return found
     urls = dict(zip(_archives_of(split), omniglot_urls(split, base_url)))
@@ -166,8 +169,9 @@ def _locate_or_download(archives: Sequence[str], base: Path, split: str, downloa
             f"Download {', '.join(urls[n] for n in missing)} "
             f"into {target}/ (or pass download=True to the Python loaders)")
     for name in missing:
+        dest = found[name] or target / f"{name}.zip"
         try:
-            found[name] = download_file(urls[name], target / f"{name}.zip", **CHECKSUMS[name])
+            found[name] = download_file(urls[name], dest, **CHECKSUMS[name])
         except DownloadError as e:
             raise DownloadError(f"{e}\nOmniglot split {split!r} needs: "
                                 f"{', '.join(urls[n] for n in missing)} -- place them in "
