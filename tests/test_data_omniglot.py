@@ -169,10 +169,20 @@ def test_cache_round_trip_and_corrupt_cache(mini_roots, tmp_path):
     for got in (first, again):
         assert got.names == fresh.names and torch.equal(got.images, fresh.images)
         assert got.preprocessing == fresh.preprocessing
-    cache_file.write_bytes(b"not a torch file")
-    with pytest.warns(RuntimeWarning, match="unreadable cache"):
-        rebuilt = load_omniglot("small1", zip_root, cache=tmp_path)
-    assert torch.equal(rebuilt.images, fresh.images)
+    for tamper in ("pixels", "class boundary", "not a torch file"):
+        if tamper == "not a torch file":
+            cache_file.write_bytes(b"not a torch file")
+        else:  # a readable file whose data changed: must not load silently
+            blob = torch.load(cache_file, weights_only=True)
+            if tamper == "pixels":
+                blob["images"].view(-1)[blob["images"].numel() // 2] ^= 0xFF
+            else:
+                blob["offsets"][1] += 1
+            torch.save(blob, cache_file)
+        with pytest.warns(RuntimeWarning, match="unreadable cache"):
+            rebuilt = load_omniglot("small1", zip_root, cache=tmp_path)
+        assert torch.equal(rebuilt.images, fresh.images)
+        assert torch.equal(rebuilt.offsets, fresh.offsets)
     assert torch.load(cache_file, weights_only=True)["names"] == fresh.names   # rewritten
     # A subset of alphabets is served from the whole-archive cache.
     sub = load_omniglot("small1", zip_root, alphabets="Early_Aramaic", cache=tmp_path)
