@@ -141,6 +141,25 @@ def test_malformed_runs(one_run):
         load_runs(one_run)
 
 
+def test_label_files_must_pair_each_training_image_with_one_item(one_run):
+    run = one_run / "run01"
+    labels = run / "class_labels.txt"
+    lines = labels.read_text().splitlines()
+    first_class = lines[0].split()[1]
+    same = [f"{line.split()[0]} {first_class}" for line in lines]      # all one answer
+    labels.write_text("\n".join(same) + "\n")
+    with pytest.raises(ValueError, match=r"class\d+.png is the answer to (0|20) test items"):
+        load_runs(one_run)
+    other_run = [lines[0].replace("run01/training", "run02/training"), *lines[1:]]
+    labels.write_text("\n".join(other_run) + "\n")
+    with pytest.raises(ValueError, match="class_labels.txt line 1"):
+        load_runs(one_run)
+    labels.write_text("\n".join(lines) + "\n")
+    shutil.copytree(run, one_run / "copy" / "run01")
+    with pytest.raises(ValueError, match="run run01 appears in more than one folder"):
+        load_runs(one_run)
+
+
 def test_corrupt_png_and_missing_labels(one_run):
     run = one_run / "run01"
     (run / "test" / "item05.png").write_bytes(b"not a png")

@@ -69,6 +69,10 @@ def load_runs(path: str | os.PathLike, image_size: int = 28) -> list[OneShotRun]
         prefixes = _run_prefixes(tree.files)
         if not prefixes:
             raise ValueError(f"no runNN/ folders found in {path}")
+        names = [p.rsplit("/", 1)[-1] for p in prefixes]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{path}: run {twice[0]} appears in more than one folder")
         return [_load_run(tree, prefix, image_size) for prefix in prefixes]
 
 
@@ -91,11 +95,19 @@ def _load_run(tree: FileTree, prefix: str, image_size: int) -> OneShotRun:
                       and "/" not in f[len(start):])
 
     support, query = pngs("training"), pngs("test")
+    where = tree.where(f"{prefix}/{LABELS_FILE}")
+    if not support or not query:
+        raise ValueError(f"{tree.where(prefix)}: a run needs training/ and test/ images")
     labels = _parse_labels(tree, prefix, set(support), set(query))
     unlabelled = [q for q in query if q not in labels]
     if unlabelled:
-        raise ValueError(f"{tree.where(f'{prefix}/{LABELS_FILE}')}: no label for "
-                         f"{', '.join(unlabelled)}")
+        raise ValueError(f"{where}: no label for {', '.join(unlabelled)}")
+    # one-shot runs pair every training image with exactly one test item
+    answers = list(labels.values())
+    for s_ in support:
+        if answers.count(s_) != 1:
+            raise ValueError(f"{where}: {tree.where(s_)} is the answer to {answers.count(s_)} "
+                             "test items; a run pairs each training image with one")
     position = {s: i for i, s in enumerate(support)}
     return OneShotRun(prefix.rsplit("/", 1)[-1], _decode(tree, support, image_size),
                       _decode(tree, query, image_size),
@@ -132,9 +144,13 @@ def _parse_labels(tree: FileTree, prefix: str, support: set, query: set) -> dict
 
 
 def _ref(prefix: str, field: str, sub: str) -> str | None:
-    """``prefix/sub/file.png`` from a label field ``runNN/sub/file.png``, or None if malformed."""
+    """``prefix/sub/file.png`` from a label field ``runNN/sub/file.png``, or None if malformed
+    (another run's file included)."""
     parts = field.replace("\\", "/").split("/")
     if len(parts) < 2 or parts[-2] != sub or not parts[-1].lower().endswith(".png"):
+        return None
+    if len(parts) >= 3 and _RUN_DIR.fullmatch(parts[-3]) and \
+            parts[-3] != prefix.rsplit("/", 1)[-1]:
         return None
     return f"{prefix}/{sub}/{parts[-1]}"
 
