@@ -319,9 +319,9 @@ def _add_train(sub) -> None:
                         ("seed", "run seed"), ("workers", "DataLoader workers for episodes")):
         counts = ("seed", "workers", "checkpoint-every")
         p.add_argument(f"--{name}", type=NON_NEGATIVE if name in counts else POSITIVE, help=help_)
-    p.add_argument("--eval-steps", type=POSITIVE, nargs="+", metavar="N",
+    p.add_argument("--eval-steps", type=NON_NEGATIVE, nargs="+", metavar="N",
                    help="gradient learners: test after each of these numbers of inner steps "
-                        "(default: the learner's test_steps)")
+                        "(default: the learner's test_steps; 0: the meta-initialisation)")
     p.add_argument("--lr", type=float, help="outer learning rate (default 1e-3)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="outer optimizer (default adam)")
     p.add_argument("--schedule", choices=["step", "cosine", "none"])
@@ -356,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=POSITIVE)
     p.add_argument("--queries", type=POSITIVE)
     p.add_argument("--episodes", type=POSITIVE, default=1000, help="default 1000")
-    p.add_argument("--steps", type=POSITIVE, nargs="+", metavar="N",
+    p.add_argument("--steps", type=NON_NEGATIVE, nargs="+", metavar="N",
                    help="gradient learners: inner steps at test time, one score per value "
-                        "(default: the learner's test_steps)")
+                        "(default: the learner's test_steps; 0: the meta-initialisation)")
     _add_common(p)
     p.set_defaults(func=_eval)
 

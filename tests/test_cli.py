@@ -36,7 +36,7 @@ def test_every_command_has_help(capsys):
     (["train", "--lr-step", "0"], "argument --lr-step: must be >= 1, got 0"),
     (["train", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
     (["eval", "--checkpoint", "x.pt", "--episodes", "0"], "argument --episodes: must be >= 1"),
-    (["eval", "--checkpoint", "x.pt", "--steps", "1", "0"], "argument --steps: must be >= 1"),
+    (["eval", "--checkpoint", "x.pt", "--steps", "1", "-1"], "argument --steps: must be >= 0"),
     (["eval"], "the following arguments are required: --checkpoint"),
     (["nonsense"], "invalid choice: 'nonsense'"),
 ])

@@ -319,8 +319,27 @@ def test_forward_steps_override_test_steps():
         torch.testing.assert_close(four, learner(sx, sy, qx, 3), rtol=0, atol=0)
         learner.test_steps = 2
         assert not torch.allclose(four, learner(sx, sy, qx, 3))
-    with pytest.raises(ValueError, match="steps must be a positive int"):
-        learner(sx, sy, qx, 3, steps=0)
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        learner(sx, sy, qx, 3, steps=-1)
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil", "reptile"])
+def test_zero_steps_score_the_meta_initialisation(kind):
+    """steps=0: MAML's 'pre-update' figure; adapt returns the meta-parameters per task."""
+    model = conv()
+    learner = (Reptile(model, inner_lr=0.3) if kind == "reptile" else make(kind, model)).eval()
+    sx, sy, qx, _ = episode("img")
+    fast = learner.adapt(sx, sy, steps=0)
+    params = dict(learner.model.named_parameters())
+    names = learner._adapted_names()
+    assert all(torch.equal(fast[n], params[n].expand(3, *params[n].shape)) for n in names)
+    with torch.no_grad():
+        logits = learner(sx, sy, qx, 3, steps=0)
+        learner.model.train()  # transductive: each task's own batch statistics
+        for t in range(3):
+            bufs = {n: b.clone() for n, b in learner.model.named_buffers()}
+            ref = functional_call(learner.model, {**params, **bufs}, (qx[t],))
+            torch.testing.assert_close(logits[t], ref, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["maml", "anil", "metasgd"])
@@ -679,8 +698,8 @@ def test_bad_episodes():
         learner.meta_loss(sx, sy.double(), qx, qy)
     with pytest.raises(ValueError, match=r"\[T, S"):
         learner.adapt(sx[0, 0], sy)
-    with pytest.raises(ValueError, match="steps"):
-        learner.adapt(sx, sy, steps=0)
+    with pytest.raises(ValueError, match="steps must be an int >= 0, got 1.5"):
+        learner.adapt(sx, sy, steps=1.5)
     reg = MAML(mlp(), loss="mse")
     with pytest.raises(ValueError, match="float targets"):
         reg.meta_loss(sx, sy, qx, qy)

@@ -90,10 +90,12 @@ class GradientLearner(FewShotLearner):
     def adapt(self, support_x: Tensor, support_y: Tensor,
               steps: Optional[int] = None) -> dict[str, Tensor]:
         """Fast weights ``name -> [T, ...]`` of the adapted parameters after ``steps`` inner
-        steps (default: the training ``steps``). Connected to the meta-parameters when grad
-        mode is on (second order unless the learner is first order); plain tensors otherwise."""
+        steps (default: the training ``steps``; 0: the meta-parameters, one view per task).
+        Connected to the meta-parameters when grad mode is on (second order unless the
+        learner is first order); plain tensors otherwise."""
         self._check(support_x, support_y, None, None, None)
-        steps = self.steps if steps is None else _check_count(type(self).__name__, "steps", steps)
+        steps = self.steps if steps is None else _check_count(type(self).__name__, "steps",
+                                                              steps, low=0)
         mode = self._mode()
         meta = self._meta(mode)
         body, head = self._parts()
@@ -103,14 +105,14 @@ class GradientLearner(FewShotLearner):
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 ways: Optional[int], steps: Optional[int] = None) -> Tensor:
         """Query logits ``[T, Q, ways]`` after ``steps`` inner steps on the support set
-        (default ``test_steps``).
+        (default ``test_steps``; 0 scores the meta-initialisation itself).
 
         Adapts under ``torch.no_grad()`` too (gradients of the inner loop only, no graph kept).
         With ``loss="mse"``, ``ways`` is ignored and the outputs are ``[T, Q, *out]``.
         """
         self._check(support_x, support_y, query_x, None, ways)
         steps = self.test_steps if steps is None else _check_count(type(self).__name__,
-                                                                   "steps", steps)
+                                                                   "steps", steps, low=0)
         return self._chunked(support_x, support_y, query_x, None, steps, self._mode(), ways)[1]
 
     def embed(self, x: Tensor, batch_dims: int = 1) -> Tensor:
@@ -180,6 +182,8 @@ class GradientLearner(FewShotLearner):
                     steps: int, mode: str, update_stats: bool,
                     ways: Optional[int]) -> dict[str, Tensor]:
         fast = {n: meta["backbone." + n] for n in self._adapted_names()}
+        if steps == 0:  # the meta-parameters themselves, task-stacked like adapted ones
+            return {n: p.expand(x.shape[0], *p.shape) for n, p in fast.items()}
         for s in range(steps):  # after step 0 the fast weights are ours: eval may update in place
             fast = self._step(meta, head, fast, x, y, s, mode, update_stats, ways, own=s > 0)
         return fast
@@ -714,9 +718,10 @@ class _replayed_rng:
         self.fork.__exit__(*exc)
 
 
-def _check_count(who: str, name: str, value, alternatives: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{who}: {name} must be a positive int{alternatives}, got {value!r}")
+def _check_count(who: str, name: str, value, alternatives: str = "", low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{who}: {name} must be {kind}{alternatives}, got {value!r}")
     return value
 
 
