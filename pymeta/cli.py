@@ -23,8 +23,8 @@ PRESETS = {
                      steps=3500, val_every=500, val_episodes=200, lr_step=1000),
     # MAML's sinusoid regression (Finn et al. 2017, section 5.1): K=10 in training, meta-batch
     # 25, inner rate 0.01; tested at K=5 with 100 query points after 1, 5 and 10 steps.
-    "sinusoid": dict(algo="maml", data="sinusoid", backbone="mlp", shots=10, queries=10, meta_batch=25,
-                     eval_shots=5, eval_queries=100, eval_steps=[1, 5, 10],
+    "sinusoid": dict(algo="maml", data="sinusoid", backbone="mlp", shots=10, queries=10,
+                     meta_batch=25, eval_shots=5, eval_queries=100, eval_steps=[1, 5, 10],
                      learner_kwargs={"inner_lr": 0.01, "steps": 1, "test_steps": 10},
                      steps=30000, schedule="none", val_every=2000, val_episodes=500,
                      log_every=100),
