@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -16,6 +18,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide shared datasets
@@ -29,6 +32,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+# A temp file untouched this long belongs to a writer that died (kill -9 mid-download):
+# live writers (downloads with a 60 s read timeout, checkpoints) touch theirs far sooner.
+STALE_TEMP_S = 600
+
+
+def _remove_stale_temps(path: Path) -> None:
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
 
 
 def _read_umask() -> int:

@@ -104,6 +104,21 @@ def test_full_size_is_exact_stroke_map(small1_zip):
     assert ImageClasses.to_float(torch.from_numpy(out)).max() == 1.0   # strokes read as 1
 
 
+def test_transparent_drawings_read_as_ink_on_white():
+    """Strokes opaque on a transparent (black) background: transparency is white paper, as
+    for the official drawings, not ink everywhere."""
+    from pymeta.data._util import open_image
+    rgba = Image.new("RGBA", (105, 105), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (0, 0, 105, 53))                # the top half is opaque ink
+    paper = Image.new("L", (105, 105), 255)
+    paper.paste(0, (0, 0, 105, 53))
+    for img in (rgba, rgba.convert("LA")):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        decoded = open_image(buf.getvalue(), "drawing.png")
+        assert (preprocess_omniglot(decoded, 28) == preprocess_omniglot(paper, 28)).all()
+
+
 def test_explicit_alphabets_and_rotations(omniglot_root, small1):
     two = load_omniglot("small1", omniglot_root, alphabets=["Latin", "Early_Aramaic"],
                         cache=False)

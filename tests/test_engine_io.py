@@ -71,6 +71,22 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
 
 
+def test_atomic_writes_remove_temps_that_dead_writers_left(tmp_path):
+    """A kill -9 mid-download leaves .<name>.<random>.tmp; the next write of that file removes
+    it once it has been untouched for STALE_TEMP_S, and leaves a live writer's alone."""
+    import os
+    from pymeta._atomic import STALE_TEMP_S, atomic_open
+    dead, live = tmp_path / ".data.zip.abc123.tmp", tmp_path / ".data.zip.def456.tmp"
+    for t in (dead, live):
+        t.write_bytes(b"partial")
+    old = dead.stat().st_mtime - STALE_TEMP_S - 1
+    os.utime(dead, (old, old))
+    with atomic_open(tmp_path / "data.zip") as f:
+        f.write(b"whole")
+    assert not dead.exists() and live.exists()
+    assert (tmp_path / "data.zip").read_bytes() == b"whole"
+
+
 def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"step": 1})

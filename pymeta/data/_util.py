@@ -100,15 +100,21 @@ def _walk(root: Path) -> list[str]:
 
 
 def open_image(data: bytes, where: str):
-    """Decode image bytes fully with PIL; any failure becomes a ValueError naming ``where``."""
+    """Decode image bytes fully with PIL; any failure becomes a ValueError naming ``where``.
+    Transparency is composited onto white."""
     from PIL import Image
 
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        return img
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         raise ValueError(f"cannot decode image {where}: {e}") from e
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        # transparent pixels read as white paper, not as their (often black) colour values
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba).convert("RGB")
+    return img
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], min_parallel: int = 512) -> list[R]:
