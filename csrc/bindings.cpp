@@ -25,6 +25,12 @@ T* as(ptr p) {
   return reinterpret_cast<T*>(p);
 }
 
+pymeta::BnReluPool tail(int64_t N, int64_t H, int64_t W, int64_t K, ptr x, ptr weight, ptr bias,
+                        double eps, ptr mean, ptr var) {
+  return {N, H, W, K, as<void>(x), as<void>(weight), as<void>(bias), eps, as<double>(mean),
+          as<double>(var)};
+}
+
 // Fields per tensor in sgd_step's flat descriptor list.
 constexpr std::size_t kSgdFields = 9;
 
@@ -113,9 +119,9 @@ PYBIND11_MODULE(_C, m) {
       "batch_norm_relu_pool_forward",
       [](int dev, ptr stream, int nt, int dtype, int64_t N, int64_t H, int64_t W, int64_t K,
          ptr x, ptr weight, ptr bias, double eps, ptr out, ptr mean, ptr var) {
-        pymeta::batch_norm_relu_pool_forward(device(dev, stream, nt), DType(dtype), N, H, W, K,
-                                             as<void>(x), as<void>(weight), as<void>(bias), eps,
-                                             as<void>(out), as<double>(mean), as<double>(var));
+        pymeta::batch_norm_relu_pool_forward(device(dev, stream, nt), DType(dtype),
+                                             tail(N, H, W, K, x, weight, bias, eps, mean, var),
+                                             as<void>(out));
       },
       nogil);
   m.def(
@@ -124,8 +130,8 @@ PYBIND11_MODULE(_C, m) {
          ptr x, ptr weight, ptr bias, ptr mean, ptr var, double eps, ptr grad_out, ptr grad_x,
          ptr grad_weight, ptr grad_bias) {
         pymeta::batch_norm_relu_pool_backward(
-            device(dev, stream, nt), DType(dtype), N, H, W, K, as<void>(x), as<void>(weight),
-            as<void>(bias), as<double>(mean), as<double>(var), eps, as<void>(grad_out),
+            device(dev, stream, nt), DType(dtype),
+            tail(N, H, W, K, x, weight, bias, eps, mean, var), as<void>(grad_out),
             as<void>(grad_x), as<void>(grad_weight), as<void>(grad_bias));
       },
       nogil);
@@ -135,10 +141,9 @@ PYBIND11_MODULE(_C, m) {
          ptr x, ptr weight, ptr bias, ptr mean, ptr var, double eps, ptr grad_out, ptr gg,
          ptr ggw, ptr ggb, ptr gx, ptr gweight, ptr ggrad_out) {
         pymeta::batch_norm_relu_pool_double_backward(
-            device(dev, stream, nt), DType(dtype), N, H, W, K, as<void>(x), as<void>(weight),
-            as<void>(bias), as<double>(mean), as<double>(var), eps, as<void>(grad_out),
-            as<void>(gg), as<void>(ggw), as<void>(ggb), as<void>(gx), as<void>(gweight),
-            as<void>(ggrad_out));
+            device(dev, stream, nt), DType(dtype),
+            tail(N, H, W, K, x, weight, bias, eps, mean, var), as<void>(grad_out), as<void>(gg),
+            as<void>(ggw), as<void>(ggb), as<void>(gx), as<void>(gweight), as<void>(ggrad_out));
       },
       nogil);
   m.def("info", &info);

@@ -47,6 +47,19 @@ struct SgdTensor {
   std::int64_t numel = 0;  // M, elements per task
 };
 
+// One conv4 block tail for batch_norm_relu_pool: NHWC x [N, H, W, K], BatchNorm's affine
+// weight and bias [K] and eps, and the batch mean and biased variance [K] in float64, which
+// forward writes and the backward passes read.
+struct BnReluPool {
+  std::int64_t N = 0, H = 0, W = 0, K = 0;
+  const void* x = nullptr;
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  double eps = 0;
+  double* mean = nullptr;
+  double* var = nullptr;
+};
+
 inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace pymeta

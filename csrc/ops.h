@@ -36,25 +36,17 @@ void sgd_step(const Device& dev, DType dtype, std::int64_t T,
 // Training-mode BatchNorm (batch statistics) + ReLU + 2x2 max-pool (stride 2, floor) on NHWC
 // x [N,H,W,K] -> out [N,H/2,W/2,K]; mean and biased var [K] (float64) come out of forward
 // and go back into backward. grad_x, grad_weight and grad_bias may each be null. CPU only.
-void batch_norm_relu_pool_forward(const Device& dev, DType dtype, std::int64_t N, std::int64_t H,
-                                  std::int64_t W, std::int64_t K, const void* x,
-                                  const void* weight, const void* bias, double eps, void* out,
-                                  double* mean, double* var);
+void batch_norm_relu_pool_forward(const Device& dev, DType dtype, const BnReluPool& a,
+                                  void* out);
 
-void batch_norm_relu_pool_backward(const Device& dev, DType dtype, std::int64_t N,
-                                   std::int64_t H, std::int64_t W, std::int64_t K,
-                                   const void* x, const void* weight, const void* bias,
-                                   const double* mean, const double* var, double eps,
+void batch_norm_relu_pool_backward(const Device& dev, DType dtype, const BnReluPool& a,
                                    const void* grad_out, void* grad_x, void* grad_weight,
                                    void* grad_bias);
 
 // Backward of the backward: given the gradients gg [N,H,W,K], ggw and ggb [K] of grad_x,
 // grad_weight and grad_bias, the gradients of x (gx), weight (gweight) and grad_out
 // (ggrad_out); each output may be null (bias gets none: it only moves the winners).
-void batch_norm_relu_pool_double_backward(const Device& dev, DType dtype, std::int64_t N,
-                                          std::int64_t H, std::int64_t W, std::int64_t K,
-                                          const void* x, const void* weight, const void* bias,
-                                          const double* mean, const double* var, double eps,
+void batch_norm_relu_pool_double_backward(const Device& dev, DType dtype, const BnReluPool& a,
                                           const void* grad_out, const void* gg, const void* ggw,
                                           const void* ggb, void* gx, void* gweight,
                                           void* ggrad_out);

@@ -402,51 +402,48 @@ void double_backward(const Device& dev, const Geometry& g, const T* x, const T* 
   grad_x(dev, g, x, gg, f, grad_out, gx, ggrad_out);
 }
 
-}  // namespace
-
-void batch_norm_relu_pool_forward(const Device& dev, DType dtype, std::int64_t N, std::int64_t H,
-                                  std::int64_t W, std::int64_t K, const void* x,
-                                  const void* weight, const void* bias, double eps, void* out,
-                                  double* mean, double* var) {
-  const Geometry g{N, H, W, K, H / 2, W / 2};
+// Runs body(zero, g, x, weight, bias) with the tail's geometry and its inputs cast to the
+// dtype's T (zero: a T, for the body's own casts).
+template <class Body>
+void typed(DType dtype, const BnReluPool& a, Body body) {
+  const Geometry g{a.N, a.H, a.W, a.K, a.H / 2, a.W / 2};
   dispatch_float(dtype, "batch_norm_relu_pool", [&](auto zero) {
     using T = decltype(zero);
-    forward(dev, g, static_cast<const T*>(x), static_cast<const T*>(weight),
-            static_cast<const T*>(bias), eps, static_cast<T*>(out), mean, var);
+    body(zero, g, static_cast<const T*>(a.x), static_cast<const T*>(a.weight),
+         static_cast<const T*>(a.bias));
   });
 }
 
-void batch_norm_relu_pool_backward(const Device& dev, DType dtype, std::int64_t N,
-                                   std::int64_t H, std::int64_t W, std::int64_t K,
-                                   const void* x, const void* weight, const void* bias,
-                                   const double* mean, const double* var, double eps,
+}  // namespace
+
+void batch_norm_relu_pool_forward(const Device& dev, DType dtype, const BnReluPool& a,
+                                  void* out) {
+  typed(dtype, a, [&](auto zero, const Geometry& g, auto x, auto weight, auto bias) {
+    using T = decltype(zero);
+    forward(dev, g, x, weight, bias, a.eps, static_cast<T*>(out), a.mean, a.var);
+  });
+}
+
+void batch_norm_relu_pool_backward(const Device& dev, DType dtype, const BnReluPool& a,
                                    const void* grad_out, void* grad_x, void* grad_weight,
                                    void* grad_bias) {
-  const Geometry g{N, H, W, K, H / 2, W / 2};
-  dispatch_float(dtype, "batch_norm_relu_pool", [&](auto zero) {
+  typed(dtype, a, [&](auto zero, const Geometry& g, auto x, auto weight, auto bias) {
     using T = decltype(zero);
-    backward(dev, g, static_cast<const T*>(x), static_cast<const T*>(weight),
-             static_cast<const T*>(bias), mean, var, eps, static_cast<const T*>(grad_out),
+    backward(dev, g, x, weight, bias, a.mean, a.var, a.eps, static_cast<const T*>(grad_out),
              static_cast<T*>(grad_x), static_cast<T*>(grad_weight), static_cast<T*>(grad_bias));
   });
 }
 
-
-void batch_norm_relu_pool_double_backward(const Device& dev, DType dtype, std::int64_t N,
-                                          std::int64_t H, std::int64_t W, std::int64_t K,
-                                          const void* x, const void* weight, const void* bias,
-                                          const double* mean, const double* var, double eps,
+void batch_norm_relu_pool_double_backward(const Device& dev, DType dtype, const BnReluPool& a,
                                           const void* grad_out, const void* gg, const void* ggw,
                                           const void* ggb, void* gx, void* gweight,
                                           void* ggrad_out) {
-  const Geometry g{N, H, W, K, H / 2, W / 2};
-  dispatch_float(dtype, "batch_norm_relu_pool", [&](auto zero) {
+  typed(dtype, a, [&](auto zero, const Geometry& g, auto x, auto weight, auto bias) {
     using T = decltype(zero);
-    double_backward(dev, g, static_cast<const T*>(x), static_cast<const T*>(weight),
-                    static_cast<const T*>(bias), mean, var, eps, static_cast<const T*>(grad_out),
-                    static_cast<const T*>(gg), static_cast<const T*>(ggw),
-                    static_cast<const T*>(ggb), static_cast<T*>(gx), static_cast<T*>(gweight),
-                    static_cast<T*>(ggrad_out));
+    double_backward(dev, g, x, weight, bias, a.mean, a.var, a.eps,
+                    static_cast<const T*>(grad_out), static_cast<const T*>(gg),
+                    static_cast<const T*>(ggw), static_cast<const T*>(ggb), static_cast<T*>(gx),
+                    static_cast<T*>(gweight), static_cast<T*>(ggrad_out));
   });
 }
 

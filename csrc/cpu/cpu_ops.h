@@ -21,20 +21,12 @@ void class_prototypes_backward(const Device& dev, DType dtype, std::int64_t B, s
 void sgd_step(const Device& dev, DType dtype, std::int64_t T,
               const std::vector<SgdTensor>& tensors, double lr_scalar);
 
-void batch_norm_relu_pool_forward(const Device& dev, DType dtype, std::int64_t N, std::int64_t H,
-                                  std::int64_t W, std::int64_t K, const void* x,
-                                  const void* weight, const void* bias, double eps, void* out,
-                                  double* mean, double* var);
-void batch_norm_relu_pool_backward(const Device& dev, DType dtype, std::int64_t N,
-                                   std::int64_t H, std::int64_t W, std::int64_t K,
-                                   const void* x, const void* weight, const void* bias,
-                                   const double* mean, const double* var, double eps,
+void batch_norm_relu_pool_forward(const Device& dev, DType dtype, const BnReluPool& a,
+                                  void* out);
+void batch_norm_relu_pool_backward(const Device& dev, DType dtype, const BnReluPool& a,
                                    const void* grad_out, void* grad_x, void* grad_weight,
                                    void* grad_bias);
-void batch_norm_relu_pool_double_backward(const Device& dev, DType dtype, std::int64_t N,
-                                          std::int64_t H, std::int64_t W, std::int64_t K,
-                                          const void* x, const void* weight, const void* bias,
-                                          const double* mean, const double* var, double eps,
+void batch_norm_relu_pool_double_backward(const Device& dev, DType dtype, const BnReluPool& a,
                                           const void* grad_out, const void* gg, const void* ggw,
                                           const void* ggb, void* gx, void* gweight,
                                           void* ggrad_out);

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +104,10 @@ def _load_run(tree: FileTree, prefix: str, image_size: int) -> OneShotRun:
     if unlabelled:
         raise ValueError(f"{where}: no label for {', '.join(unlabelled)}")
     # one-shot runs pair every training image with exactly one test item
-    answers = list(labels.values())
+    answers = Counter(labels.values())
     for s_ in support:
-        if answers.count(s_) != 1:
-            raise ValueError(f"{where}: {tree.where(s_)} is the answer to {answers.count(s_)} "
+        if answers[s_] != 1:
+            raise ValueError(f"{where}: {tree.where(s_)} is the answer to {answers[s_]} "
                              "test items; a run pairs each training image with one")
     position = {s: i for i, s in enumerate(support)}
     return OneShotRun(prefix.rsplit("/", 1)[-1], _decode(tree, support, image_size),

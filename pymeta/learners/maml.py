@@ -14,7 +14,6 @@ task its own gradient.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -430,25 +429,19 @@ class MAML(GradientLearner):
         if c >= T:
             return super()._chunked(sx, sy, qx, qy, steps, mode, ways)
         meta = self._meta(mode)
-        stats = _ChunkedRunningStats(self.model if self.training else None)
+        starts = _chunk_starts(self.model if self.training else None, T, c)
         if mode == _EVAL or qy is None:  # no meta-gradient wanted: chunks just run in turn
-            outs = []
-            for lo in range(0, T, c):
-                with stats.chunk(min(c, T - lo) / T):
-                    outs.append(self._episode(meta, *_rows(lo, c, sx, sy, qx, None), steps,
-                                              mode, self.training, ways)[1])
-            stats.finish()
+            outs = [self._episode(meta, *_rows(lo, c, sx, sy, qx, None), steps, mode,
+                                  self.training, ways)[1] for lo in starts]
             return None, torch.cat(outs)
         names = list(meta)
 
         def chunks(tensors: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
             m, data = dict(zip(names, tensors)), tensors[len(names):]
-            for lo in range(0, T, c):
+            for lo in starts:
                 part = _rows(lo, c, *data)
-                with stats.chunk(part[0].shape[0] / T):
-                    loss, out = self._episode(m, *part, steps, mode, self.training, ways)
+                loss, out = self._episode(m, *part, steps, mode, self.training, ways)
                 yield loss * (part[0].shape[0] / T), out
-            stats.finish()
 
         return _EagerChunks.apply(chunks, *meta.values(), sx, sy, qx, qy)
 
@@ -627,38 +620,30 @@ class _EagerChunks(torch.autograd.Function):
         return (None, *(None if g is None else g * grad_loss for g in grads))
 
 
-class _ChunkedRunningStats:
-    """BatchNorm running statistics of a meta-batch run in task chunks, equal to those of
-    one whole-batch run: every chunk starts from the statistics before the meta-batch, and
-    the result is the task-weighted mean of the chunks' results. Each update is linear in
-    the batch statistics (the mean over the chunk's tasks), so the mean is exact; without
-    it ``task_chunk`` would change the statistics that ``bn_mode="running"`` evaluates with.
-    ``model=None``: nothing to do (evaluation mode updates nothing)."""
-
-    def __init__(self, model: Optional[nn.Module]) -> None:
-        self.buffers = [] if model is None else [
-            b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-        self.start = [b.clone() for b in self.buffers]
-        self.mean = [torch.zeros_like(b) if b.is_floating_point() else None
-                     for b in self.buffers]
-
-    @contextlib.contextmanager
-    def chunk(self, weight: float) -> Iterator[None]:
+def _chunk_starts(model: Optional[nn.Module], T: int, c: int) -> Iterator[int]:
+    """First task of each chunk of ``c`` tasks. With ``model`` (training), the BatchNorm
+    running statistics come out as one whole-batch run leaves them: every chunk starts from
+    the statistics before the meta-batch, and the result is the task-weighted mean of the
+    chunks' results. The updates are linear in the batch statistics, so this is exact;
+    without it ``task_chunk`` would change what ``bn_mode="running"`` evaluates with."""
+    buffers = [] if model is None else [
+        b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    start = [b.clone() for b in buffers]
+    mean = [torch.zeros_like(b) if b.is_floating_point() else None for b in buffers]
+    for lo in range(0, T, c):
         with torch.no_grad():
-            for b, s in zip(self.buffers, self.start):
+            for b, s in zip(buffers, start):
                 b.copy_(s)
-        yield
+        yield lo  # the caller runs the chunk
         with torch.no_grad():
-            for b, m in zip(self.buffers, self.mean):
+            for b, m in zip(buffers, mean):
                 if m is not None:
-                    m.add_(b, alpha=weight)
-
-    def finish(self) -> None:
-        with torch.no_grad():
-            for b, m in zip(self.buffers, self.mean):
-                if m is not None:
-                    b.copy_(m)
+                    m.add_(b, alpha=min(c, T - lo) / T)
+    with torch.no_grad():
+        for b, m in zip(buffers, mean):
+            if m is not None:
+                b.copy_(m)
 
 
 def _rows(lo: int, n: int, *tensors: Optional[Tensor]) -> list[Optional[Tensor]]:

@@ -82,13 +82,14 @@ def valid_float_tensors(*tensors) -> bool:
     return t0.is_cuda and CUDA_BUILT and dtype in DTYPE_CODES
 
 
-def check_float_tensors(op: str, **tensors: torch.Tensor) -> torch.Tensor:
-    """Checks that all tensors share one supported floating dtype and one device."""
+def check_float_tensors(op: str, numpy: bool = True, **tensors: torch.Tensor) -> torch.Tensor:
+    """Checks that all tensors share one supported floating dtype and one device (``numpy``:
+    whether the op also takes numpy arrays, for the message)."""
     items = list(tensors.items())
     name0, t0 = items[0]
     for name, t in items:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor or numpy array, "
+            raise TypeError(f"{op}: {name} must be a torch.Tensor{' or numpy array' * numpy}, "
                             f"got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")

@@ -18,10 +18,7 @@ _OP = "batch_norm_relu_pool"
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps) -> None:
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if not isinstance(t, torch.Tensor):  # no numpy path: it exists to train networks
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    check_float_tensors(_OP, x=x, weight=weight, bias=bias)
+    check_float_tensors(_OP, numpy=False, x=x, weight=weight, bias=bias)  # it trains networks
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"{_OP}: eps must be a positive float, got {eps!r}")
     if x.is_cuda:
