@@ -67,7 +67,8 @@ def scores(learner, tasks) -> list:
     out = []
     for s in STEPS:
         mse = episode_scores(learner, tasks, steps=s)
-        out.append((mean_ci95(mse), int((~torch.isfinite(mse)).sum()), float(mse.median())))
+        out.append((mean_ci95(mse), int((~torch.isfinite(mse)).sum()),
+                    float(mse.nan_to_num(math.inf).median())))  # a NaN task counts as worst
     return out
 
 
