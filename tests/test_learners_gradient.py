@@ -694,6 +694,9 @@ def test_bad_episodes():
         learner.loss(sx, sy, qx, qy % 2, 2)  # the model outputs 3 logits
     with pytest.raises(ValueError, match="tasks"):
         learner.meta_loss(sx, sy, qx[:2], qy[:2])
+    for bad_sy, bad_qy in ((sy + 3, qy), (sy, qy - 1)):  # no ways given: checked against the head
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) for a model with 3"):
+            learner.meta_loss(sx, bad_sy, qx, bad_qy)
     with pytest.raises(ValueError, match="integer class"):
         learner.meta_loss(sx, sy.double(), qx, qy)
     with pytest.raises(ValueError, match=r"\[T, S"):

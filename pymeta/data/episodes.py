@@ -112,7 +112,8 @@ class EpisodeSampler(Dataset):
             i = int(short[0])
             raise ValueError(f"{self.shots}-shot {self.queries}-query episodes need {need} "
                              f"images per class, but class {c.names[i]!r} has "
-                             f"{int(c.counts[i])} ({short.numel()} classes are short)")
+                             f"{int(c.counts[i])} ({short.numel()} of {c.num_classes} classes "
+                             f"are short)")
 
     def __len__(self) -> int:
         return self.length

@@ -1,6 +1,7 @@
 """From a :class:`RunConfig` to data splits, a learner and a finished run."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import OrderedDict
@@ -51,15 +52,26 @@ class Splits:
                 f"test {self.test.num_classes}")
 
     def train_sampler(self, cfg: RunConfig) -> EpisodeSampler:
-        return EpisodeSampler(self.train, cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch,
-                              seed=cfg.seed, augment=cfg.augment)
+        with _naming_split("train"):
+            return EpisodeSampler(self.train, cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch,
+                                  seed=cfg.seed, augment=cfg.augment)
 
     def eval_sampler(self, cfg: RunConfig, split: str, episodes: int, ways: int | None = None,
                      shots: int | None = None, queries: int | None = None) -> EpisodeSampler:
         """The fixed episodes of ``split`` ("val" or "test"), the same for every learner."""
-        return fixed_episodes(getattr(self, split), _or(ways, cfg.test_ways),
-                              _or(shots, cfg.test_shots), _or(queries, cfg.eval_queries),
-                              n=episodes, seed=_SEEDS[split])
+        with _naming_split(split):
+            return fixed_episodes(getattr(self, split), _or(ways, cfg.test_ways),
+                                  _or(shots, cfg.test_shots), _or(queries, cfg.eval_queries),
+                                  n=episodes, seed=_SEEDS[split])
+
+
+@contextlib.contextmanager
+def _naming_split(split: str):
+    """Says which split an episode setting does not fit (train, val and test differ)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{split} split: {e}") from None
 
 
 class SinusoidData:

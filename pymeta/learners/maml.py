@@ -241,6 +241,12 @@ class GradientLearner(FewShotLearner):
                                  f"{list(out.shape[2:])} per sample but the targets are "
                                  f"{list(y.shape[2:])}")
             return F.mse_loss(out, y.to(out.dtype), reduction="none").reshape(T, -1).mean(1)
+        if ways is None:  # unchecked labels: on CUDA an out-of-range one is a device assert
+            L = out.shape[-1]
+            if ((y < 0) | (y >= L)).any():
+                raise ValueError(f"{type(self).__name__}: labels must lie in [0, {L}) for a "
+                                 f"model with {L} outputs, got values from {int(y.min())} to "
+                                 f"{int(y.max())}")
         return F.cross_entropy(out.flatten(0, 1), y.flatten().long(),
                                reduction="none").view(T, -1).mean(1)
 
