@@ -413,6 +413,13 @@ def test_bad_learner_arguments():
         Siamese(mlp(), head="cos")
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         Siamese(mlp(), loss="hinge")
+    with pytest.raises(ValueError, match="gives 5 features but the l1 head takes feature_dim=4"):
+        Siamese(mlp(), feature_dim=4).double()(sx, sy, qx, 3)
+    for kwargs, message in ((dict(feature_dim=0), "feature_dim must be a positive int or None"),
+                            (dict(margin=-1.0), "margin must be a number >= 0, got -1.0"),
+                            (dict(margin="1"), "margin must be a number >= 0, got '1'")):
+        with pytest.raises(ValueError, match=message):
+            Siamese(mlp(), **kwargs)
     with pytest.raises(ValueError, match=r"must return feature maps \[C=3, h, w\]"):
         RelationNet(mlp(), feature_channels=3)(sx, sy, qx, 3)
     with pytest.raises(TypeError, match="backbone must be an nn.Module"):
@@ -459,3 +466,26 @@ def test_cuda_matches_cpu(index):
         torch.testing.assert_close(loss.cpu(), expected[0], rtol=1e-3, atol=1e-4)
     loss.backward()
     assert all(p.grad is not None for p in learner.backbone.parameters())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: RelationNet(Conv4(hidden=8, out_channels=8, flatten=False), feature_channels=8),
+    lambda: Siamese(Conv4(hidden=8, out_channels=8), feature_dim=8),
+    lambda: MatchingNet(Conv4(hidden=8, out_channels=8), fce=True, feature_dim=8),
+], ids=["relation", "siamese", "matching_fce"])
+def test_learned_heads_run_in_a_model_cast_to_half(make):
+    """The embeddings are upcast for the kernels; a learned head cast to half precision with
+    the rest of the model must still take them (in its own dtype)."""
+    torch.manual_seed(0)
+    sx, qx = torch.randn(2, 4, 1, 28, 28), torch.randn(2, 3, 1, 28, 28)
+    sy, qy = torch.tensor([[0, 1, 0, 1]] * 2), torch.tensor([[0, 1, 1]] * 2)
+    torch.manual_seed(1)
+    full = make().eval()
+    torch.manual_seed(1)
+    half = make().half().eval()
+    logits = half(sx.half(), sy, qx.half(), 2)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, full(sx, sy, qx, 2), atol=0.05, rtol=0)
+    half.loss(sx.half(), sy, qx.half(), qy, 2)[0].backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.half and p.grad.isfinite().all()
+               for p in half.parameters() if p.requires_grad)

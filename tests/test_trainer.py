@@ -145,6 +145,81 @@ def test_resume_refuses_a_different_config(reference_run, tmp_path):
     assert res.returncode == 2 and "--resume" in res.stderr
 
 
+def _tiny_trainer(out, steps=6):
+    splits = build_splits(RunConfig(data="digits"))
+    torch.manual_seed(0)
+    cfg = RunConfig(ways=3, shots=1, queries=2, steps=steps, val_every=2, log_every=1,
+                    val_episodes=2)
+    return Trainer(ProtoNet(Conv4(hidden=4, out_channels=4)), cfg,
+                   EpisodeSampler(splits.train, 3, 1, 2, seed=0),
+                   fixed_episodes(splits.val, 3, 1, 2, n=2), out, progress=False)
+
+
+def test_resume_without_last_pt_continues_from_best_pt(tmp_path):
+    """A run killed between writing best.pt and last.pt (or with last.pt deleted) resumes
+    from best.pt, a whole training state, instead of restarting over it."""
+    ref = _tiny_trainer(tmp_path / "ref")
+    ref.fit()
+    cut = _tiny_trainer(tmp_path / "cut")
+    step = cut.train_step
+
+    def killed_after_step_4(ep):
+        if cut.step == 4:
+            raise KeyboardInterrupt
+        return step(ep)
+    cut.train_step = killed_after_step_4
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    (tmp_path / "cut" / "last.pt").unlink()
+    best_step = load_checkpoint(tmp_path / "cut" / "best.pt")["step"]
+    resumed = _tiny_trainer(tmp_path / "cut")
+    with pytest.warns(UserWarning, match="last.pt is missing: resuming from"):
+        resumed.fit(resume=True)
+    assert best_step in (2, 4) and resumed.step == 6
+    for a, b in zip(ref.learner.parameters(), resumed.learner.parameters()):
+        assert torch.equal(a, b)
+    assert learning_rows(tmp_path / "ref") == learning_rows(tmp_path / "cut")
+
+
+def test_load_explains_what_it_cannot_rebuild(tmp_path):
+    """A Trainer around a learner of the user's own records no input shape: pymeta.load
+    cannot rebuild it and says how to load the weights instead."""
+    _tiny_trainer(tmp_path, steps=2).fit()
+    with pytest.raises(ValueError, match=r"records no input shape: .*load_checkpoint"):
+        pymeta.load(tmp_path / "best.pt")
+    state = load_checkpoint(tmp_path / "best.pt")
+    state["preprocessing"]["input_shape"] = [1, 28, 28]
+    state["config"]["backbone_kwargs"] = {}  # config's conv4-64 against the saved conv4-4
+    pymeta.engine.save_checkpoint(tmp_path / "wrong.pt", state)
+    with pytest.raises(ValueError, match="weights that do not fit the model its config"):
+        pymeta.load(tmp_path / "wrong.pt")
+    pymeta.engine.save_checkpoint(tmp_path / "empty.pt", {})
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        pymeta.load(tmp_path / "empty.pt")
+
+
+def test_evaluate_refuses_empty_samplers_and_bad_batches():
+    splits = build_splits(RunConfig(data="digits"))
+    learner = ProtoNet(Conv4(hidden=4, out_channels=4))
+    with pytest.raises(ValueError, match="no episodes to evaluate"):
+        evaluate(learner, fixed_episodes(splits.val, 3, 1, 2, n=0))
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        evaluate(learner, fixed_episodes(splits.val, 3, 1, 2, n=2), batch=0)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("steps", 2.5, "steps must be an int, got 2.5"),
+    ("ways", True, "ways must be an int, got True"),
+    ("image_size", "28", "image_size must be an int or None"),
+    ("rotations", "False", "rotations must be True or False, got 'False'"),
+    ("learner_kwargs", "x", "learner_kwargs must be a dict"),
+    ("test_settings", [[5]], "test_settings must be \\[ways, shots\\] pairs"),
+])
+def test_run_config_refuses_values_of_the_wrong_type(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig(**{field: value}).validate()
+
+
 def test_trainer_in_process_learns_and_validates(tmp_path):
     splits = build_splits(RunConfig(data="digits"))
     torch.manual_seed(0)

@@ -89,6 +89,7 @@ class RunConfig:
         return cls(**d)
 
     def validate(self) -> "RunConfig":
+        self._check_types()
         for name in ("ways", "shots", "meta_batch", "steps", "val_every", "val_episodes",
                      "test_episodes", "log_every"):
             if getattr(self, name) < 1:
@@ -115,4 +116,30 @@ class RunConfig:
             raise ValueError(f"eval_steps must be ints >= 0, got {self.eval_steps}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if any(not isinstance(s, (list, tuple)) or len(s) != 2 or not all(
+                _is(v, "int") and v >= 1 for v in s) for s in self.test_settings):
+            raise ValueError(f"test_settings must be [ways, shots] pairs of ints >= 1, got "
+                             f"{self.test_settings}")
         return self
+
+    def _check_types(self) -> None:
+        """Each field holds its annotated type: "5", 2.5 or True as a count, or "False" as
+        a flag, would otherwise fail deep inside the run or, worse, silently mean something
+        else."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind, _, optional = f.type.partition(" | ")
+            if not (value is None and optional or _is(value, kind)):
+                raise ValueError(f"{f.name} must be {_TYPES[kind][1]}"
+                                 f"{' or None' if optional else ''}, got {value!r}")
+
+
+_TYPES = {"int": (int, "an int"), "float": ((int, float), "a number"),
+          "bool": (bool, "True or False"), "str": (str, "a string"), "dict": (dict, "a dict"),
+          "list": ((list, tuple), "a list")}
+
+
+def _is(value, kind: str) -> bool:
+    """isinstance by annotation name; a bool is no number here."""
+    return isinstance(value, _TYPES[kind][0]) and not (
+        isinstance(value, bool) and kind in ("int", "float"))

@@ -67,6 +67,10 @@ def episode_scores(learner, sampler, device="cpu", amp=None, batch: int | None =
 
     ``steps``: inner steps at test time for gradient-based learners (default: theirs).
     """
+    if len(sampler) == 0:
+        raise ValueError("no episodes to evaluate: the sampler is empty")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be an int >= 1 (None: automatic), got {batch!r}")
     if steps is not None and not hasattr(learner, "test_steps"):
         raise ValueError(f"{type(learner).__name__} does not adapt at test time; "
                          f"steps only apply to gradient-based learners")

@@ -277,6 +277,12 @@ def evaluate_split(learner, cfg: RunConfig, data, ways: int | None = None,
     return {**res, **setting}
 
 
+_NOT_REBUILDABLE = ("{path} {why}: pymeta.load rebuilds the learners of pymeta.engine.train "
+                    "(and the CLI) from their run config. For a Trainer built around your own "
+                    "learner, load pymeta.engine.load_checkpoint(path)['model'] into it with "
+                    "load_state_dict")
+
+
 def load(path: str | Path, map_location="cpu"):
     """Restore a trained learner (in eval mode) from a pymeta checkpoint.
 
@@ -292,11 +298,23 @@ def load(path: str | Path, map_location="cpu"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"cannot load {path} onto {device}: torch sees no CUDA device")
     state = load_checkpoint(path)  # to the CPU; the learner moves as a whole below
+    missing = [k for k in ("config", "preprocessing", "learner_config", "model") if k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint: it has no {missing}")
     cfg = RunConfig.from_dict(state["config"])
     pre = state["preprocessing"]
     shape = pre.get("input_shape", pre.get("image_shape"))  # older checkpoints: "image_shape"
+    algo = state["learner_config"].get("algo")
+    if shape is None or algo not in (None, cfg.algo):
+        raise ValueError(_NOT_REBUILDABLE.format(path=path, why="records no input shape" if
+                                                 shape is None else f"holds a {algo!r} learner "
+                                                 f"but its config says {cfg.algo!r}"))
     learner = build_learner(cfg, tuple(shape), state["learner_config"]["kwargs"])
-    learner.load_state_dict(state["model"])
+    try:
+        learner.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(_NOT_REBUILDABLE.format(path=path, why="holds weights that do not fit "
+                                                 "the model its config describes")) from e
     learner.to(device).eval()
     learner.config, learner.preprocessing = cfg, pre
     return learner

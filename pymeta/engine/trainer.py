@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -112,6 +113,19 @@ class Trainer:
         self._window, self.elapsed = dict(state["window"]), state["elapsed"]
         self.log = MetricsLog(self.out_dir, state["log"])
 
+    def _resume_from(self) -> Path | None:
+        """``last.pt``; else ``best.pt``, a whole training state too (a run killed between
+        the two writes, or ``last.pt`` deleted), rather than a fresh start that would
+        overwrite it; None when the run has no checkpoint yet."""
+        last, best = self.out_dir / "last.pt", self.out_dir / "best.pt"
+        if last.exists():
+            return last
+        if best.exists():
+            warnings.warn(f"{last} is missing: resuming from {best}, whose step may be "
+                          "earlier (the steps after it are trained again)", stacklevel=3)
+            return best
+        return None
+
     def save(self, name: str) -> Path:
         path = self.out_dir / name
         save_checkpoint(path, self.state_dict())
@@ -142,9 +156,10 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for torn in self.out_dir.glob(".*.tmp"):  # left by a process killed mid-write
             torn.unlink()
-        if resume and (self.out_dir / "last.pt").exists():
+        start = self._resume_from() if resume else None
+        if start is not None:
             # to the CPU: RNG states must stay there, the rest moves into device tensors
-            self.load_state_dict(load_checkpoint(self.out_dir / "last.pt"))
+            self.load_state_dict(load_checkpoint(start))
         else:
             self.log = MetricsLog(self.out_dir)
         cfg = self.cfg

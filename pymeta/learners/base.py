@@ -106,6 +106,13 @@ def upcast(z: Tensor) -> Tensor:
     return z.float() if z.dtype in _LOW_PRECISION else z
 
 
+def in_weight_dtype(module: nn.Module, *xs: Tensor) -> tuple[Tensor, ...]:
+    """``xs`` in the dtype of ``module``'s weights: a learned head of a model cast to half
+    precision takes the (upcast) embeddings in its own dtype."""
+    dtype = next(module.parameters()).dtype
+    return tuple(x.to(dtype) for x in xs)
+
+
 @contextlib.contextmanager
 def full_precision(device: torch.device) -> Iterator[None]:
     """Autocast off: keeps cheap heads (matmuls, LSTMs, scores) out of bfloat16."""

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..ops import pairwise_distances
 from .base import (FewShotLearner, as_vectors, check_bool, check_positive_float,
-                   full_precision)
+                   full_precision, in_weight_dtype, upcast)
 
 
 class MatchingNet(FewShotLearner):
@@ -89,8 +89,9 @@ class MatchingNet(FewShotLearner):
         zs, zq = as_vectors(zs), as_vectors(zq)
         with full_precision(zs.device):
             if self.fce:
+                zs, zq = in_weight_dtype(self.support_lstm, zs, zq)
                 zs = self._context_support(zs)
-                zq = self._context_query(zq, zs)
+                zs, zq = as_vectors(zs), as_vectors(self._context_query(zq, zs))
             cosine = 1 - pairwise_distances(zq, zs, "cosine")
             log_attention = torch.log_softmax(self.scale * cosine, -1)             # [T, Q, S]
             return _class_logsumexp(log_attention, support_y, ways)
@@ -113,8 +114,10 @@ class MatchingNet(FewShotLearner):
         for _ in range(self.fce_steps):  # processing steps, not tasks: the batch is T * Q
             h, c = self.query_cell(torch.cat([f, read], -1), (h, c))
             h = h + f
-            attention = torch.softmax(-pairwise_distances(h.view(T, Q, D), g, "dot"), -1)
-            read = (attention @ g).reshape(T * Q, D)
+            # the kernels take no half types: attend in float32 (a model cast to half)
+            attention = torch.softmax(-pairwise_distances(upcast(h.view(T, Q, D)), upcast(g),
+                                                          "dot"), -1)
+            read = (attention @ upcast(g)).reshape(T * Q, D).to(f.dtype)
         return h.view(T, Q, D)
 
     def _check_dim(self, z: Tensor) -> None:

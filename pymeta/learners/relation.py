@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import class_prototypes
-from .base import FewShotLearner, as_vectors, upcast
+from .base import FewShotLearner, as_vectors, in_weight_dtype, upcast
 
 
 def _relation_block(cin: int, cout: int) -> nn.Sequential:
@@ -94,7 +94,8 @@ class RelationNet(FewShotLearner):
                              f"got per-sample shape {list(zs.shape[2:])}")
         maps = zs.shape[2:]
         classes = class_prototypes(as_vectors(zs), support_y, ways, validate=False)
-        return upcast(self.relation.score_all(classes.unflatten(-1, maps), zq))
+        classes, zq = in_weight_dtype(self.relation, classes.unflatten(-1, maps), zq)
+        return upcast(self.relation.score_all(classes, zq))
 
     def _loss(self, logits: Tensor, query_y: Tensor, ways: int) -> Tensor:
         return F.mse_loss(logits, F.one_hot(query_y, ways).to(logits.dtype))

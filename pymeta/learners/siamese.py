@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import pairwise_distances
-from .base import FewShotLearner, as_vectors, full_precision
+from .base import FewShotLearner, as_vectors, full_precision, in_weight_dtype, upcast
 
 HEADS = ("l1", "euclidean")
 LOSSES = ("bce", "contrastive")
@@ -130,6 +130,12 @@ class Siamese(FewShotLearner):
                 pairs_per_query < 1:
             raise ValueError(f"Siamese: pairs_per_query must be a positive int, "
                              f"got {pairs_per_query!r}")
+        if feature_dim is not None and (isinstance(feature_dim, bool) or
+                                        not isinstance(feature_dim, int) or feature_dim < 1):
+            raise ValueError(f"Siamese: feature_dim must be a positive int or None, "
+                             f"got {feature_dim!r}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+            raise ValueError(f"Siamese: margin must be a number >= 0, got {margin!r}")
         self.head, self.pair_loss, self.margin = head, loss, float(margin)
         self.feature_dim, self.pairs_per_query = feature_dim, pairs_per_query
         self.scorer = self._make_scorer() if loss == "bce" else None
@@ -148,8 +154,15 @@ class Siamese(FewShotLearner):
         if self.scorer is None:
             return -self._distances(zs, zq)
         if self.head == "l1":
-            return self.scorer((zq.unsqueeze(2) - zs.unsqueeze(1)).abs()).squeeze(-1)
-        return self.scorer(self._distances(zs, zq).unsqueeze(-1)).squeeze(-1)
+            width = getattr(self.scorer, "in_features", 0)  # 0: a LazyLinear not yet sized
+            if width and zs.shape[-1] != width:
+                raise ValueError(f"Siamese: the backbone gives {zs.shape[-1]} features but "
+                                 f"the l1 head takes feature_dim={width}")
+            return self._score((zq.unsqueeze(2) - zs.unsqueeze(1)).abs())
+        return self._score(self._distances(zs, zq).unsqueeze(-1))
+
+    def _score(self, features: Tensor) -> Tensor:
+        return upcast(self.scorer(*in_weight_dtype(self.scorer, features)).squeeze(-1))
 
     def _distances(self, zs: Tensor, zq: Tensor) -> Tensor:
         if self.head == "l1":
