@@ -420,6 +420,11 @@ def test_bad_learner_arguments():
                             (dict(margin="1"), "margin must be a number >= 0, got '1'")):
         with pytest.raises(ValueError, match=message):
             Siamese(mlp(), **kwargs)
+    with pytest.raises(ValueError, match="fce_steps must be a positive int, got 2.5"):
+        MatchingNet(mlp(), fce_steps=2.5)
+    for kwargs in (dict(feature_channels=8.9), dict(hidden=0)):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a positive int"):
+            RelationNet(mlp(), **kwargs)
     with pytest.raises(ValueError, match=r"must return feature maps \[C=3, h, w\]"):
         RelationNet(mlp(), feature_channels=3)(sx, sy, qx, 3)
     with pytest.raises(TypeError, match="backbone must be an nn.Module"):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..ops import sgd_step, sgd_step_
-from .base import (FewShotLearner, _check_label_tensor, _check_shapes, check_bool,
+from .base import (FewShotLearner, _check_label_tensor, _check_shapes, check_bool, check_count,
                    check_episode, check_positive_float, upcast)
 from .functional import BN_MODES, batched_forward
 
@@ -66,9 +66,9 @@ class GradientLearner(FewShotLearner):
             if _under(n, self.fixed_init):
                 p.requires_grad_(False)
         inner_lr = check_positive_float(who, "inner_lr", inner_lr)
-        _check_count(who, "steps", steps)
+        check_count(who, "steps", steps)
         if test_steps is not None:
-            _check_count(who, "test_steps", test_steps)
+            check_count(who, "test_steps", test_steps)
         if bn_mode not in BN_MODES:
             raise ValueError(f"{who}: bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if loss not in LOSSES:
@@ -93,7 +93,7 @@ class GradientLearner(FewShotLearner):
         Connected to the meta-parameters when grad mode is on (second order unless the
         learner is first order); plain tensors otherwise."""
         self._check(support_x, support_y, None, None, None)
-        steps = self.steps if steps is None else _check_count(type(self).__name__, "steps",
+        steps = self.steps if steps is None else check_count(type(self).__name__, "steps",
                                                               steps, low=0)
         mode = self._mode()
         meta = self._meta(mode)
@@ -110,7 +110,7 @@ class GradientLearner(FewShotLearner):
         With ``loss="mse"``, ``ways`` is ignored and the outputs are ``[T, Q, *out]``.
         """
         self._check(support_x, support_y, query_x, None, ways)
-        steps = self.test_steps if steps is None else _check_count(type(self).__name__,
+        steps = self.test_steps if steps is None else check_count(type(self).__name__,
                                                                    "steps", steps, low=0)
         return self._chunked(support_x, support_y, query_x, None, steps, self._mode(), ways)[1]
 
@@ -355,7 +355,7 @@ class MAML(GradientLearner):
                  fixed_init: Optional[Sequence[str]] = None) -> None:
         super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task, fixed_init)
         if task_chunk not in (None, "auto"):
-            _check_count(type(self).__name__, "task_chunk", task_chunk, ", 'auto' or None")
+            check_count(type(self).__name__, "task_chunk", task_chunk, ", 'auto' or None")
         who = type(self).__name__
         self.second_order = check_bool(who, "second_order", second_order)
         self.task_chunk = task_chunk
@@ -707,13 +707,6 @@ class _replayed_rng:
 
     def __exit__(self, *exc) -> None:
         self.fork.__exit__(*exc)
-
-
-def _check_count(who: str, name: str, value, alternatives: str = "", low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a positive int" if low == 1 else f"an int >= {low}"
-        raise ValueError(f"{who}: {name} must be {kind}{alternatives}, got {value!r}")
-    return value
 
 
 def _under(name: str, prefixes: Sequence[str]) -> bool:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import pairwise_distances
-from .base import (FewShotLearner, as_vectors, check_bool, check_positive_float,
+from .base import (FewShotLearner, as_vectors, check_bool, check_count, check_positive_float,
                    full_precision, in_weight_dtype, upcast)
 
 
@@ -66,8 +66,7 @@ class MatchingNet(FewShotLearner):
             raise ValueError("MatchingNet: fce=True needs feature_dim, the backbone's flattened "
                              "output size (pymeta.nn.feature_dim(backbone, sample_shape) gives "
                              f"it), got {feature_dim!r}")
-        if fce and fce_steps < 1:
-            raise ValueError(f"MatchingNet: fce_steps must be >= 1, got {fce_steps}")
+        fce_steps = check_count("MatchingNet", "fce_steps", fce_steps)
         self.fce, self.fce_steps, self.feature_dim = fce, fce_steps, feature_dim
         self.learn_scale = check_bool("MatchingNet", "learn_scale", learn_scale)
         # kept as log s: Adam's steps are then relative, so s can move by orders of magnitude

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import class_prototypes
-from .base import FewShotLearner, as_vectors, in_weight_dtype, upcast
+from .base import FewShotLearner, as_vectors, check_count, in_weight_dtype, upcast
 
 
 def _relation_block(cin: int, cout: int) -> nn.Sequential:
@@ -84,7 +84,8 @@ class RelationNet(FewShotLearner):
 
     def __init__(self, backbone: nn.Module, feature_channels: int = 64, hidden: int = 8) -> None:
         super().__init__(backbone)
-        self.feature_channels, self.hidden = int(feature_channels), int(hidden)
+        self.feature_channels = check_count("RelationNet", "feature_channels", feature_channels)
+        self.hidden = check_count("RelationNet", "hidden", hidden)
         self.relation = RelationModule(self.feature_channels, self.hidden)
 
     def _logits(self, zs: Tensor, support_y: Tensor, zq: Tensor, ways: int) -> Tensor:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import pairwise_distances
-from .base import FewShotLearner, as_vectors, full_precision, in_weight_dtype, upcast
+from .base import (FewShotLearner, as_vectors, check_count, full_precision, in_weight_dtype,
+                   upcast)
 
 HEADS = ("l1", "euclidean")
 LOSSES = ("bce", "contrastive")
@@ -126,14 +127,9 @@ class Siamese(FewShotLearner):
             raise ValueError(f"Siamese: unknown head {head!r}; choose one of {list(HEADS)}")
         if loss not in LOSSES:
             raise ValueError(f"Siamese: unknown loss {loss!r}; choose one of {list(LOSSES)}")
-        if isinstance(pairs_per_query, bool) or not isinstance(pairs_per_query, int) or \
-                pairs_per_query < 1:
-            raise ValueError(f"Siamese: pairs_per_query must be a positive int, "
-                             f"got {pairs_per_query!r}")
-        if feature_dim is not None and (isinstance(feature_dim, bool) or
-                                        not isinstance(feature_dim, int) or feature_dim < 1):
-            raise ValueError(f"Siamese: feature_dim must be a positive int or None, "
-                             f"got {feature_dim!r}")
+        check_count("Siamese", "pairs_per_query", pairs_per_query)
+        if feature_dim is not None:
+            check_count("Siamese", "feature_dim", feature_dim, " or None")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
             raise ValueError(f"Siamese: margin must be a number >= 0, got {margin!r}")
         self.head, self.pair_loss, self.margin = head, loss, float(margin)
