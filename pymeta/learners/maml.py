@@ -94,7 +94,7 @@ class GradientLearner(FewShotLearner):
         learner is first order); plain tensors otherwise."""
         self._check(support_x, support_y, None, None, None)
         steps = self.steps if steps is None else check_count(type(self).__name__, "steps",
-                                                              steps, low=0)
+                                                             steps, low=0)
         mode = self._mode()
         meta = self._meta(mode)
         body, head = self._parts()
@@ -111,7 +111,7 @@ class GradientLearner(FewShotLearner):
         """
         self._check(support_x, support_y, query_x, None, ways)
         steps = self.test_steps if steps is None else check_count(type(self).__name__,
-                                                                   "steps", steps, low=0)
+                                                                  "steps", steps, low=0)
         return self._chunked(support_x, support_y, query_x, None, steps, self._mode(), ways)[1]
 
     def embed(self, x: Tensor, batch_dims: int = 1) -> Tensor:
