@@ -198,6 +198,18 @@ def test_load_explains_what_it_cannot_rebuild(tmp_path):
         pymeta.load(tmp_path / "empty.pt")
 
 
+def test_trainer_refuses_a_config_that_does_not_describe_the_run(tmp_path):
+    splits = build_splits(RunConfig(data="digits"))
+    episodes = EpisodeSampler(splits.train, 3, 1, 2, seed=0)
+    learner = ProtoNet(Conv4(hidden=4, out_channels=4))
+    for cfg, message in ((RunConfig(ways=5, shots=1, queries=2), "ways=5 but the training "
+                          "episodes have 3"),
+                         (RunConfig(algo="matching", ways=3, shots=1, queries=2),
+                          "algo='matching' but the learner is 'protonet'")):
+        with pytest.raises(ValueError, match=message):
+            Trainer(learner, cfg, episodes, None, tmp_path, progress=False)
+
+
 def test_evaluate_refuses_empty_samplers_and_bad_batches():
     splits = build_splits(RunConfig(data="digits"))
     learner = ProtoNet(Conv4(hidden=4, out_channels=4))

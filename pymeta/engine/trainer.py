@@ -66,6 +66,7 @@ class Trainer:
                  val: EpisodeSampler | None, out_dir: str | Path, preprocessing: dict | None = None,
                  progress: bool = True):
         self.cfg = config.validate()
+        _check_matches_config(config, learner, train)
         self.device = torch.device(config.device)
         self.learner = learner.to(self.device)
         self.train_episodes, self.val_episodes = train, val
@@ -233,6 +234,19 @@ class Trainer:
         self.save("last.pt")
         self._plot()
         return msg
+
+
+def _check_matches_config(cfg: RunConfig, learner, train) -> None:
+    """The run config describes the run (results, plots, :func:`pymeta.load`): it must agree
+    with the learner and the training episodes it is given."""
+    pairs = [("algo", getattr(learner, "algo", None) or None, cfg.algo),
+             ("meta_batch", getattr(train, "tasks", None), cfg.meta_batch)]
+    pairs += [(n, getattr(train, n, None), getattr(cfg, n)) for n in ("ways", "shots", "queries")]
+    wrong = [f"{n}={want!r} but the {'learner' if n == 'algo' else 'training episodes'} "
+             f"{'is' if n == 'algo' else 'have'} {got!r}" for n, got, want in pairs
+             if got is not None and got != want]
+    if wrong:
+        raise ValueError("Trainer: the run config says " + "; ".join(wrong))
 
 
 def _empty_window() -> dict:
