@@ -215,7 +215,7 @@ def test_evaluate_refuses_empty_samplers_and_bad_batches():
     learner = ProtoNet(Conv4(hidden=4, out_channels=4))
     with pytest.raises(ValueError, match="no episodes to evaluate"):
         evaluate(learner, fixed_episodes(splits.val, 3, 1, 2, n=0))
-    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+    with pytest.raises(ValueError, match="batch must be a positive int or None"):
         evaluate(learner, fixed_episodes(splits.val, 3, 1, 2, n=2), batch=0)
 
 

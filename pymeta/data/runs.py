@@ -70,8 +70,8 @@ def load_runs(path: str | os.PathLike, image_size: int = 28) -> list[OneShotRun]
         prefixes = _run_prefixes(tree.files)
         if not prefixes:
             raise ValueError(f"no runNN/ folders found in {path}")
-        names = [p.rsplit("/", 1)[-1] for p in prefixes]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        names = Counter(p.rsplit("/", 1)[-1] for p in prefixes)
+        twice = sorted(n for n, k in names.items() if k > 1)
         if twice:
             raise ValueError(f"{path}: run {twice[0]} appears in more than one folder")
         return [_load_run(tree, prefix, image_size) for prefix in prefixes]

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import check_count
 from .episodes import Episode
 
 
@@ -35,8 +36,7 @@ class SinusoidTasks(Dataset):
                  length: int | None = None, amplitude: tuple = (0.1, 5.0),
                  phase: tuple = (0.0, math.pi), x_range: tuple = (-5.0, 5.0)):
         for name, value in (("shots", shots), ("queries", queries), ("tasks", tasks)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SinusoidTasks: {name} must be a positive int, got {value!r}")
+            check_count("SinusoidTasks", name, value)
         for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase),
                                ("x_range", x_range)):
             if not lo <= hi:

@@ -112,7 +112,7 @@ class RunConfig:
             raise ValueError(f"schedule must be step, cosine or none, got {self.schedule!r}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be bf16 or fp16, got {self.amp!r}")
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.eval_steps):
+        if any(not _is(s, "int") or s < 0 for s in self.eval_steps):
             raise ValueError(f"eval_steps must be ints >= 0, got {self.eval_steps}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")

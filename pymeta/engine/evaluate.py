@@ -8,6 +8,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .._checks import check_count
 from ..data.classes import ImageClasses
 from ..data.episodes import Episode
 from .metrics import mean_ci95
@@ -69,8 +70,8 @@ def episode_scores(learner, sampler, device="cpu", amp=None, batch: int | None =
     """
     if len(sampler) == 0:
         raise ValueError("no episodes to evaluate: the sampler is empty")
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-        raise ValueError(f"batch must be an int >= 1 (None: automatic), got {batch!r}")
+    if batch is not None:
+        check_count("evaluate", "batch", batch, " or None (automatic)")
     if steps is not None and not hasattr(learner, "test_steps"):
         raise ValueError(f"{type(learner).__name__} does not adapt at test time; "
                          f"steps only apply to gradient-based learners")

@@ -277,10 +277,11 @@ def evaluate_split(learner, cfg: RunConfig, data, ways: int | None = None,
     return {**res, **setting}
 
 
-_NOT_REBUILDABLE = ("{path} {why}: pymeta.load rebuilds the learners of pymeta.engine.train "
-                    "(and the CLI) from their run config. For a Trainer built around your own "
-                    "learner, load pymeta.engine.load_checkpoint(path)['model'] into it with "
-                    "load_state_dict")
+def _not_rebuildable(path, why: str) -> ValueError:
+    return ValueError(f"{path} {why}: pymeta.load rebuilds the learners of pymeta.engine.train "
+                      "(and the CLI) from their run config. For a Trainer built around your "
+                      "own learner, load pymeta.engine.load_checkpoint(path)['model'] into it "
+                      "with load_state_dict")
 
 
 def load(path: str | Path, map_location="cpu"):
@@ -305,16 +306,16 @@ def load(path: str | Path, map_location="cpu"):
     pre = state["preprocessing"]
     shape = pre.get("input_shape", pre.get("image_shape"))  # older checkpoints: "image_shape"
     algo = state["learner_config"].get("algo")
-    if shape is None or algo not in (None, cfg.algo):
-        raise ValueError(_NOT_REBUILDABLE.format(path=path, why="records no input shape" if
-                                                 shape is None else f"holds a {algo!r} learner "
-                                                 f"but its config says {cfg.algo!r}"))
+    if shape is None:
+        raise _not_rebuildable(path, "records no input shape")
+    if algo not in (None, cfg.algo):
+        raise _not_rebuildable(path, f"holds a {algo!r} learner but its config says {cfg.algo!r}")
     learner = build_learner(cfg, tuple(shape), state["learner_config"]["kwargs"])
     try:
         learner.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise ValueError(_NOT_REBUILDABLE.format(path=path, why="holds weights that do not fit "
-                                                 "the model its config describes")) from e
+        raise _not_rebuildable(path, "holds weights that do not fit the model its config "
+                                     "describes") from e
     learner.to(device).eval()
     learner.config, learner.preprocessing = cfg, pre
     return learner

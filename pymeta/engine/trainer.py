@@ -239,12 +239,15 @@ class Trainer:
 def _check_matches_config(cfg: RunConfig, learner, train) -> None:
     """The run config describes the run (results, plots, :func:`pymeta.load`): it must agree
     with the learner and the training episodes it is given."""
-    pairs = [("algo", getattr(learner, "algo", None) or None, cfg.algo),
-             ("meta_batch", getattr(train, "tasks", None), cfg.meta_batch)]
-    pairs += [(n, getattr(train, n, None), getattr(cfg, n)) for n in ("ways", "shots", "queries")]
-    wrong = [f"{n}={want!r} but the {'learner' if n == 'algo' else 'training episodes'} "
-             f"{'is' if n == 'algo' else 'have'} {got!r}" for n, got, want in pairs
-             if got is not None and got != want]
+    algo = getattr(learner, "algo", None)
+    wrong = []
+    if algo and algo != cfg.algo:
+        wrong.append(f"algo={cfg.algo!r} but the learner is {algo!r}")
+    for name, attr in (("ways", "ways"), ("shots", "shots"), ("queries", "queries"),
+                       ("meta_batch", "tasks")):
+        got = getattr(train, attr, None)
+        if got is not None and got != getattr(cfg, name):
+            wrong.append(f"{name}={getattr(cfg, name)!r} but the training episodes have {got!r}")
     if wrong:
         raise ValueError("Trainer: the run config says " + "; ".join(wrong))
 

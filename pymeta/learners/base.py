@@ -128,14 +128,6 @@ def check_positive_float(who: str, name: str, value) -> float:
     return float(value)
 
 
-def check_count(who: str, name: str, value, alternatives: str = "", low: int = 1) -> int:
-    """``value`` if it is an int >= ``low`` (not a bool), else ``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a positive int" if low == 1 else f"an int >= {low}"
-        raise ValueError(f"{who}: {name} must be {kind}{alternatives}, got {value!r}")
-    return value
-
-
 def check_bool(who: str, name: str, value) -> bool:
     """``value`` if it is a bool, else ``ValueError`` naming it: a string like "False" from a
     config file must not silently read as True."""

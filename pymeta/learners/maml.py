@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .._checks import check_count
 from ..ops import sgd_step, sgd_step_
-from .base import (FewShotLearner, _check_label_tensor, _check_shapes, check_bool, check_count,
+from .base import (FewShotLearner, _check_label_tensor, _check_shapes, check_bool,
                    check_episode, check_positive_float, upcast)
 from .functional import BN_MODES, batched_forward
 
@@ -200,7 +201,8 @@ class GradientLearner(FewShotLearner):
                       else p for p in base]
             inputs = [p.expand(T, *p.shape) if sh else p for p, sh in zip(leaves, shared)]
             out = self._fwd(head, meta, x, update_stats, dict(zip(names, inputs)))
-            loss = self._task_losses(out, y, ways).sum()  # sum: task t's grad is its own loss's
+            # sum: task t's grad is its own loss's; labels checked at their first use only
+            loss = self._task_losses(out, y, ways, check_labels=s == 0).sum()
             grads = torch.autograd.grad(loss, inputs, create_graph=mode == _SECOND,
                                         allow_unused=True)
         grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
@@ -231,8 +233,10 @@ class GradientLearner(FewShotLearner):
 
     # ---- losses and checks ------------------------------------------------------------------
 
-    def _task_losses(self, out: Tensor, y: Tensor, ways: Optional[int]) -> Tensor:
-        """Per-task mean loss ``[T]`` of outputs ``[T, N, ...]``."""
+    def _task_losses(self, out: Tensor, y: Tensor, ways: Optional[int],
+                     check_labels: bool = True) -> Tensor:
+        """Per-task mean loss ``[T]`` of outputs ``[T, N, ...]``. Without ``ways`` the labels
+        were not checked against the model, and ``check_labels`` does that (a host sync)."""
         out = upcast(self._checked(out, ways))
         T = out.shape[0]
         if self.loss_name == "mse":
@@ -241,7 +245,7 @@ class GradientLearner(FewShotLearner):
                                  f"{list(out.shape[2:])} per sample but the targets are "
                                  f"{list(y.shape[2:])}")
             return F.mse_loss(out, y.to(out.dtype), reduction="none").reshape(T, -1).mean(1)
-        if ways is None:  # unchecked labels: on CUDA an out-of-range one is a device assert
+        if ways is None and check_labels:  # on CUDA an out-of-range label is a device assert
             L = out.shape[-1]
             if ((y < 0) | (y >= L)).any():
                 raise ValueError(f"{type(self).__name__}: labels must lie in [0, {L}) for a "

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_count
 from ..ops import pairwise_distances
-from .base import (FewShotLearner, as_vectors, check_bool, check_count, check_positive_float,
+from .base import (FewShotLearner, as_vectors, check_bool, check_positive_float,
                    full_precision, in_weight_dtype, upcast)
 
 
@@ -90,7 +91,7 @@ class MatchingNet(FewShotLearner):
             if self.fce:
                 zs, zq = in_weight_dtype(self.support_lstm, zs, zq)
                 zs = self._context_support(zs)
-                zs, zq = as_vectors(zs), as_vectors(self._context_query(zq, zs))
+                zs, zq = upcast(zs), upcast(self._context_query(zq, zs))
             cosine = 1 - pairwise_distances(zq, zs, "cosine")
             log_attention = torch.log_softmax(self.scale * cosine, -1)             # [T, Q, S]
             return _class_logsumexp(log_attention, support_y, ways)

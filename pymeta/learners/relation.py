@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_count
 from ..ops import class_prototypes
-from .base import FewShotLearner, as_vectors, check_count, in_weight_dtype, upcast
+from .base import FewShotLearner, as_vectors, in_weight_dtype, upcast
 
 
 def _relation_block(cin: int, cout: int) -> nn.Sequential:

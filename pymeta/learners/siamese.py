@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_count
 from ..ops import pairwise_distances
-from .base import (FewShotLearner, as_vectors, check_count, full_precision, in_weight_dtype,
-                   upcast)
+from .base import FewShotLearner, as_vectors, full_precision, in_weight_dtype, upcast
 
 HEADS = ("l1", "euclidean")
 LOSSES = ("bce", "contrastive")

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_count
+
 Shape = Sequence[int]
 
 
@@ -58,7 +60,9 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int = 1, hidden: int = 64, out_channels: int = 64,
                  flatten: bool = True, pool_last: bool = True, channels_last: bool = True) -> None:
         super().__init__()
-        _check_widths("Conv4", in_channels=in_channels, hidden=hidden, out_channels=out_channels)
+        for name, n in (("in_channels", in_channels), ("hidden", hidden),
+                        ("out_channels", out_channels)):
+            check_count("Conv4", name, n)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.flatten, self.pool_last = flatten, pool_last
         widths = [in_channels, hidden, hidden, hidden, out_channels]
@@ -140,8 +144,9 @@ class ResNet12(nn.Module):
         super().__init__()
         if isinstance(channels, (int, str)) or len(channels) != 4:
             raise ValueError(f"ResNet12: channels needs 4 entries, got {channels!r}")
-        _check_widths("ResNet12", in_channels=in_channels,
-                      **{f"channels[{i}]": c for i, c in enumerate(channels)})
+        check_count("ResNet12", "in_channels", in_channels)
+        for i, c in enumerate(channels):
+            check_count("ResNet12", f"channels[{i}]", c)
         self.in_channels, self.channels = in_channels, tuple(channels)
         self.flatten, self.drop_rate = flatten, drop_rate
         widths = [in_channels, *channels]
@@ -167,12 +172,6 @@ class ResNet12(nn.Module):
     def out_features(self, input_shape: Shape) -> int:
         """Number of output features for one ``(C, H, W)`` input."""
         return math.prod(self.output_shape(input_shape))
-
-
-def _check_widths(who: str, **widths) -> None:
-    for name, n in widths.items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{who}: {name} must be a positive int, got {n!r}")
 
 
 def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1,

@@ -197,7 +197,8 @@ class _SgdStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *gos):
         n = ctx.n
-        grads, lrs = (ctx.saved_tensors[:n], ctx.saved_tensors[n:]) if ctx.has_lrs else (None, None)
+        saved = ctx.saved_tensors  # only with tensor rates
+        grads, lrs = (saved[:n], saved[n:]) if ctx.has_lrs else (None, None)
         need = ctx.needs_input_grad[3:]
         dps = [go.sum_to_size(s) if s is not None and need[i] else None
                for i, (go, s) in enumerate(zip(gos, ctx.param_shapes))]
