@@ -147,4 +147,11 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil);
   m.def("info", &info);
+  // Plain attributes: reading them at import must not start the CUDA driver (info() does).
+  m.attr("__version__") = PYMETA_VERSION;
+#ifdef PYMETA_WITH_CUDA
+  m.attr("cuda_built") = true;
+#else
+  m.attr("cuda_built") = false;
+#endif
 }

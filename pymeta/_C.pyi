@@ -7,8 +7,12 @@ and must be dense and contiguous; ``dtype`` codes are those of ``pymeta.ops._ker
 GIL is released while a kernel runs. ``pymeta.ops`` is the checked, typed interface.
 """
 
+__version__: str
+cuda_built: bool  # whether the CUDA kernels are compiled in; reading it touches no driver
+
 def info() -> dict[str, object]:
-    """version, simd, openmp_max_threads, cuda, cuda_archs, cuda_runtime."""
+    """version, simd, openmp_max_threads, cuda, cuda_archs, cuda_runtime (this one asks the
+    CUDA driver, if there is one)."""
 
 def pairwise_distances_forward(device: int, stream: int, threads: int, dtype: int, metric: int,
                                B: int, Q: int, N: int, D: int, x: int, y: int, out: int) -> None: ...

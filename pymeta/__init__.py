@@ -7,7 +7,7 @@ from . import _C  # the compiled core loads before torch: both import orders mus
 from . import ops
 from ._info import info
 
-__version__: str = _C.info()["version"]
+__version__: str = _C.__version__
 
 
 

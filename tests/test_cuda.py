@@ -160,6 +160,41 @@ def test_non_default_stream():
         assert_close(out, expected, torch.float32, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean"])
+def test_gradient_of_close_rows_keeps_float32_precision(metric):
+    """Rows near 10 that differ by ~1e-3: the backward sums over differences, as on the CPU."""
+    g = gen(5)
+    x = (10 + 1e-3 * torch.randn(4, 6, 64, generator=g, dtype=torch.float64))
+    y = (10 + 1e-3 * torch.randn(4, 5, 64, generator=g, dtype=torch.float64))
+    up = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)
+    xc, yc = (t.float().cuda().requires_grad_() for t in (x, y))
+    got = torch.autograd.grad(pd(xc, yc, metric), (xc, yc), up.float().cuda())
+    x64, y64 = (t.float().double().requires_grad_() for t in (x, y))  # the same rounded inputs
+    want = torch.autograd.grad(reference.pairwise_distances(x64, y64, metric), (x64, y64), up)
+    for a, b in zip(got, want):
+        assert ((a.double().cpu() - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
+def test_ops_replay_in_a_cuda_graph():
+    """Captured launches replay on new data; class_prototypes skips its host-syncing check."""
+    x, y = cuda_rand(4, 30, 16, dtype=torch.float32), cuda_rand(4, 5, 16, dtype=torch.float32, seed=1)
+    labels = (torch.arange(30, device="cuda") % 5).expand(4, 30).contiguous()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):  # warm-up off the capture, as torch advises
+        cp(x, labels, 5)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = [pd(x, y, "euclidean"), cp(x, labels, 5), ops.sgd_step([y], [x[:, :5]], 0.5)[0]]
+    x.copy_(cuda_rand(4, 30, 16, dtype=torch.float32, seed=2))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = [reference.pairwise_distances(x, y, "euclidean"),
+                reference.class_prototypes(x, labels, 5), y - 0.5 * x[:, :5]]
+    assert_close(out, expected, torch.float32, rtol=1e-4, atol=1e-4)
+
+
 def test_batch_norm_relu_pool_refuses_cuda():
     """The fused op is CPU-only (the batched forward keeps torch's ops on CUDA)."""
     x = rand(2, 3, 4, 4).cuda()

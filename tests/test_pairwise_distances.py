@@ -147,3 +147,20 @@ def test_large_values_accumulate_like_reference():
     for metric in METRICS:
         ref = reference.pairwise_distances(x.double(), y.double(), metric)
         assert_close(pd(x, y, metric).double(), ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean"])
+@pytest.mark.parametrize("N,D", [(5, 64), (3, 7)])  # vector and scalar feature loops
+def test_gradient_of_close_rows_keeps_float32_precision(metric, N, D):
+    # rows near 10 that differ by ~1e-3: grad = sum 2g (x - y) must not come from 2g x - 2g y
+    g = gen(5)
+    x = (10 + 1e-3 * torch.randn(4, 6, D, generator=g)).requires_grad_()
+    y = (10 + 1e-3 * torch.randn(4, N, D, generator=g)).requires_grad_()
+    up = torch.randn(4, 6, N, generator=g)
+    grads = torch.autograd.grad(pd(x, y, metric), (x, y), up)
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    ref = torch.autograd.grad(reference.pairwise_distances(x64, y64, metric), (x64, y64),
+                              up.double())
+    for got, want in zip(grads, ref):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < 1e-5, f"{metric}: relative gradient error {err:.2e}"

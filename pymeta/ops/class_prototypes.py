@@ -211,7 +211,7 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
         num_classes: number of classes C per task.
         validate: check that every label is in range and every class has an example, and
             raise ``ValueError`` naming the task and class otherwise (a host sync on CUDA).
-            Skipped under ``torch.compile``. Unvalidated, out-of-range labels are ignored and
+            Skipped under ``torch.compile`` and CUDA graph capture. Unvalidated, out-of-range labels are ignored and
             an empty class gives NaN; memory is never touched out of bounds.
 
     Returns:
@@ -234,6 +234,8 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
     num_classes = int(num_classes)
     if torch.compiler.is_compiling():
         return torch.ops.pymeta.class_prototypes(z, labels, num_classes)
+    if validate and z.is_cuda and torch.cuda.is_current_stream_capturing():
+        validate = False  # its host sync is illegal while a CUDA graph is being captured
     if functorch_active() or needs_autograd(z):
         return apply_function(_ClassPrototypes, z, labels, num_classes, validate)
     return _forward_kernel(z, labels, num_classes, validate)
