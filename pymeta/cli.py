@@ -99,7 +99,25 @@ def _config_from_args(args):
     if fields.get("device") == "cuda":
         _require_cuda()
     _no_ways_for_regression(fields.get("data"), args.ways or args.eval_ways)
+    _only_applicable(fields.get("data", RunConfig.data), fields.get("backbone", "conv4"), args)
     return RunConfig(**fields).validate()
+
+
+def _only_applicable(data: str, backbone: str, args) -> None:
+    """Refuses options the data ignores: a run must not silently differ from its command."""
+    from .engine.setup import REGRESSION_DATA
+    given = {"--image-size": args.image_size is not None, "--augment": args.augment is not None,
+             "--protocol": args.protocol is not None, "--no-rotations": args.no_rotations}
+    unused = [] if data == "omniglot" else ["--protocol", "--no-rotations"]
+    if data in REGRESSION_DATA:
+        unused += ["--image-size", "--augment"]
+        if backbone != "mlp":
+            raise ValueError(f"{data} inputs are single numbers: the backbone must be mlp, "
+                             f"got {backbone!r}")
+    ignored = [name for name in unused if given[name]]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not "
+                         f"apply to --data {data}")
 
 
 def _no_ways_for_regression(data, ways) -> None:

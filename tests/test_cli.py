@@ -60,6 +60,14 @@ def test_bad_options_give_one_line(args, message):
      "hidden must be a list of layer widths"),
     (["train", "--data", "sinusoid", "--ways", "7", "--steps", "1"],
      "sinusoid is a regression task: --ways/--eval-ways do not apply"),
+    (["train", "--data", "sinusoid", "--image-size", "20", "--augment", "--steps", "1"],
+     "--image-size, --augment do not apply to --data sinusoid"),
+    (["train", "--data", "digits", "--no-rotations", "--steps", "1"],
+     "--no-rotations does not apply to --data digits"),
+    (["train", "--data", "sinusoid", "--backbone", "conv4", "--steps", "1"],
+     "sinusoid inputs are single numbers: the backbone must be mlp, got 'conv4'"),
+    (["train", "--algo", "anil", "--learner-opt", 'head=["body.blocks.3"]', "--steps", "1"],
+     "fixed_init parameters adapt from a fixed value, so they must lie in the head"),
 ])
 def test_bad_inputs_give_one_line_errors(args, message, tmp_path):
     res = pymeta(*args, cwd=tmp_path)

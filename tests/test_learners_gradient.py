@@ -216,6 +216,51 @@ def test_regression_mse_matches_reference():
         assert learner(sx, sx.sin(), qx, ways=99).shape == (3, 7, 1)  # ways ignored
 
 
+def shared_weights_model(how):
+    """4 -> 4 -> 4 -> 3 with the two hidden layers sharing their weight ("tied": two
+    modules, one Parameter) or weight and bias ("reused": one module used twice)."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    if how == "tied":
+        b.weight = a.weight
+    else:
+        b = a
+    return nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), nn.Linear(4, 3)).to(DT)
+
+
+def shared_weights_forward(model, how, w, x):
+    """The same network in plain torch from named weights ``w`` (no module, no aliasing)."""
+    b2 = w["0.bias"] if how == "reused" else w["2.bias"]
+    h = torch.tanh(F.linear(torch.tanh(F.linear(x, w["0.weight"], w["0.bias"])), w["0.weight"], b2))
+    return F.linear(h, w["4.weight"], w["4.bias"])
+
+
+@pytest.mark.parametrize("per_task", [False, True], ids=["batched", "per_task"])
+@pytest.mark.parametrize("how", ["tied", "reused"])
+@pytest.mark.parametrize("cls", [MAML, ANIL])
+def test_shared_weights_adapt_at_every_use(cls, how, per_task):
+    model = shared_weights_model(how)
+    learner = cls(model, inner_lr=0.3, steps=2, per_task=per_task).train()
+    sx, sy, qx, qy = episode("mlp")
+    loss = learner.meta_loss(sx, sy, qx, qy)
+    meta = dict(model.named_parameters())
+    adapted = set(learner._adapted_names())
+    total = 0
+    for t in range(sx.shape[0]):
+        fast = dict(meta)
+        for _ in range(2):
+            task = F.cross_entropy(shared_weights_forward(model, how, fast, sx[t]), sy[t])
+            grads = torch.autograd.grad(task, [fast[n] for n in adapted], create_graph=True)
+            fast.update({n: fast[n] - 0.3 * g for n, g in zip(adapted, grads)})
+        total = total + F.cross_entropy(shared_weights_forward(model, how, fast, qx[t]), qy[t])
+    torch.testing.assert_close(loss, total / sx.shape[0], rtol=1e-10, atol=1e-12)
+    assert_grads_close(grads_of(learner, loss), grads_of(learner, total / sx.shape[0]))
+    # the model still holds its own Parameters (functional_call once left a reused module
+    # holding a task's fast weight)
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    assert dict(model.named_parameters()).keys() == meta.keys()
+
+
 # ---- memory options give the same gradients -------------------------------------------------
 
 @pytest.mark.parametrize("options", [dict(task_chunk=2),
@@ -233,6 +278,21 @@ def test_chunks_and_checkpoints_keep_gradients(kind, options):
     assert logits.shape == (3, 4, 3)
     assert logits.requires_grad == (options["task_chunk"] is None)  # chunks: detached logits
     assert_grads_close(grads_of(learner, loss), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["maml", "fomaml", "metasgd", "anil"])
+def test_chunked_loss_under_no_grad_is_the_whole_batch_loss(kind):
+    """Validation computes losses under no_grad; chunks must not drop them."""
+    data = episode("img", T=5)
+    learner = LEARNER_KINDS[kind](conv(), steps=2, task_chunk=2).train()
+    whole = LEARNER_KINDS[kind](conv(), steps=2, task_chunk=None).train()
+    whole.load_state_dict(learner.state_dict())
+    with torch.no_grad():
+        loss, logits = learner.loss(*data, ways=3)
+        expected, expected_logits = whole.loss(*data, ways=3)
+        torch.testing.assert_close(learner.meta_loss(*data), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-12)
 
 
 def test_fomaml_chunks_keep_gradients():
@@ -369,6 +429,13 @@ def test_wider_head_uses_its_first_ways_logits(kind):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"logits \(or more\)"):
         a.loss(*episode("mlp", ways=6), 6)
+    # adapt(ways=3) is the adaptation forward() scores with
+    a.eval()
+    fast = a.adapt(sx, sy, ways=3)
+    body, head = a._parts()
+    z = qx if body is None else a._fwd(body, a._meta("eval"), qx, False)
+    queries = pymeta.learners.functional.batched_forward(head, fast, None, z)[..., :3]
+    torch.testing.assert_close(queries, a(sx, sy, qx, 3, steps=2), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["maml", "fomaml", "anil", "metasgd", "lslr"])
@@ -683,6 +750,9 @@ def test_bad_arguments():
         ANIL(m, head=["0", "1", "3"])
     with pytest.raises(ValueError, match="list of parameter-name prefixes"):
         ANIL(m, head="3")
+    with pytest.raises(ValueError, match="fixed_init parameters .* must lie in the head"):
+        ANIL(m, head=["3"], fixed_init=["0"])  # neither adapted nor meta-learned: frozen
+    assert MAML(m, test_steps=0).test_steps == 0  # scores the meta-initialisation
 
 
 def test_bad_episodes():
@@ -699,6 +769,13 @@ def test_bad_episodes():
             learner.meta_loss(sx, bad_sy, qx, bad_qy)
     with pytest.raises(ValueError, match="integer class"):
         learner.meta_loss(sx, sy.double(), qx, qy)
+    with pytest.raises(ValueError, match="floating-point tensors of one dtype"):
+        learner.meta_loss((sx * 10).to(torch.uint8), sy, (qx * 10).to(torch.uint8), qy)
+    for ways in (None, 3):
+        with pytest.raises(ValueError, match="inputs are torch.float32 but the model's weights "
+                                             "are torch.float64"):
+            learner.loss(sx.float(), sy, qx.float(), qy, ways) if ways else \
+                learner.meta_loss(sx.float(), sy, qx.float(), qy)
     with pytest.raises(ValueError, match=r"\[T, S"):
         learner.adapt(sx[0, 0], sy)
     with pytest.raises(ValueError, match="steps must be an int >= 0, got 1.5"):

@@ -37,11 +37,14 @@ __global__ void __launch_bounds__(kThreads)
     T* out = static_cast<T*>(t.out);
     const i64 M = t.numel, begin = (v - batch.block_start[k]) * kChunk;
     const i64 end = min(begin + kChunk, tasks * M);
-    for (i64 i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const i64 task = i / M, e = i - task * M;
+    i64 i = begin + threadIdx.x;
+    // (task, element) of i by one division per chunk, then stepped along with i
+    i64 task = i / M, e = i - task * M;
+    for (; i < end; i += blockDim.x) {
       const A pv = p ? to_acc(p[task * t.p_task_stride + e]) : A(0);
       const A rate = lr ? to_acc(lr[task * t.lr_task_stride + e * t.lr_inner_stride]) : lr_scalar;
       out[i] = from_acc<T>(pv - rate * to_acc(g[task * t.g_task_stride + e]));
+      for (e += blockDim.x; e >= M; e -= M) ++task;  // M may be smaller than the stride
     }
   }
 }

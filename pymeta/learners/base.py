@@ -160,6 +160,10 @@ def _check_shapes(who: str, support_x: Tensor, query_x: Tensor) -> tuple[int, in
         sample = ", ".join(map(str, support_x.shape[2:]))
         raise ValueError(f"{who}: query_x must be [T, Q, {sample}] like support_x "
                          f"{list(support_x.shape)}, got {list(query_x.shape)}")
+    if not support_x.is_floating_point() or query_x.dtype != support_x.dtype:
+        raise ValueError(f"{who}: support_x and query_x must be floating-point tensors of one "
+                         f"dtype (integer images: scale them, e.g. x.float() / 255), got "
+                         f"{support_x.dtype} and {query_x.dtype}")
     (T, S), Q = support_x.shape[:2], query_x.shape[1]
     if query_x.shape[0] != T:
         raise ValueError(f"{who}: support_x has {T} tasks but query_x has {query_x.shape[0]}")

@@ -113,7 +113,7 @@ Rule = Callable[[nn.Module, str, _Act, _Ctx], _Act]
 
 
 def _sequential(m: nn.Sequential, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
-    children = list(m.named_children())
+    children = list(m._modules.items())  # every use: named_children() skips a reused module
     i = 0
     while i < len(children):
         name, child = children[i]
@@ -376,10 +376,12 @@ def batched_forward(module: nn.Module, params: Mapping[str, Tensor], buffers:
         torch.Size([5, 7, 2])
     """
     T = _check_inputs(module, params, x, bn_mode)
+    per_task = per_task or type(module) not in _RULES or not is_batchable(module)
+    params = _with_aliases(module, params, every_use=not per_task)
     training = module.training if training is None else training
     if buffers is None:
         buffers = dict(module.named_buffers())
-    if per_task or type(module) not in _RULES or not is_batchable(module):
+    if per_task:
         return _per_task(module, params, buffers, x, training, bn_mode, update_stats)
     fuse = fused and not functorch_active() and not torch.compiler.is_compiling()
     ctx = _Ctx(T, params, buffers, training, bn_mode, update_stats, _wants_channels_last(module),
@@ -400,7 +402,7 @@ def _check_inputs(module: nn.Module, params: Mapping[str, Tensor], x: Tensor,
         raise ValueError("batched_forward: x must be a tensor [T, B, *sample], got "
                          f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     T = x.shape[0]
-    own = dict(module.named_parameters())
+    own = dict(module.named_parameters(remove_duplicate=False))
     for name, p in params.items():
         if name not in own:
             raise ValueError(f"batched_forward: {name!r} is not a parameter of "
@@ -412,17 +414,40 @@ def _check_inputs(module: nn.Module, params: Mapping[str, Tensor], x: Tensor,
     return T
 
 
+def _with_aliases(module: nn.Module, params: Mapping[str, Tensor],
+                  every_use: bool) -> Mapping[str, Tensor]:
+    """``params`` plus, for a parameter the model holds under several names (tied weights,
+    a module used twice), its other names mapped to the same tensor. ``every_use``: the name
+    of every use (the batched rules look weights up by the path they run); otherwise one name
+    per module attribute (functional_call swaps each attribute once, or a reused module is
+    left holding the swapped-in tensor)."""
+    first = {id(p): n for n, p in module.named_parameters()}
+    if every_use:
+        names = module.named_parameters(remove_duplicate=False)
+    else:
+        names = ((f"{prefix}.{a}" if prefix else a, p) for prefix, m in module.named_modules()
+                 for a, p in m._parameters.items() if p is not None)
+    out = None
+    for name, p in names:
+        canonical = first[id(p)]
+        if name != canonical and canonical in params and name not in params:
+            out = dict(params) if out is None else out
+            out[name] = params[canonical]
+    return params if out is None else out
+
+
 def _per_task(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
               x: Tensor, training: bool, bn_mode: str, update_stats: bool) -> Tensor:
     """The fallback: one functional_call per task, BatchNorm statistics on per-task copies."""
-    own = dict(module.named_parameters())
+    own = dict(module.named_parameters(remove_duplicate=False))
     T = x.shape[0]
     outs, states = [], []
     with _modes(module, training, training or bn_mode == "transductive"):
         for t in range(T):
             weights = {n: p[t] if p.dim() == own[n].dim() + 1 else p for n, p in params.items()}
             state = {n: b.clone() for n, b in buffers.items()}
-            outs.append(torch.func.functional_call(module, {**weights, **state}, (x[t],)))
+            outs.append(torch.func.functional_call(module, {**weights, **state}, (x[t],),
+                                                   tie_weights=False))  # aliases are given
             states.append(state)
     if training and update_stats:
         with torch.no_grad():

@@ -69,7 +69,7 @@ class GradientLearner(FewShotLearner):
         inner_lr = check_positive_float(who, "inner_lr", inner_lr)
         check_count(who, "steps", steps)
         if test_steps is not None:
-            check_count(who, "test_steps", test_steps)
+            check_count(who, "test_steps", test_steps, low=0)
         if bn_mode not in BN_MODES:
             raise ValueError(f"{who}: bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if loss not in LOSSES:
@@ -87,20 +87,21 @@ class GradientLearner(FewShotLearner):
 
     # ---- public API -------------------------------------------------------------------------
 
-    def adapt(self, support_x: Tensor, support_y: Tensor,
-              steps: Optional[int] = None) -> dict[str, Tensor]:
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None,
+              ways: Optional[int] = None) -> dict[str, Tensor]:
         """Fast weights ``name -> [T, ...]`` of the adapted parameters after ``steps`` inner
         steps (default: the training ``steps``; 0: the meta-parameters, one view per task).
         Connected to the meta-parameters when grad mode is on (second order unless the
-        learner is first order); plain tensors otherwise."""
-        self._check(support_x, support_y, None, None, None)
+        learner is first order); plain tensors otherwise. ``ways``: the inner loss uses the
+        first ``ways`` logits of a wider head, as :meth:`forward` does."""
+        self._check(support_x, support_y, None, None, ways)
         steps = self.steps if steps is None else check_count(type(self).__name__, "steps",
                                                              steps, low=0)
         mode = self._mode()
         meta = self._meta(mode)
         body, head = self._parts()
         feats = support_x if body is None else self._fwd(body, meta, support_x, self.training)
-        return self._inner_loop(meta, head, feats, support_y, steps, mode, self.training, None)
+        return self._inner_loop(meta, head, feats, support_y, steps, mode, self.training, ways)
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 ways: Optional[int], steps: Optional[int] = None) -> Tensor:
@@ -116,7 +117,8 @@ class GradientLearner(FewShotLearner):
         return self._chunked(support_x, support_y, query_x, None, steps, self._mode(), ways)[1]
 
     def embed(self, x: Tensor, batch_dims: int = 1) -> Tensor:
-        """Output of the un-adapted network (ANIL: the body's features, the head's input) for
+        """Output of the un-adapted network (ANIL on a model it splits: the body's features,
+        the head's input; on one it cannot split, the whole model's output) for
         ``x [*batch, *sample]`` with ``batch_dims`` leading batch dims, in one call."""
         if not isinstance(x, Tensor) or x.ndim <= batch_dims:
             raise ValueError(f"{type(self).__name__}.embed: x must be a tensor with "
@@ -164,7 +166,7 @@ class GradientLearner(FewShotLearner):
         k = self._split()
         if k is None:
             return None, self.model
-        children = list(self.model.named_children())
+        children = list(self.model._modules.items())  # a reused module at each of its uses
         return nn.Sequential(OrderedDict(children[:k])), nn.Sequential(OrderedDict(children[k:]))
 
     def _fwd(self, module: nn.Module, meta: dict[str, Tensor], x: Tensor, update_stats: bool,
@@ -267,17 +269,27 @@ class GradientLearner(FewShotLearner):
                              f"ways={ways}{more}")
         return out if out.shape[-1] == ways else out[..., :ways]
 
+    def _check_dtype(self, x: Tensor) -> None:
+        """The functional layers mix inputs and weights without autocast's casts."""
+        weight = next(self.model.parameters()).dtype
+        if x.dtype != weight and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{type(self).__name__}: the inputs are {x.dtype} but the model's "
+                             f"weights are {weight}; convert one (x.to({weight}) or "
+                             f"model.to({x.dtype}))")
+
     def _check(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor],
                ways: Optional[int]) -> None:
         who = type(self).__name__
         qx_ = sx if qx is None else qx
         if self.loss_name == "cross_entropy" and ways is not None:
             check_episode(who, sx, sy, qx_, ways, qy)
+            self._check_dtype(sx)
             return
         for name, t in (("support_x", sx), ("support_y", sy), ("query_x", qx), ("query_y", qy)):
             if t is not None and not isinstance(t, Tensor):
                 raise ValueError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
         T, S, Q = _check_shapes(who, sx, qx_)
+        self._check_dtype(sx)
         for name, y, n in (("support_y", sy, S), ("query_y", qy, Q)):
             if y is None:
                 continue
@@ -375,7 +387,8 @@ class MAML(GradientLearner):
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                   query_y: Tensor, ways: Optional[int] = None) -> Tensor:
         """Mean query loss over tasks after ``steps`` inner steps, differentiable to the
-        meta-parameters (``ways``, when given, enables the full label checks)."""
+        meta-parameters. ``ways``, when given, enables the full label checks and scores only
+        the first ``ways`` logits of a wider head (as :meth:`forward` and :meth:`loss` do)."""
         self._check(support_x, support_y, query_x, query_y, ways)
         return self._chunked(support_x, support_y, query_x, query_y, self.steps, self._mode(),
                              ways)[0]
@@ -441,9 +454,10 @@ class MAML(GradientLearner):
         meta = self._meta(mode)
         starts = _chunk_starts(self.model if self.training else None, T, c)
         if mode == _EVAL or qy is None:  # no meta-gradient wanted: chunks just run in turn
-            outs = [self._episode(meta, *_rows(lo, c, sx, sy, qx, None), steps, mode,
-                                  self.training, ways)[1] for lo in starts]
-            return None, torch.cat(outs)
+            runs = [self._episode(meta, *_rows(lo, c, sx, sy, qx, qy), steps, mode,
+                                  self.training, ways) for lo in starts]
+            loss = None if qy is None else sum(l * (o.shape[0] / T) for l, o in runs)
+            return loss, torch.cat([o for _, o in runs])
         names = list(meta)
 
         def chunks(tensors: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
@@ -541,7 +555,8 @@ class ANIL(MAML):
     The body (everything but the head) is meta-learned in the outer loop only. When the model
     is an ``nn.Sequential`` whose trailing children hold exactly the head's parameters, the
     body runs once per meta-batch (support and query) outside the inner loop; otherwise the
-    whole model runs each inner step with the body's weights shared (same result, slower).
+    whole model runs each inner step with the body's weights shared (the same losses and
+    gradients, slower; the body's BatchNorm running statistics then take one update per step).
 
     Args:
         head: parameter-name prefixes of the head (e.g. ``["1"]`` or ``["head.fc"]``);
@@ -572,6 +587,13 @@ class ANIL(MAML):
                  loss: str = "cross_entropy", per_task: bool = False,
                  fixed_init: Optional[Sequence[str]] = None) -> None:
         self.head = _head_prefixes(model, head)  # before MAML counts the adapted parameters
+        fixed = _check_prefixes("ANIL", "fixed_init", model, fixed_init or [])
+        outside = [n for n, _ in model.named_parameters()
+                   if _under(n, fixed) and not _under(n, self.head)]
+        if outside:  # never adapted (not head) nor meta-learned (fixed): frozen at init
+            raise ValueError(f"ANIL: fixed_init parameters adapt from a fixed value, so they "
+                             f"must lie in the head {self.head}; {outside[0]!r} does not. "
+                             f"Add its prefix to head, or leave it out of fixed_init")
         super().__init__(model, inner_lr, steps, test_steps, second_order, lslr, bn_mode,
                          task_chunk, checkpoint_inner, loss, per_task, fixed_init)
 
@@ -580,9 +602,9 @@ class ANIL(MAML):
 
     def _split(self) -> Optional[int]:
         model = self.model
-        if type(model) is not nn.Sequential:
+        if type(model) is not nn.Sequential or _shares_parameters(model):
             return None
-        children = list(model.named_children())
+        children = list(model._modules.items())
         for k, (name, _) in enumerate(children):
             tail = [f"{c}.{n}" for c, m in children[k:] for n, _ in m.named_parameters()]
             if tail and all(_under(n, self.head) for n in tail):
@@ -595,6 +617,12 @@ class ANIL(MAML):
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+def _shares_parameters(model: nn.Module) -> bool:
+    """Whether a parameter has several names (tied weights, a module used twice)."""
+    return (sum(1 for _ in model.named_parameters(remove_duplicate=False))
+            != sum(1 for _ in model.parameters()))
+
 
 class _EagerChunks(torch.autograd.Function):
     """The sum of the losses that ``chunks(tensors)`` yields, one ``(loss, output)`` per task
