@@ -49,5 +49,7 @@ def test_upsampling_is_bilinear(raw):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="train"):
         load_digits("validation")
-    with pytest.raises(ValueError, match="image_size"):
-        load_digits("train", image_size=0)
+    for bad in (0, True, 8.0):
+        with pytest.raises(ValueError, match="image_size must be a positive int"):
+            load_digits("train", image_size=bad)
+    assert load_digits("train", image_size=np.int64(8)).image_shape == (1, 8, 8)

@@ -91,6 +91,25 @@ def test_csv_errors(tmp_path):
     _write_csv(tmp_path / "twice.csv", [("a.png", "a"), ("a.png", "a")])
     with pytest.raises(ValueError, match="twice.csv:3: image a.png is listed again .first on line 2"):
         load_image_folder(tmp_path, "twice.csv")
+    (tmp_path / "a").mkdir()  # the same file by another path: a/../images/a.png
+    _write_csv(tmp_path / "alias.csv", [("a.png", "a"), ("../images/a.png", "a")])
+    with pytest.raises(ValueError, match="alias.csv:3: image ../images/a.png is listed again"):
+        load_image_folder(tmp_path, "alias.csv")
+
+
+def test_symlinked_copy_of_an_image_is_refused(class_folders):
+    (class_folders / "ant" / "copy.png").symlink_to(class_folders / "bee" / "0.png")
+    with pytest.raises(ValueError, match="bee/0.png is the same image as .*ant/copy.png"):
+        load_image_folder(class_folders, image_size=4)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    for name, level in (("deep", 32768), ("flat", 128)):  # 16-bit mid-grey, 8-bit mid-grey
+        (tmp_path / name).mkdir()
+        dtype = np.uint16 if name == "deep" else np.uint8
+        Image.fromarray(np.full((6, 6), level, dtype)).save(tmp_path / name / "0.png")
+    images = load_image_folder(tmp_path, image_size=6).images
+    assert images[0].unique().tolist() == [128] and torch.equal(images[0], images[1])
 
 
 def test_csv_saved_with_a_byte_order_mark(tmp_path):
@@ -125,3 +144,8 @@ def test_cache_round_trip_and_invalidation(class_folders, tmp_path_factory):
     _save(class_folders / "ant" / "0.png", (0, 0, 0), size=(31, 20))    # edit one image
     changed = load_image_folder(class_folders, image_size=10, cache=cache)
     assert changed.images[0].sum() == 0 and len(list(cache.glob("*.pt"))) == 1
+    # another dataset's split folder of the same name keeps its own cache beside this one
+    other = tmp_path_factory.mktemp("other") / class_folders.name
+    _save(other / "yak" / "0.png", (5, 5, 5))
+    load_image_folder(other, image_size=10, cache=cache)
+    assert len(list(cache.glob("*.pt"))) == 2

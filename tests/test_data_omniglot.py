@@ -271,3 +271,32 @@ def test_corrupt_image_names_member(tmp_path):
     _fake_archive(tmp_path / "omniglot" / "images_evaluation.zip", {"Mu": 2}, corrupt=bad)
     with pytest.raises(ValueError, match="character02/02_01.png"):
         load_omniglot("evaluation", tmp_path, cache=False)
+
+
+def test_extracted_folder_through_symlinks_and_without_fifos(fake_root, tmp_path):
+    """A symlinked alphabet folder is read like a real one; a FIFO is skipped, not read."""
+    extract_zip_atomic(fake_root / "omniglot" / "images_background.zip", tmp_path / "real")
+    zipped = load_omniglot("background", fake_root, cache=False)
+    root = tmp_path / "linked" / "omniglot" / "images_background"
+    root.mkdir(parents=True)
+    real = tmp_path / "real" / "images_background"
+    (root / "Beta").symlink_to(real / "Beta", target_is_directory=True)
+    (root / "Zeta").symlink_to(real / "Zeta", target_is_directory=True)
+    os.mkfifo(real / "Beta" / "character01" / "zz_fifo.png")
+    linked = load_omniglot("background", tmp_path / "linked", cache=False)
+    assert linked.names == zipped.names and torch.equal(linked.images, zipped.images)
+
+
+@pytest.mark.parametrize("layout", ["no_character_level", "two_copies"])
+def test_archive_of_the_wrong_structure_is_refused(tmp_path, layout):
+    path = tmp_path / "omniglot" / "images_evaluation.zip"
+    path.parent.mkdir()
+    with zipfile.ZipFile(path, "w") as z:
+        for d in range(21 if layout == "no_character_level" else 20):
+            if layout == "no_character_level":  # .../<Alphabet>/*.png: alphabets read as classes
+                z.writestr(f"images_evaluation/Mu/{d:02d}.png", _png(d))
+            else:  # the same drawings under two top-level folders
+                for top in ("images_evaluation", "backup"):
+                    z.writestr(f"{top}/Mu/character01/{d:02d}.png", _png(d))
+    with pytest.raises(ValueError, match="Omniglot has 20 per character"):
+        load_omniglot("evaluation", tmp_path, cache=False)

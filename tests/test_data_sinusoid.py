@@ -47,6 +47,7 @@ def test_fixed_test_set():
     (dict(shots=5, queries=2.5), "queries must be a positive int"),
     (dict(shots=5, queries=5, tasks=True), "tasks must be a positive int"),
     (dict(shots=5, queries=5, amplitude=(5, 1)), "amplitude must be"),
+    (dict(shots=5, queries=5, seed=1.7), "seed must be an int >= 0, got 1.7"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

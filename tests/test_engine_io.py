@@ -53,6 +53,34 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="not a readable"):
         load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"format": "pymeta-checkpoint", "version": "2"}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="malformed: its format version is '2'"):
+        load_checkpoint(tmp_path / "odd.pt")
+
+
+def test_a_flipped_bit_in_a_weight_is_caught(tmp_path):
+    # torch.load checks no checksum: without the digest this loads a weight of ~1e35
+    weight = torch.linspace(-1, 1, 64)
+    save_checkpoint(tmp_path / "c.pt", {"model": {"weight": weight}})
+    data = bytearray((tmp_path / "c.pt").read_bytes())
+    at = bytes(data).index(weight.numpy().tobytes())  # stored raw, uncompressed
+    data[at + 4 * 10 + 3] ^= 0x40  # an exponent bit of weight[10]
+    (tmp_path / "c.pt").write_bytes(bytes(data))
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["model"]["weight"][10].abs() > 1e30
+    with pytest.raises(ValueError, match="is corrupt: its contents no longer match"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_load_refuses_malformed_fields(tmp_path):
+    import pymeta
+    good = {"config": {}, "preprocessing": {"input_shape": [1, 8, 8]},
+            "learner_config": {"algo": "protonet", "kwargs": {}}, "model": {}}
+    for field, value, message in (("preprocessing", [1], r"\['preprocessing'\] must be dicts"),
+                                  ("learner_config", {"algo": "protonet"}, "learner_config"),
+                                  ("preprocessing", {"input_shape": "abc"}, "input shape is 'abc'")):
+        save_checkpoint(tmp_path / "c.pt", {**good, field: value})
+        with pytest.raises(ValueError, match=f"malformed: .*{message}"):
+            pymeta.load(tmp_path / "c.pt")
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
@@ -119,3 +147,25 @@ def test_metrics_log_files_and_plot(tmp_path):
     MetricsLog(tmp_path, rows[:2])
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_one_shot_runs_of_different_sizes_are_scored_together():
+    from pymeta.data import OneShotRun
+    from pymeta.engine.evaluate import evaluate_runs
+    from pymeta.learners import ProtoNet
+    from pymeta.nn import Conv4
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    learner = ProtoNet(Conv4(hidden=8, out_channels=8))
+
+    def run(name, ways, answers):  # queries are the support drawings themselves: no error
+        support = torch.randint(0, 256, (ways, 1, 28, 28), generator=g, dtype=torch.uint8)
+        answers = torch.tensor(answers)
+        return OneShotRun(name, support, support[answers], answers)
+
+    runs = [run("run01", 4, [2, 0, 3, 1]), run("run02", 3, [1, 2, 0]), run("run03", 4, [0, 1, 2, 3])]
+    res = evaluate_runs(learner, runs)
+    assert res == {"error": 0.0, "runs": {"run01": 0.0, "run02": 0.0, "run03": 0.0}}
+    wrong = OneShotRun("run04", runs[1].support, runs[1].query, torch.tensor([0, 1, 2]))
+    res = evaluate_runs(learner, runs + [wrong])
+    assert res["runs"]["run04"] == 100.0 and res["error"] == 25.0

@@ -90,11 +90,14 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="need 8 images per class, but class 'class0' has 7"):
         EpisodeSampler(store, 5, 3, 5)
     for bad in (dict(ways=0), dict(shots=0), dict(queries=-1), dict(tasks=0), dict(ways=2.0),
-                dict(seed=-1), dict(seed=1.5)):   # floats are refused at construction
+                dict(seed=-1), dict(seed=1.5), dict(ways=True), dict(length=-1),
+                dict(dtype=torch.int64)):   # floats and bools are refused at construction
         kw = dict(ways=2, shots=1, queries=1, tasks=1) | bad
         with pytest.raises(ValueError, match=next(iter(bad))):
             EpisodeSampler(store, **kw)
     assert EpisodeSampler(store, np.int64(2), 1, 1)[0].ways == 2
+    with pytest.raises(ValueError, match="episode index must be an int >= 0, got 1.5"):
+        EpisodeSampler(store, 2, 1, 1)[1.5]
 
 
 def test_store_helpers():

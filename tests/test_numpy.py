@@ -107,3 +107,20 @@ def test_sgd_step_inplace_updates_the_arrays():
     np.testing.assert_array_equal(base[:, 1::2], np.arange(24.0).reshape(4, 6)[:, 1::2])
     with pytest.raises(ValueError, match="cannot hold the update"):
         ops.sgd_step_([np.zeros(3)], [np.ones((2, 3))], 0.1)
+
+
+def test_sgd_step_keeps_0d_arrays_and_numpy_scalar_rates():
+    """0-d arrays stay 0-d (as torch's 0-d tensors), and numpy's float scalars are rates."""
+    out = ops.sgd_step([np.array(1.0)], [np.array(2.0)], np.float32(0.5))
+    assert out[0].shape == () and out[0] == 0.0
+    p = np.array(3.0)
+    ops.sgd_step_([p], [np.array(2.0)], 0.5)
+    assert p.shape == () and p == 2.0
+
+
+def test_sgd_step_inplace_refuses_read_only_arrays_before_writing_any():
+    a, b = np.zeros(3), np.zeros(3)
+    b.setflags(write=False)
+    with pytest.raises(ValueError, match=r"params\[1\] is a read-only array"):
+        ops.sgd_step_([a, b], [np.ones(3), np.ones(3)], 0.5)
+    np.testing.assert_array_equal(a, np.zeros(3))

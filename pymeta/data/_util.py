@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 from .._atomic import atomic_open
@@ -91,11 +92,19 @@ class FileTree:
 
 
 def _walk(root: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Regular files under ``root`` (through symlinked folders, each real folder once; a
+    FIFO or socket would block the read)."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink cycle, or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = Path(dirpath).relative_to(root)
-        out += [(rel_dir / f).as_posix() for f in filenames if not f.startswith(".")]
+        out += [(rel_dir / f).as_posix() for f in filenames
+                if not f.startswith(".") and os.path.isfile(os.path.join(dirpath, f))]
     return sorted(out)
 
 
@@ -109,6 +118,12 @@ def open_image(data: bytes, where: str):
         img.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         raise ValueError(f"cannot decode image {where}: {e}") from e
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit: convert() would clip at 255
+        pixels = np.asarray(img, dtype=np.float64) / 257
+        img = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise ValueError(f"cannot use image {where}: floating-point pixels (mode F) have no "
+                         f"fixed range; save it with 8- or 16-bit pixels")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         # transparent pixels read as white paper, not as their (often black) colour values
         rgba = img.convert("RGBA")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_count
 from .classes import ImageClasses
 
 _SPLITS = {"train": range(0, 5), "test": range(5, 10), "all": range(0, 10)}
@@ -30,8 +31,7 @@ def load_digits(split: str = "train", image_size: int = 28) -> ImageClasses:
     """
     if split not in _SPLITS:
         raise ValueError(f"unknown digits split {split!r}; choose one of {list(_SPLITS)}")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    image_size = check_count("load_digits", "image_size", image_size)
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as e:

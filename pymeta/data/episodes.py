@@ -6,7 +6,6 @@ number of DataLoader workers, and a resumed run sees exactly the episodes it wou
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .._checks import check_count
 from .classes import ImageClasses
 
 
@@ -51,17 +51,6 @@ class Episode:
                        move(self.query_y), self.ways, self.classes)
 
 
-def _index(name: str, value, low: int) -> int:
-    """``value`` as an int (numpy ints too) >= low, else a ValueError naming it."""
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
 class EpisodeSampler(Dataset):
     """Seeded N-way K-shot Q-query episodes; ``sampler[i]`` is episode ``i``.
 
@@ -91,12 +80,15 @@ class EpisodeSampler(Dataset):
                  tasks: int = 1, seed: int = 0, length: int | None = None,
                  dtype: torch.dtype = torch.float32, augment: bool = False):
         ways, shots, queries, tasks, seed = (
-            _index(name, v, low) for name, v, low in (("ways", ways, 1), ("shots", shots, 1),
+            check_count("EpisodeSampler", name, v, low=low) for name, v, low in (("ways", ways, 1), ("shots", shots, 1),
                                                     ("queries", queries, 0), ("tasks", tasks, 1),
                                                     ("seed", seed, 0)))
         self.classes, self.ways, self.shots, self.queries = classes, ways, shots, queries
         self.tasks, self.seed, self.dtype, self.augment = tasks, seed, dtype, augment
-        self.length = 2 ** 62 if length is None else int(length)
+        self.length = 2 ** 62 if length is None else check_count("EpisodeSampler", "length", length, low=0)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype (images are scaled "
+                             f"to [0, 1]), got {dtype!r}")
         self._check_store()
         self._counts = classes.counts
         self._max_count = int(self._counts.max())
@@ -125,7 +117,8 @@ class EpisodeSampler(Dataset):
 
     def rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(classes ``[T, N]``, image rows ``[T, N, K + Q]``) of episode ``index``."""
-        if not 0 <= index < self.length:
+        index = check_count("EpisodeSampler", "episode index", index, low=0)
+        if index >= self.length:
             raise IndexError(f"episode {index} out of range [0, {self.length})")
         g = self.generator(index)
         T, N, C = self.tasks, self.ways, self.classes.num_classes

@@ -15,6 +15,7 @@ import numpy as np
 
 from ._util import (cache_dir, cache_file, cache_load, cache_save, open_image, parallel_map,
                     stack_classes)
+from .._checks import check_count
 from .classes import ImageClasses
 from .paths import data_root
 
@@ -54,8 +55,7 @@ class FewShotImageFolder:
     def __init__(self, root: str | os.PathLike, split_csv: str | os.PathLike | None = None, *,
                  image_size: int = 84, split: str | None = None,
                  cache: bool | str | os.PathLike = False):
-        if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        image_size = check_count("FewShotImageFolder", "image_size", image_size)
         self.root = Path(root).expanduser()
         self.image_size = image_size
         self.folder, self.split_csv = _resolve(self.root, split_csv, split)
@@ -72,8 +72,11 @@ class FewShotImageFolder:
         key = {"folder": str(self.folder.resolve()), "image_size": self.image_size,
                "csv": str(self.split_csv.resolve()) if self.split_csv else "",
                "source": _fingerprint(self.files, self.split_csv)}
-        path = cache_file(directory, f"{self.folder.name}-{split or 'all'}-{self.image_size}px",
-                          key)
+        # the folder's own hash in the name: split folders of two datasets are both "train",
+        # and a cache sweeps away older ones of its own name
+        where = hashlib.sha256(key["folder"].encode()).hexdigest()[:8]
+        path = cache_file(directory, f"{self.folder.name}-{where}-{split or 'all'}-"
+                                     f"{self.image_size}px", key)
         classes = cache_load(path, key)
         if classes is None:
             classes = _decode(self.files, self.image_size)
@@ -127,9 +130,13 @@ def _is_image(name: str) -> bool:
 
 
 def _folder_listing(folder: Path) -> dict:
-    listing = {}
+    listing, seen = {}, {}
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(f for f in d.iterdir() if _is_image(f.name) and f.is_file())
+        for f in files:  # a symlinked copy could be support and query of one episode
+            first = seen.setdefault(f.resolve(), f)
+            if first != f:
+                raise ValueError(f"{f} is the same image as {first}")
         if files:
             listing[d.name] = files
     if not listing:
@@ -156,10 +163,11 @@ def _csv_listing(folder: Path, csv_path: Path) -> dict:
         if path is None:
             raise FileNotFoundError(f"{csv_path}:{line}: image {name} not found as "
                                     f"{candidates[0]} or {candidates[1]}")
-        if path in seen:  # it could be support and query of one episode
+        real = path.resolve()  # "../images/a.png" or a symlink is the same image again
+        if real in seen:  # it could be support and query of one episode
             raise ValueError(f"{csv_path}:{line}: image {name} is listed again (first on line "
-                             f"{seen[path]})")
-        seen[path] = line
+                             f"{seen[real]})")
+        seen[real] = line
         by_label.setdefault(label, []).append(path)
     if not by_label:
         raise ValueError(f"{csv_path} lists no images")

@@ -14,6 +14,7 @@ import numpy as np
 
 from ._util import (FileTree, cache_dir, cache_file, cache_load, cache_save, default_cache_dir,
                     open_image, parallel_map, stack_classes)
+from .._checks import check_count
 from .classes import ImageClasses, concat
 from .download import DownloadError, download_file
 from .paths import data_root
@@ -34,6 +35,7 @@ SPLITS = ("background", "evaluation", "small1", "small2", "small2-only",
           "vinyals-train", "vinyals-test")
 VINYALS_TRAIN_CLASSES = 1200   # of the 1623 characters; the remaining 423 are the test split
 THRESHOLD = 128
+DRAWINGS = 20  # per character, each by another person
 
 # Archives each split reads; small2-only also lists small1 to know which alphabets to drop.
 _SPLIT_ARCHIVES = {
@@ -113,8 +115,7 @@ def load_omniglot(split: str = "background", root: str | os.PathLike | None = No
         >>> train.with_rotations().num_classes                         # doctest: +SKIP
         96
     """
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    image_size = check_count("load_omniglot", "image_size", image_size)
     archives = _archives_of(split)
     base = data_root(root)
     paths = _locate_or_download(archives, base, split, download, base_url)
@@ -188,6 +189,11 @@ def _index(tree: FileTree) -> dict:
             index.setdefault((parts[-3], parts[-2]), []).append(rel)
     if not index:
         raise ValueError(f"no Omniglot images (<Alphabet>/<character>/*.png) found in {tree.path}")
+    for (alphabet, character), files in index.items():
+        if len(files) > DRAWINGS:  # a missing level, or two copies of the tree
+            raise ValueError(f"{tree.path}: {len(files)} drawings of {alphabet}/{character}, "
+                             f"but Omniglot has {DRAWINGS} per character: the files must be "
+                             f"<Alphabet>/<character>/*.png, in one copy")
     return index
 
 

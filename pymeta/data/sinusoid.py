@@ -42,7 +42,8 @@ class SinusoidTasks(Dataset):
             if not lo <= hi:
                 raise ValueError(f"SinusoidTasks: {name} must be (low, high) with low <= "
                                  f"high, got {(lo, hi)}")
-        self.shots, self.queries, self.tasks, self.seed = shots, queries, tasks, int(seed)
+        self.shots, self.queries, self.tasks = shots, queries, tasks
+        self.seed = check_count("SinusoidTasks", "seed", seed, low=0)
         self.ways = None
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
         self.length = 2 ** 62 if length is None else int(length)

@@ -114,17 +114,27 @@ def evaluate_runs(learner, runs, device="cpu") -> dict:
     if not runs:
         raise ValueError("no one-shot runs to evaluate")
     device = torch.device(device)
+    groups: dict = {}  # runs of one size are scored as one batch of tasks
+    for i, r in enumerate(runs):
+        groups.setdefault((tuple(r.support.shape), tuple(r.query.shape)), []).append(i)
+    errors = torch.zeros(len(runs), dtype=torch.float64)
     was_training = learner.training
     learner.eval()
     try:
-        support = torch.stack([ImageClasses.to_float(r.support) for r in runs]).to(device)
-        query = torch.stack([ImageClasses.to_float(r.query) for r in runs]).to(device)
-        answers = torch.stack([r.answers for r in runs]).to(device)
-        ways = support.shape[1]
-        labels = torch.arange(ways, device=device).expand(len(runs), ways)
-        pred = learner(support, labels, query, ways).argmax(-1)
+        for members in groups.values():
+            errors[members] = _run_errors(learner, [runs[i] for i in members], device)
     finally:
         learner.train(was_training)
-    errors = (pred != answers).double().mean(-1).mul(100).cpu()
     return {"error": float(errors.mean()), "runs": {r.name: float(e)
                                                     for r, e in zip(runs, errors)}}
+
+
+def _run_errors(learner, runs, device: torch.device) -> torch.Tensor:
+    """Error % of each of ``runs``, which have the same numbers of classes and queries."""
+    support = torch.stack([ImageClasses.to_float(r.support) for r in runs]).to(device)
+    query = torch.stack([ImageClasses.to_float(r.query) for r in runs]).to(device)
+    answers = torch.stack([r.answers for r in runs]).to(device)
+    ways = support.shape[1]
+    labels = torch.arange(ways, device=device).expand(len(runs), ways)
+    pred = learner(support, labels, query, ways).argmax(-1)
+    return (pred != answers).double().mean(-1).mul(100).cpu()

@@ -302,12 +302,19 @@ def load(path: str | Path, map_location="cpu"):
     missing = [k for k in ("config", "preprocessing", "learner_config", "model") if k not in state]
     if missing:
         raise ValueError(f"{path} is not a training checkpoint: it has no {missing}")
+    malformed = [k for k in ("config", "preprocessing", "learner_config", "model")
+                 if not isinstance(state[k], dict)]
+    if malformed or not isinstance(state["learner_config"].get("kwargs"), dict):
+        raise ValueError(f"{path} is malformed: {malformed or ['learner_config']} must be "
+                         f"dicts")
     cfg = RunConfig.from_dict(state["config"])
     pre = state["preprocessing"]
     shape = pre.get("input_shape", pre.get("image_shape"))  # older checkpoints: "image_shape"
     algo = state["learner_config"].get("algo")
     if shape is None:
         raise _not_rebuildable(path, "records no input shape")
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d > 0 for d in shape):
+        raise ValueError(f"{path} is malformed: its input shape is {shape!r}")
     if algo not in (None, cfg.algo):
         raise _not_rebuildable(path, f"holds a {algo!r} learner but its config says {cfg.algo!r}")
     learner = build_learner(cfg, tuple(shape), state["learner_config"]["kwargs"])

@@ -116,7 +116,7 @@ def numpy_float(op: str, name: str, a: np.ndarray, dtype: np.dtype | None = None
         raise TypeError(f"{op}: {name} must be a float32 or float64 array, got {a.dtype}")
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{op}: arrays must share one dtype, got {dtype} and {a.dtype} ({name})")
-    return np.ascontiguousarray(a)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)  # which makes 0-d 1-d
 
 
 def ptr(t: torch.Tensor | np.ndarray | None) -> int:

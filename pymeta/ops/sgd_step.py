@@ -9,6 +9,7 @@ broadcast is materialised first. Call paths as in ``pairwise_distances``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -296,7 +297,7 @@ def _check_lists(params, grads, lr):
         if len(lr) != len(params):
             raise ValueError(f"{_OP}: got {len(lr)} learning rates for {len(params)} params")
         return list(lr)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+    if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, numbers.Real):
         raise TypeError(f"{_OP}: lr must be a float or a list of tensors, got "
                         f"{type(lr).__name__}")
     return None
@@ -377,6 +378,9 @@ def _numpy(params, grads, lr, inplace: bool):
     if inplace:
         _check_inplace_shapes(params, shapes)
         _check_no_overlap(params, [*grads, *(lrs or ())])
+        for i, p in enumerate(params):  # before any is written: all or none are updated
+            if not p.flags.writeable:
+                raise ValueError(f"{_OP}_: params[{i}] is a read-only array")
     outs = [np.empty(s, dtype) for s in shapes]
     _run(_Plan(ps, gs, ls, outs), numpy_launch(), NUMPY_DTYPE_CODES[dtype],
          0.0 if lrs is not None else float(lr))
