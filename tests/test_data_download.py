@@ -154,6 +154,18 @@ def test_extract_zip_atomic(tmp_path):
     extract_zip_atomic(_zip(tmp_path / "b.zip", {"top/x.txt": "new"}), dest)
     assert sorted(p.name for p in (dest / "top").iterdir()) == ["x.txt"]
     assert sorted(p.name for p in dest.iterdir()) == ["top", "z.txt"]   # no temp leftovers
+    # a symlinked top-level folder is refused before anything is written
+    (tmp_path / "real").mkdir()
+    (dest / "top").rename(tmp_path / "real" / "top")
+    (dest / "top").symlink_to(tmp_path / "real" / "top", target_is_directory=True)
+    with pytest.raises(ValueError, match="top is a symbolic link"):
+        extract_zip_atomic(src, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["top", "z.txt"]
+
+
+def test_download_to_a_directory_is_refused_before_fetching(tmp_path):
+    with pytest.raises(IsADirectoryError, match="it is a directory"):
+        download_file("http://127.0.0.1:9/never-fetched.zip", tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("evil", ["../escape.txt", "/abs.txt", "ok/../../escape.txt",

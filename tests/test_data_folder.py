@@ -28,7 +28,8 @@ def class_folders(tmp_path):
 
 
 def test_class_folders(class_folders):
-    ds = FewShotImageFolder(class_folders, image_size=12)
+    with pytest.warns(UserWarning, match="skipped 1 folder.s. with no images .*: empty_class"):
+        ds = FewShotImageFolder(class_folders, image_size=12)
     ic = ds.classes
     assert ic.names == ["ant", "bee", "cow"] and ic.counts.tolist() == [3, 3, 3]
     assert ic.image_shape == (3, 12, 12) and ic.images.dtype == torch.uint8
@@ -149,3 +150,9 @@ def test_cache_round_trip_and_invalidation(class_folders, tmp_path_factory):
     _save(other / "yak" / "0.png", (5, 5, 5))
     load_image_folder(other, image_size=10, cache=cache)
     assert len(list(cache.glob("*.pt"))) == 2
+
+
+def test_other_image_formats_pil_reads(tmp_path):
+    for fmt, ext in (("BMP", "bmp"), ("GIF", "gif"), ("TIFF", "tif")):
+        _save(tmp_path / ext / f"0.{ext}", (0, 0, 0), fmt=fmt)
+    assert load_image_folder(tmp_path, image_size=4).names == ["bmp", "gif", "tif"]

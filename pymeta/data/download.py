@@ -40,6 +40,9 @@ def download_file(url: str, dest: str | os.PathLike, *, md5: str | None = None,
         PosixPath('/tmp/a.zip')
     """
     dest = Path(dest)
+    if dest.is_dir():  # found before the download, not after it
+        raise IsADirectoryError(f"cannot download {url} to {dest}: it is a directory; "
+                                f"name the file to create")
     expected = {k: v.lower() for k, v in (("md5", md5), ("sha256", sha256)) if v}
     if dest.is_file() and (not expected or _digests(dest, expected) == expected):
         return dest
@@ -139,6 +142,12 @@ def extract_zip_atomic(zip_path: str | os.PathLike, dest_dir: str | os.PathLike)
     with zf:
         for name in zf.namelist():
             _check_member(name, zip_path)
+        tops = sorted({PurePosixPath(n).parts[0] for n in zf.namelist() if PurePosixPath(n).parts})
+        links = [dest_dir / t for t in tops if (dest_dir / t).is_symlink()]
+        if links:  # replacing the link would not update what it points to
+            raise ValueError(f"refusing to extract {zip_path}: {links[0]} is a symbolic link "
+                             f"(to {os.readlink(links[0])}); extract into the folder it "
+                             f"points to, or remove the link")
         dest_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{zip_path.name}.", suffix=".tmp", dir=dest_dir))
         try:

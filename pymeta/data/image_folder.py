@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from .._checks import check_count
 from .classes import ImageClasses
 from .paths import data_root
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class FewShotImageFolder:
@@ -142,6 +143,12 @@ def _folder_listing(folder: Path) -> dict:
     if not listing:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders "
                                 f"under {folder}")
+    empty = [d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
+             and d.name not in listing]
+    if empty:  # the class count differs from the folder count: say so
+        warnings.warn(f"{folder}: skipped {len(empty)} folder(s) with no images "
+                      f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(sorted(empty)[:5])}",
+                      UserWarning, stacklevel=4)
     return listing
 
 
