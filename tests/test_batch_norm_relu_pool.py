@@ -133,3 +133,15 @@ def test_bad_input_raises(case, match):
     with pytest.raises((ValueError, TypeError), match=match):
         f(*case(w.detach(), b.detach()))
 
+
+
+def test_returned_statistics_are_not_the_saved_ones():
+    """Editing the returned mean in place (as a running-stats update might) must not touch
+    what backward reads; in float64 they were views of the saved statistics."""
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    w, b = torch.rand(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    out, mean, var = batch_norm_relu_pool(x, w, b)
+    expected = torch.autograd.grad(out.sum(), x, retain_graph=True)[0]
+    mean.mul_(0.9)
+    var.add_(1.0)
+    assert torch.equal(torch.autograd.grad(out.sum(), x)[0], expected)

@@ -143,10 +143,11 @@ def test_nan_and_inf_propagate_like_reference():
     z[1, 4, 0] = -float("inf")
     labels = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 1, 0, 1, 1, 0]])
     out = cp(z, labels, 3)
-    # the one-hot matmul reference leaks NaN/Inf into every class (0 * nan); a masked mean doesn't
+    # a NaN or Inf stays in its own class (a one-hot matmul would leak it: 0 * nan)
     masked = torch.stack([torch.stack([z[t][labels[t] == c].mean(0) for c in range(3)])
                           for t in range(2)])
     assert_close(out, masked)
+    assert_close(reference.class_prototypes(z, labels, 3), masked)
     assert out[0, 1, 2].isnan() and out[1, 1, 0].isnan() and torch.isfinite(out[0, 0]).all()
 
 

@@ -145,3 +145,51 @@ OPCHECK = {name: (op, args) for name, op, args in _opcheck_cases()}
 def test_opcheck(case):
     op, args = OPCHECK[case]
     torch.library.opcheck(getattr(torch.ops.pymeta, op).default, args)
+
+
+# ---- tracers, fake tensors, forward-mode AD -------------------------------------------
+
+OPS = {"pairwise_distances": (lambda a, b: pd(a, b, "euclidean"),
+                              lambda a, b: reference.pairwise_distances(a, b, "euclidean")),
+       "class_prototypes": (lambda a, b: cp(a, LABELS, 3) + b.sum(),
+                            lambda a, b: reference.class_prototypes(a, LABELS, 3) + b.sum()),
+       "sgd_step": (lambda a, b: ops.sgd_step([b], [a[:, :2]], 0.5)[0],
+                    lambda a, b: b - 0.5 * a[:, :2])}
+
+
+def _inputs(seed):
+    g = gen(seed)
+    return rand(3, 7, 4, gen=g), rand(3, 2, 4, gen=g)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_make_fx_and_jit_trace_record_the_op(op):
+    """Tracers hold no data for the raw kernels: they record the registered op, which then
+    computes on new inputs (recording the kernel's empty output gave garbage)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    fn, ref = OPS[op]
+    graph = make_fx(fn)(*_inputs(0))
+    assert f"pymeta.{op}" in graph.code
+    new = _inputs(1)
+    assert_close(graph(*new), ref(*new))
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(fn, _inputs(0), check_trace=False)
+    assert_close(traced(*new), ref(*new))
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_fake_tensors_get_shapes_not_kernel_calls(op):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fn, ref = OPS[op]
+    expected = ref(*_inputs(0)).shape
+    with FakeTensorMode(allow_non_fake_inputs=True):  # raw pointers of fakes crashed the process
+        assert fn(*_inputs(0)).shape == expected
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(op):
+    import torch.autograd.forward_ad as fwAD
+    fn = OPS[op][0]
+    a, b = _inputs(0)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+        fn(fwAD.make_dual(a, torch.ones_like(a)), b)

@@ -114,9 +114,9 @@ def test_nan_and_inf_propagate_like_reference(metric):
     y[1, 0, 5] = -float("inf")
     out = pd(x, y, metric)
     ref = reference.pairwise_distances(x, y, metric)
-    if metric == "euclidean":  # the reference's where(sq > 0, ...) maps NaN to 0; torch.cdist keeps it
-        ref = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
     assert_close(out, ref)
+    if metric == "euclidean":  # the reference agrees with torch.cdist on NaN/Inf too
+        assert_close(ref, torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist"))
     assert out[0, 1].isnan().all() and not out[0, 0].isnan().any()
 
 
@@ -164,3 +164,15 @@ def test_gradient_of_close_rows_keeps_float32_precision(metric, N, D):
     for got, want in zip(grads, ref):
         err = (got.double() - want).abs().max() / want.abs().max()
         assert err < 1e-5, f"{metric}: relative gradient error {err:.2e}"
+
+
+def test_dot_gradient_keeps_an_infinite_input_out_of_its_own_gradient():
+    # d(-x.y)/dx = -y whatever x holds: 0 * Inf from a zero self term must not make it NaN
+    inf = float("inf")
+    x = torch.tensor([[[inf, 1.0], [1.0, 2.0]]], requires_grad=True)
+    y = torch.tensor([[[0.0, 0.0], [1.0, inf]]], requires_grad=True)
+    got = torch.autograd.grad(pd(x, y, "dot").sum(), (x, y))
+    x2, y2 = x.detach().requires_grad_(), y.detach().requires_grad_()
+    want = torch.autograd.grad((-(x2 @ y2.transpose(1, 2))).sum(), (x2, y2))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -225,3 +225,24 @@ def test_outputs_are_independent_tensors():
     fast[0].mul_(2)
     fast[0].sum().backward()
     assert_close(w.grad, torch.full((4,), 2.0), torch.float32)
+
+
+def test_inplace_refuses_expanded_and_inference_params_before_writing_any():
+    a, b = torch.randn(3, 4), torch.randn(4)
+    before = a.clone()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"params\[1\] is an expanded view"):
+        ops.sgd_step_([a, b.expand(3, 4)], [torch.ones(3, 4)] * 2, 0.1)
+    assert torch.equal(a, before)  # the list is updated whole or not at all
+    with torch.inference_mode():
+        frozen = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        ops.sgd_step_([frozen], [torch.ones(3)], 0.1)
+    with torch.inference_mode():
+        ops.sgd_step_([frozen], [torch.ones(3)], 0.1)
+    assert torch.equal(frozen, torch.full((3,), -0.1))
+
+
+def test_meta_tensors_get_a_clear_error():
+    m = torch.empty(2, 3, device="meta")
+    with pytest.raises(ValueError, match="unsupported device meta"):
+        ops.sgd_step([m], [m], 0.1)  # the raw kernel once read meta "pointers" and crashed

@@ -1,7 +1,8 @@
 // Batched pairwise distances on the CPU. Forward: one parallel loop over (task, query) rows.
 // Backward: gx_q = alpha_q x_q + sum_n W_qn y_n and gy_n = beta_n y_n + sum_q W_qn x_q (over
-// differences for the Euclidean metrics), fused so each x row is read once; gy is accumulated per (task, query chunk) and reduced in a fixed
-// order, with chunks chosen from the shape alone, so results never depend on the thread count.
+// differences for the Euclidean metrics), fused so each x row is read once; gy is accumulated
+// per (task, query chunk) and reduced in a fixed order, with chunks chosen from the shape alone,
+// so results never depend on the thread count.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -148,20 +149,24 @@ __attribute__((always_inline)) inline void forward_rows_t_impl(Metric m, const T
 // gx_r = alpha_r x_r + sum_n W_rn y_n (if gx) and gyp_n += sum_r W_rn x_r in row order (if gyp).
 // Diff (the Euclidean metrics, where alpha_r = -sum_n W_rn and beta_n = -sum_r W_rn) takes the
 // same sums over differences instead, gx_r = sum_n W_rn (y_n - x_r) and gyp_n += sum_r W_rn
-// (x_r - y_n), so rows that nearly coincide do not cancel.
+// (x_r - y_n), so rows that nearly coincide do not cancel. NoSelf (dot: alpha = beta = 0)
+// leaves the self terms out, so an Inf in x_r does not make 0 * Inf = NaN in gx_r.
 // One pass over the features: each x, y and gyp vector is loaded once per row block.
-template <int R, bool Diff, class T>
+enum BackwardForm { kSelf, kDiff, kNoSelf };
+
+template <int R, int Form, class T>
 __attribute__((always_inline)) inline void backward_rows_impl(const T* x, const T* Y, const T* W,
                                                               const T* alpha, std::int64_t N,
                                                               std::int64_t D, T* gx, T* gyp,
                                                               bool stream) {
   constexpr int L = kLanes<T>;
+  constexpr bool Diff = Form == kDiff;
   std::int64_t d = 0;
   for (; d + L <= D; d += L) {
     Vec<T> xv[R], gv[R];
     for (int r = 0; r < R; ++r) {
       xv[r] = loadu(x + r * D + d);
-      gv[r] = Diff ? Vec<T>{} : alpha[r] * xv[r];
+      gv[r] = Form == kSelf ? alpha[r] * xv[r] : Vec<T>{};
     }
     for (std::int64_t n = 0; n < N; ++n) {
       const T* wn = W + n;  // W[r * N + n]
@@ -191,7 +196,7 @@ __attribute__((always_inline)) inline void backward_rows_impl(const T* x, const 
     if (gx)
       for (int r = 0; r < R; ++r) {
         const T xr = x[r * D + d];
-        T acc = Diff ? T(0) : alpha[r] * xr;
+        T acc = Form == kSelf ? alpha[r] * xr : T(0);
         for (std::int64_t n = 0; n < N; ++n)
           acc += W[r * N + n] * (Diff ? Y[n * D + d] - xr : Y[n * D + d]);
         gx[r * D + d] = acc;
@@ -213,15 +218,17 @@ __attribute__((always_inline)) inline void backward_rows_impl(const T* x, const 
 }
 
 template <int R, class T>
-__attribute__((always_inline)) inline void backward_rows_by_metric(bool diff, const T* x,
-                                                                   const T* Y, const T* W,
-                                                                   const T* alpha,
-                                                                   std::int64_t N, std::int64_t D,
-                                                                   T* gx, T* gyp, bool stream) {
-  if (diff)
-    backward_rows_impl<R, true>(x, Y, W, alpha, N, D, gx, gyp, stream);
+__attribute__((always_inline)) inline void backward_rows_by_form(int form, const T* x,
+                                                                 const T* Y, const T* W,
+                                                                 const T* alpha, std::int64_t N,
+                                                                 std::int64_t D, T* gx, T* gyp,
+                                                                 bool stream) {
+  if (form == kDiff)
+    backward_rows_impl<R, kDiff>(x, Y, W, alpha, N, D, gx, gyp, stream);
+  else if (form == kNoSelf)
+    backward_rows_impl<R, kNoSelf>(x, Y, W, alpha, N, D, gx, gyp, stream);
   else
-    backward_rows_impl<R, false>(x, Y, W, alpha, N, D, gx, gyp, stream);
+    backward_rows_impl<R, kSelf>(x, Y, W, alpha, N, D, gx, gyp, stream);
 }
 
 #define PYMETA_ROW_KERNELS(T)                                                                 \
@@ -240,16 +247,16 @@ __attribute__((always_inline)) inline void backward_rows_by_metric(bool diff, co
       forward_rows_t_impl<kRowBlock>(m, x + r * D, yT, Np, ny, N, D, out + r * N);            \
     for (; r < R; ++r) forward_rows_t_impl<1>(m, x + r * D, yT, Np, ny, N, D, out + r * N);   \
   }                                                                                           \
-  PYMETA_SIMD_CLONES void backward_rows(bool diff, const T* x, std::int64_t R, const T* Y,   \
+  PYMETA_SIMD_CLONES void backward_rows(int form, const T* x, std::int64_t R, const T* Y,    \
                                         const T* W, const T* alpha, std::int64_t N,           \
                                         std::int64_t D, T* gx, T* gyp, bool stream) {         \
     std::int64_t r = 0;                                                                       \
     for (; r + kRowBlock <= R; r += kRowBlock)                                                \
-      backward_rows_by_metric<kRowBlock>(diff, x + r * D, Y, W + r * N, alpha + r, N, D,      \
-                                         gx ? gx + r * D : nullptr, gyp, stream);             \
+      backward_rows_by_form<kRowBlock>(form, x + r * D, Y, W + r * N, alpha + r, N, D,        \
+                                       gx ? gx + r * D : nullptr, gyp, stream);               \
     for (; r < R; ++r)                                                                        \
-      backward_rows_by_metric<1>(diff, x + r * D, Y, W + r * N, alpha + r, N, D,              \
-                                 gx ? gx + r * D : nullptr, gyp, stream);                     \
+      backward_rows_by_form<1>(form, x + r * D, Y, W + r * N, alpha + r, N, D,                \
+                               gx ? gx + r * D : nullptr, gyp, stream);                       \
   }                                                                                           \
   PYMETA_SIMD_CLONES void norm_rows(const T* a, std::int64_t R, std::int64_t D, T* out) {    \
     for (std::int64_t r = 0; r < R; ++r) row_sums<1, false>(a + r * D, a + r * D, D, out + r);  \
@@ -397,7 +404,9 @@ void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::
     ny = row_norms(dev, y, B * N, D);
   }
   const Coefs<T> coefs{m, g, out, nx.data(), ny.data(), Q, N};
-  const bool diff = m == Metric::SqEuclidean || m == Metric::Euclidean;
+  const int form = m == Metric::SqEuclidean || m == Metric::Euclidean ? kDiff
+                   : m == Metric::Dot                                   ? kNoSelf
+                                                                        : kSelf;
   const std::int64_t qc = query_chunk(B, Q), nc = ceil_div(Q, qc);
   const bool direct = nc <= 1;  // accumulate straight into gy
   std::vector<T> partial(gy && !direct ? B * nc * N * D : 0);
@@ -413,7 +422,7 @@ void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::
       T* gyp = !gy ? nullptr : direct ? gy + b * N * D : partial.data() + u * N * D;
       if (gyp) std::fill(gyp, gyp + N * D, T(0));
       for (std::int64_t r = 0; r < rows; ++r) alpha[r] = coefs.row(b, q0 + r, W.data() + r * N);
-      backward_rows(diff, x + (b * Q + q0) * D, rows, y + b * N * D, W.data(), alpha.data(), N, D,
+      backward_rows(form, x + (b * Q + q0) * D, rows, y + b * N * D, W.data(), alpha.data(), N, D,
                     gx ? gx + (b * Q + q0) * D : nullptr, gyp, stream);
     }
     if (stream) stream_fence();
@@ -429,7 +438,7 @@ void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::
             for (std::int64_t d = 0; d < D; ++d) dst[d] += src[d];
           }
         }
-        if (diff) continue;  // beta_n y_n is already inside the sums over differences
+        if (form != kSelf) continue;  // beta_n y_n is in the sums over differences, or 0
         const T beta = coefs.beta(b, n);
         const T* yn = y + r * D;
         for (std::int64_t d = 0; d < D; ++d) dst[d] += beta * yn[d];

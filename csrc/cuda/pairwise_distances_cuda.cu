@@ -153,7 +153,8 @@ __global__ void backward_kernel(i64 B, i64 R, i64 K, i64 D, i64 g_r, i64 g_k,
           sum += w * o;
         }
       }
-      grad[row * D + d] = from_acc<T>(alpha * s + sum);
+      // dot has no self term (a = 0): leaving it out keeps 0 * Inf from becoming NaN
+      grad[row * D + d] = from_acc<T>(M == Metric::Cosine ? alpha * s + sum : sum);
     }
   }
 }

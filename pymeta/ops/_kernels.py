@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import _C
 
@@ -65,7 +66,23 @@ def apply_function(cls, *args):
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether a call must go through the autograd Function: backward graph wanted, or
+    forward-mode AD active (whose missing jvp then raises, instead of a lost tangent)."""
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+            or forward_ad_active())
+
+
+def forward_ad_active() -> bool:
+    """Inside ``torch.autograd.forward_ad.dual_level()``: inputs may carry tangents."""
+    return _forward_ad._current_level >= 0
+
+
+def recording() -> bool:
+    """True where tensors carry no data for the raw kernels: torch.compile, jit.trace and
+    dispatch modes (make_fx, FakeTensorMode). The registered ops and their fake rules serve
+    those."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._get_tracing_state() is not None)
 
 
 def valid_float_tensors(*tensors) -> bool:

@@ -60,7 +60,7 @@ class _BatchNormReluPool(torch.autograd.Function):
                                         ptr(stats[0]), ptr(stats[1]))
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.eps = eps
-        mean, var = stats.to(x.dtype)
+        mean, var = stats.to(x.dtype, copy=True)  # not views of the saved float64 stats
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 

@@ -14,7 +14,7 @@ import torch
 from .. import _C
 from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, batch_front,
                        check_float_tensors, functorch_active, launch, needs_autograd, numpy_float,
-                       numpy_launch, ptr, shape_str, valid_float_tensors)
+                       numpy_launch, ptr, recording, shape_str, valid_float_tensors)
 
 _OP = "class_prototypes"
 _OUT_OF_RANGE, _EMPTY_CLASS = 1, 2
@@ -211,8 +211,9 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
         num_classes: number of classes C per task.
         validate: check that every label is in range and every class has an example, and
             raise ``ValueError`` naming the task and class otherwise (a host sync on CUDA).
-            Skipped under ``torch.compile`` and CUDA graph capture. Unvalidated, out-of-range labels are ignored and
-            an empty class gives NaN; memory is never touched out of bounds.
+            Skipped under ``torch.compile`` and CUDA graph capture. Unvalidated,
+            out-of-range labels are ignored and an empty class gives NaN; memory is never
+            touched out of bounds.
 
     Returns:
         ``[..., C, D]``, differentiable (to any order) in ``z``.
@@ -232,7 +233,7 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
             and labels.shape == z.shape[:-1]):
         _check_tensors(z, labels, num_classes)  # the slow path names the problem
     num_classes = int(num_classes)
-    if torch.compiler.is_compiling():
+    if recording():
         return torch.ops.pymeta.class_prototypes(z, labels, num_classes)
     if validate and z.is_cuda and torch.cuda.is_current_stream_capturing():
         validate = False  # its host sync is illegal while a CUDA graph is being captured

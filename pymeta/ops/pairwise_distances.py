@@ -16,7 +16,7 @@ from .. import _C
 from . import reference
 from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, batch_front,
                        check_float_tensors, functorch_active, launch, needs_autograd, numpy_float,
-                       numpy_launch, ptr, shape_str, valid_float_tensors)
+                       numpy_launch, ptr, recording, shape_str, valid_float_tensors)
 
 METRICS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
 _OP = "pairwise_distances"
@@ -210,7 +210,7 @@ def pairwise_distances(x, y, metric: str = "sqeuclidean"):
     if not valid_float_tensors(x, y):
         check_float_tensors(_OP, x=x, y=y)
     code = _check_shapes(x, y, metric)
-    if torch.compiler.is_compiling():
+    if recording():
         return torch.ops.pymeta.pairwise_distances(x, y, metric)
     if functorch_active() or needs_autograd(x, y):
         return apply_function(_PairwiseDistances, x, y, metric)

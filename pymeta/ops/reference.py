@@ -19,9 +19,9 @@ def pairwise_distances(x: torch.Tensor, y: torch.Tensor,
         sq = (x.unsqueeze(-2) - y.unsqueeze(-3)).pow(2).sum(-1)
         if metric == "sqeuclidean":
             return sq
-        # sqrt with gradient 0 at zero distance, as torch.cdist
-        positive = sq > 0
-        return torch.where(positive, torch.where(positive, sq, 1).sqrt(), 0)
+        # sqrt with gradient 0 at zero distance, as torch.cdist (NaN stays NaN)
+        nonzero = sq != 0
+        return torch.where(nonzero, torch.where(nonzero, sq, 1).sqrt(), 0)
     if metric == "dot":
         return -(x @ y.transpose(-1, -2))
     if metric == "cosine":
@@ -39,11 +39,12 @@ def pairwise_distances_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Te
 
 
 def class_prototypes(z: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-class means [..., C, D] by one-hot matrix product; empty classes give NaN."""
+    """Per-class means [..., C, D] by a masked sum; empty classes give NaN. (A one-hot
+    matrix product would spread a NaN in one example to every class: 0 * NaN = NaN.)"""
     classes = torch.arange(num_classes, device=labels.device)
-    onehot = (labels.unsqueeze(-1) == classes).to(z.dtype)  # [..., S, C]
-    sums = onehot.transpose(-1, -2) @ z
-    return sums / onehot.sum(-2).unsqueeze(-1)
+    member = labels.unsqueeze(-1) == classes  # [..., S, C]
+    sums = torch.where(member.unsqueeze(-1), z.unsqueeze(-2), 0).sum(-3)  # [..., C, D]
+    return sums / member.sum(-2).unsqueeze(-1).to(z.dtype)
 
 
 def sgd_step(params, grads, lr):

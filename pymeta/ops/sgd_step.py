@@ -18,8 +18,9 @@ import torch
 
 from .. import _C
 from ._kernels import (CPU_DTYPES, DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function,
-                       check_float_tensors, functorch_active, launch, needs_autograd,
-                       numpy_float, numpy_launch, ptr, shape_str, valid_float_tensors)
+                       check_float_tensors, forward_ad_active, functorch_active, launch,
+                       needs_autograd, numpy_float, numpy_launch, ptr, recording, shape_str,
+                       valid_float_tensors)
 
 _OP = "sgd_step"
 _FULL, _SHARED, _SCALAR, _PER_TASK = range(4)
@@ -167,12 +168,13 @@ def _eager_plain(params, grads, lr):
             or not isinstance(grads, (list, tuple)) or not isinstance(params, (list, tuple))
             or not grads or len(params) != len(grads)):
         return None
-    if torch.compiler.is_compiling() or functorch_active():
+    if recording() or functorch_active() or forward_ad_active():
         return None
     g0 = grads[0]
     if not isinstance(g0, torch.Tensor) or g0.dtype not in DTYPE_CODES:
         return None
-    if not g0.is_cuda and g0.dtype not in CPU_DTYPES or not isinstance(params[0], torch.Tensor):
+    if not g0.is_cuda and (g0.device.type != "cpu" or g0.dtype not in CPU_DTYPES) \
+            or not isinstance(params[0], torch.Tensor):
         return None
     return _plain_run(params, grads, float(lr), g0.dtype, g0.device, torch.is_grad_enabled())
 
@@ -468,7 +470,7 @@ def sgd_step(params: Sequence, grads: Sequence, lr):
     if not _common_case(params, grads, lrs):
         _check_tensors(params, grads, lrs)  # the slow path names the problem
     lr_float = 0.0 if lrs is not None else float(lr)
-    if torch.compiler.is_compiling():
+    if recording():
         if any(p is None for p in params):
             params = [torch.zeros_like(g) if p is None else p for p, g in zip(params, grads)]
         return torch.ops.pymeta.sgd_step(list(params), list(grads), lrs or [], lr_float)
@@ -509,6 +511,13 @@ def sgd_step_(params: Sequence, grads: Sequence, lr):
         raise RuntimeError(f"{_OP}_: in-place update of tensors that require grad; call it "
                            "under torch.no_grad(), or use the differentiable sgd_step")
     _check_no_overlap(params, [*grads, *(lrs or ())])
+    for i, p in enumerate(params):  # before any is written: all or none are updated
+        if any(st == 0 and n > 1 for st, n in zip(p.stride(), p.shape)):
+            raise ValueError(f"{_OP}_: params[{i}] is an expanded view: several of its "
+                             f"elements share memory, so they cannot take different updates")
+        if p.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{_OP}_: params[{i}] is an inference tensor; update it inside "
+                               f"torch.inference_mode(), as torch requires")
     outs = [p if p.is_contiguous() else torch.empty_like(p, memory_format=torch.contiguous_format)
             for p in params]
     if grads:
