@@ -124,3 +124,12 @@ def test_sgd_step_inplace_refuses_read_only_arrays_before_writing_any():
     with pytest.raises(ValueError, match=r"params\[1\] is a read-only array"):
         ops.sgd_step_([a, b], [np.ones(3), np.ones(3)], 0.5)
     np.testing.assert_array_equal(a, np.zeros(3))
+
+
+def test_sgd_step_none_params_read_as_zero_as_for_tensors():
+    g = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = ops.sgd_step([None, np.ones(3, np.float32)], [g, np.ones(3, np.float32)], 0.5)
+    np.testing.assert_array_equal(out[0], -0.5 * g)
+    assert out[0].dtype == np.float32
+    ref = ops.sgd_step([None], [torch.from_numpy(g)], 0.5)[0]
+    np.testing.assert_array_equal(out[0], ref.numpy())

@@ -368,6 +368,9 @@ def _check_tensors(params, grads, lrs) -> list:
 
 def _numpy(params, grads, lr, inplace: bool):
     lrs = _check_lists(params, grads, lr)
+    if not inplace and any(p is None for p in params):  # read as zero, as for tensors
+        params = [np.zeros(np.shape(g), getattr(g, "dtype", np.float64)) if p is None else p
+                  for p, g in zip(params, grads)]
     arrays = [*params, *grads, *(lrs or ())]
     if not all(isinstance(a, np.ndarray) for a in arrays):
         raise TypeError(f"{_OP}: mix of numpy arrays and other types; pass all numpy or all torch")
