@@ -177,3 +177,13 @@ def test_extract_rejects_unsafe_members(tmp_path, evil):
         extract_zip_atomic(src, dest)
     assert not dest.exists() or list(dest.iterdir()) == []
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_user_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
+    from pathlib import Path
+    from pymeta.data import data_root
+    monkeypatch.delenv("PYMETA_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data_root() == tmp_path / "pymeta"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data_root() == Path.home() / ".cache" / "pymeta"

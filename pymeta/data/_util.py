@@ -18,6 +18,7 @@ import torch
 
 from .._atomic import atomic_open
 from .classes import ImageClasses
+from .paths import user_cache
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -153,9 +154,10 @@ def cache_dir(cache: bool | str | os.PathLike | None, default: Path) -> Path | N
 
 def default_cache_dir(beside_data: Path, name: str) -> Path:
     """``beside_data`` unless its location is read-only (a shared dataset folder); then the
-    user's own cache, ``~/.cache/pymeta/<name>`` (entries are keyed by their source)."""
+    user's own cache, ``~/.cache/pymeta/<name>`` (see :func:`user_cache`; entries are keyed
+    by their source)."""
     if _marked_read_only(beside_data):
-        return Path("~/.cache/pymeta").expanduser() / name
+        return user_cache() / name
     return beside_data
 
 

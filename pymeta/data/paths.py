@@ -8,7 +8,7 @@ ENV_VAR = "PYMETA_DATA"
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """The data root: ``root`` if given, else ``$PYMETA_DATA``, else ``~/.cache/pymeta``.
+    """The data root: ``root`` if given, else ``$PYMETA_DATA``, else :func:`user_cache`.
 
     Nothing is created; readers look for e.g. ``<root>/omniglot/`` below it.
 
@@ -24,4 +24,10 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "pymeta"
+    return user_cache()
+
+
+def user_cache() -> Path:
+    """The user's own pymeta folder: ``$XDG_CACHE_HOME/pymeta``, by default
+    ``~/.cache/pymeta``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "pymeta"
