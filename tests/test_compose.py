@@ -187,9 +187,34 @@ def test_fake_tensors_get_shapes_not_kernel_calls(op):
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(op):
+def test_forward_mode_ad_matches_the_reference(op):
+    """Tangents through forward_ad dual tensors and torch.func.jvp (once silently dropped)."""
     import torch.autograd.forward_ad as fwAD
-    fn = OPS[op][0]
+    from torch.func import jvp
+    fn, ref = OPS[op]
     a, b = _inputs(0)
-    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
-        fn(fwAD.make_dual(a, torch.ones_like(a)), b)
+    da, db = _inputs(1)
+    expected = jvp(ref, (a, b), (da, db))[1]
+    assert_close(jvp(fn, (a, b), (da, db))[1], expected)
+    with fwAD.dual_level():
+        out = fn(fwAD.make_dual(a, da), fwAD.make_dual(b, db))
+        assert_close(fwAD.unpack_dual(out).tangent, expected)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_hessian_forward_over_reverse(metric):
+    from torch.func import hessian
+    a, b = _inputs(2)
+    got = hessian(lambda u, v: pd(u, v, metric).sin().sum(), argnums=(0, 1))(a, b)
+    want = hessian(lambda u, v: reference.pairwise_distances(u, v, metric).sin().sum(),
+                   argnums=(0, 1))(a, b)
+    for row, ref_row in zip(got, want):
+        assert_close(list(row), list(ref_row))
+    lr = torch.tensor(0.3, dtype=a.dtype)
+    g = a[:, :2]
+    got = hessian(lambda p, r: ops.sgd_step([p], [g], [r])[0].sin().sum(), argnums=(0, 1))(b, lr)
+    want = hessian(lambda p, r: (p - r * g).sin().sum(), argnums=(0, 1))(b, lr)
+    for row, ref_row in zip(got, want):
+        assert_close(list(row), list(ref_row))
+    got = hessian(lambda z: cp(z, LABELS, 3).sin().sum())(a)
+    assert_close(got, hessian(lambda z: reference.class_prototypes(z, LABELS, 3).sin().sum())(a))

@@ -82,7 +82,14 @@ class _ClassPrototypes(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _, labels, num_classes = inputs[:3]  # the registered op passes no validate
         ctx.save_for_backward(labels)
+        ctx.save_for_forward(labels)
         ctx.num_classes = num_classes
+
+    @staticmethod
+    def jvp(ctx, dz, *_):
+        """Forward-mode AD: the op is linear in z."""
+        (labels,) = ctx.saved_tensors
+        return _ClassPrototypes.apply(dz, labels, ctx.num_classes, False)
 
     @staticmethod
     def backward(ctx, grad):
@@ -111,7 +118,13 @@ class _ClassPrototypesBackward(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _, labels, num_classes = inputs
         ctx.save_for_backward(labels)
+        ctx.save_for_forward(labels)
         ctx.num_classes = num_classes
+
+    @staticmethod
+    def jvp(ctx, dgrad, *_):
+        (labels,) = ctx.saved_tensors  # linear in grad
+        return _ClassPrototypesBackward.apply(dgrad, labels, ctx.num_classes)
 
     @staticmethod
     def backward(ctx, gg):

@@ -15,8 +15,9 @@ import torch
 from .. import _C
 from . import reference
 from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, batch_front,
-                       check_float_tensors, functorch_active, launch, needs_autograd, numpy_float,
-                       numpy_launch, ptr, recording, shape_str, valid_float_tensors)
+                       check_float_tensors, forward_ad_active, functorch_active, launch,
+                       needs_autograd, numpy_float, numpy_launch, ptr, recording, shape_str,
+                       valid_float_tensors)
 
 METRICS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
 _OP = "pairwise_distances"
@@ -71,7 +72,17 @@ class _PairwiseDistances(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, y, metric = inputs
         ctx.save_for_backward(x, y, output)
+        ctx.save_for_forward(x, y)
         ctx.metric = metric
+
+    @staticmethod
+    def jvp(ctx, dx, dy, _):
+        """Forward-mode AD through the torch reference (off the hot path, like second order)."""
+        x, y = ctx.saved_tensors[:2]
+        dx = torch.zeros_like(x) if dx is None else dx
+        dy = torch.zeros_like(y) if dy is None else dy
+        return _reference_jvp(lambda a, b: reference.pairwise_distances(a, b, ctx.metric),
+                              (x, y), (dx, dy))
 
     @staticmethod
     def backward(ctx, grad):
@@ -101,7 +112,21 @@ class _PairwiseDistancesBackward(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         grad, x, y, _, metric = inputs[:5]  # the registered op passes no need_x, need_y
         ctx.save_for_backward(grad, x, y)
+        ctx.save_for_forward(grad, x, y)
         ctx.metric = metric
+        ctx.need = tuple(inputs[5:7]) or (True, True)
+
+    @staticmethod
+    def jvp(ctx, dgrad, dx, dy, *_):
+        """Forward-mode AD of the backward (forward-over-reverse, e.g. torch.func.hessian)
+        through the torch reference."""
+        saved = ctx.saved_tensors[:3]
+        tangents = tuple(torch.zeros_like(t) if d is None else d
+                         for t, d in zip(saved, (dgrad, dx, dy)))
+        dgs = _reference_jvp(
+            lambda g, a, b: reference.pairwise_distances_backward(g, a, b, ctx.metric),
+            saved, tangents)
+        return tuple(d if need else None for d, need in zip(dgs, ctx.need))
 
     @staticmethod
     def backward(ctx, ggx, ggy):
@@ -114,6 +139,25 @@ class _PairwiseDistancesBackward(torch.autograd.Function):
         grad, x, y, out = batch_front(info.batch_size, in_dims[:4], grad, x, y, out)
         gx, gy = _PairwiseDistancesBackward.apply(grad, x, y, out, metric, need_x, need_y)
         return (gx, gy), (None if gx is None else 0, None if gy is None else 0)
+
+
+def _reference_jvp(fn, primals, tangents):
+    """Tangent of ``fn`` (torch ops only) at ``primals``: torch.func.jvp, or inside an open
+    torch.autograd.forward_ad level (which cannot nest) the double-vjp identity: the vjp of
+    ``u -> J^T u`` with cotangent ``v`` is ``J v``."""
+    if functorch_active() or not forward_ad_active():
+        return torch.func.jvp(fn, primals, tangents)[1]
+    with torch.enable_grad():
+        xs = [p.detach().requires_grad_() for p in primals]
+        outs = fn(*xs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        us = [torch.zeros_like(o, requires_grad=True) for o in outs]
+        vjps = torch.autograd.grad(outs, xs, us, create_graph=True, allow_unused=True)
+        pairs = [(g, t) for g, t in zip(vjps, tangents) if g is not None]
+        jvps = torch.autograd.grad([g for g, _ in pairs], us, [t for _, t in pairs],
+                                   allow_unused=True)
+    jvps = tuple(torch.zeros_like(o) if j is None else j.detach() for j, o in zip(jvps, outs))
+    return jvps if len(jvps) > 1 else jvps[0]
 
 
 def _double_backward(grad, x, y, metric, ggx, ggy):

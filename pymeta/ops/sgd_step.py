@@ -196,6 +196,26 @@ class _SgdStep(torch.autograd.Function):
         ctx.grad_shapes = [g.shape for g in grads]
         if has_lrs:  # with a float rate the backward needs no tensor of the forward
             ctx.save_for_backward(*grads, *lrs)
+            ctx.save_for_forward(*grads, *lrs)
+
+    @staticmethod
+    def jvp(ctx, _n, _lr, _has_lrs, *tangents):
+        """Forward-mode AD: d(p - lr g) = dp - lr dg - dlr g."""
+        n = ctx.n
+        dps, dgs, dlrs = _unpack(n, ctx.has_lrs, tangents)
+        saved = ctx.saved_tensors if ctx.has_lrs else ()
+        grads, lrs = (saved[:n], saved[n:]) if ctx.has_lrs else ([None] * n, None)
+        outs = []
+        for i in range(n):
+            lr = lrs[i] if lrs is not None else ctx.lr
+            terms = [t for t in (dps[i], None if dgs[i] is None else -lr * dgs[i],
+                                 None if dlrs is None or dlrs[i] is None else -dlrs[i] * grads[i])
+                     if t is not None]
+            out = sum(terms[1:], terms[0]) if terms else None
+            shape = torch.broadcast_shapes(*(s for s in (ctx.param_shapes[i], ctx.grad_shapes[i])
+                                             if s is not None))
+            outs.append(None if out is None else out.expand(shape).clone())
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *gos):
