@@ -218,3 +218,15 @@ def test_hessian_forward_over_reverse(metric):
         assert_close(list(row), list(ref_row))
     got = hessian(lambda z: cp(z, LABELS, 3).sin().sum())(a)
     assert_close(got, hessian(lambda z: reference.class_prototypes(z, LABELS, 3).sin().sum())(a))
+
+
+def test_sgd_step_jvp_takes_the_shape_of_the_output():
+    """Shared params and per-task rates: the tangent is [T, ...] like the output."""
+    from torch.func import jvp
+    g = gen(4)
+    p, grad, lr = rand(2, 4, gen=g), rand(2, 4, gen=g), rand(3, 1, 1, gen=g)  # T from lr
+    dp, dlr = rand(2, 4, gen=g), rand(3, 1, 1, gen=g)
+    got = jvp(lambda a, r: ops.sgd_step([a], [grad], [r])[0], (p, lr), (dp, dlr))[1]
+    want = jvp(lambda a, r: a - r * grad, (p, lr), (dp, dlr))[1]
+    assert got.shape == (3, 2, 4)
+    assert_close(got, want)

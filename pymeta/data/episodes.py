@@ -80,12 +80,13 @@ class EpisodeSampler(Dataset):
                  tasks: int = 1, seed: int = 0, length: int | None = None,
                  dtype: torch.dtype = torch.float32, augment: bool = False):
         ways, shots, queries, tasks, seed = (
-            check_count("EpisodeSampler", name, v, low=low) for name, v, low in (("ways", ways, 1), ("shots", shots, 1),
-                                                    ("queries", queries, 0), ("tasks", tasks, 1),
-                                                    ("seed", seed, 0)))
+            check_count("EpisodeSampler", name, v, low=low)
+            for name, v, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0),
+                                 ("tasks", tasks, 1), ("seed", seed, 0)))
         self.classes, self.ways, self.shots, self.queries = classes, ways, shots, queries
         self.tasks, self.seed, self.dtype, self.augment = tasks, seed, dtype, augment
-        self.length = 2 ** 62 if length is None else check_count("EpisodeSampler", "length", length, low=0)
+        self.length = (2 ** 62 if length is None
+                       else check_count("EpisodeSampler", "length", length, low=0))
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating-point torch.dtype (images are scaled "
                              f"to [0, 1]), got {dtype!r}")

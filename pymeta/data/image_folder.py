@@ -131,7 +131,7 @@ def _is_image(name: str) -> bool:
 
 
 def _folder_listing(folder: Path) -> dict:
-    listing, seen = {}, {}
+    listing, seen, empty = {}, {}, []
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(f for f in d.iterdir() if _is_image(f.name) and f.is_file())
         for f in files:  # a symlinked copy could be support and query of one episode
@@ -140,14 +140,14 @@ def _folder_listing(folder: Path) -> dict:
                 raise ValueError(f"{f} is the same image as {first}")
         if files:
             listing[d.name] = files
+        else:
+            empty.append(d.name)
     if not listing:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders "
                                 f"under {folder}")
-    empty = [d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
-             and d.name not in listing]
     if empty:  # the class count differs from the folder count: say so
         warnings.warn(f"{folder}: skipped {len(empty)} folder(s) with no images "
-                      f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(sorted(empty)[:5])}",
+                      f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty[:5])}",
                       UserWarning, stacklevel=4)
     return listing
 

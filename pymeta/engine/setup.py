@@ -277,6 +277,9 @@ def evaluate_split(learner, cfg: RunConfig, data, ways: int | None = None,
     return {**res, **setting}
 
 
+_TRAINING_STATE = ("config", "preprocessing", "learner_config", "model")  # dicts pymeta.load reads
+
+
 def _not_rebuildable(path, why: str) -> ValueError:
     return ValueError(f"{path} {why}: pymeta.load rebuilds the learners of pymeta.engine.train "
                       "(and the CLI) from their run config. For a Trainer built around your "
@@ -299,11 +302,10 @@ def load(path: str | Path, map_location="cpu"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"cannot load {path} onto {device}: torch sees no CUDA device")
     state = load_checkpoint(path)  # to the CPU; the learner moves as a whole below
-    missing = [k for k in ("config", "preprocessing", "learner_config", "model") if k not in state]
+    missing = [k for k in _TRAINING_STATE if k not in state]
     if missing:
         raise ValueError(f"{path} is not a training checkpoint: it has no {missing}")
-    malformed = [k for k in ("config", "preprocessing", "learner_config", "model")
-                 if not isinstance(state[k], dict)]
+    malformed = [k for k in _TRAINING_STATE if not isinstance(state[k], dict)]
     if malformed or not isinstance(state["learner_config"].get("kwargs"), dict):
         raise ValueError(f"{path} is malformed: {malformed or ['learner_config']} must be "
                          f"dicts")

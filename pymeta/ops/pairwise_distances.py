@@ -78,11 +78,8 @@ class _PairwiseDistances(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dx, dy, _):
         """Forward-mode AD through the torch reference (off the hot path, like second order)."""
-        x, y = ctx.saved_tensors[:2]
-        dx = torch.zeros_like(x) if dx is None else dx
-        dy = torch.zeros_like(y) if dy is None else dy
         return _reference_jvp(lambda a, b: reference.pairwise_distances(a, b, ctx.metric),
-                              (x, y), (dx, dy))
+                              ctx.saved_tensors[:2], (dx, dy))
 
     @staticmethod
     def backward(ctx, grad):
@@ -120,12 +117,9 @@ class _PairwiseDistancesBackward(torch.autograd.Function):
     def jvp(ctx, dgrad, dx, dy, *_):
         """Forward-mode AD of the backward (forward-over-reverse, e.g. torch.func.hessian)
         through the torch reference."""
-        saved = ctx.saved_tensors[:3]
-        tangents = tuple(torch.zeros_like(t) if d is None else d
-                         for t, d in zip(saved, (dgrad, dx, dy)))
         dgs = _reference_jvp(
             lambda g, a, b: reference.pairwise_distances_backward(g, a, b, ctx.metric),
-            saved, tangents)
+            ctx.saved_tensors[:3], (dgrad, dx, dy))
         return tuple(d if need else None for d, need in zip(dgs, ctx.need))
 
     @staticmethod
@@ -144,7 +138,8 @@ class _PairwiseDistancesBackward(torch.autograd.Function):
 def _reference_jvp(fn, primals, tangents):
     """Tangent of ``fn`` (torch ops only) at ``primals``: torch.func.jvp, or inside an open
     torch.autograd.forward_ad level (which cannot nest) the double-vjp identity: the vjp of
-    ``u -> J^T u`` with cotangent ``v`` is ``J v``."""
+    ``u -> J^T u`` with cotangent ``v`` is ``J v``. A None tangent is zero."""
+    tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents))
     if functorch_active() or not forward_ad_active():
         return torch.func.jvp(fn, primals, tangents)[1]
     with torch.enable_grad():

@@ -200,21 +200,24 @@ class _SgdStep(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _n, _lr, _has_lrs, *tangents):
-        """Forward-mode AD: d(p - lr g) = dp - lr dg - dlr g."""
+        """Forward-mode AD: d(p - lr g) = dp - lr dg - dlr g, in the output's shape."""
         n = ctx.n
         dps, dgs, dlrs = _unpack(n, ctx.has_lrs, tangents)
-        saved = ctx.saved_tensors if ctx.has_lrs else ()
-        grads, lrs = (saved[:n], saved[n:]) if ctx.has_lrs else ([None] * n, None)
+        saved = ctx.saved_tensors  # grads and rates, saved only with tensor rates
+        grads, lrs = (saved[:n], saved[n:]) if ctx.has_lrs else (None, None)
         outs = []
         for i in range(n):
-            lr = lrs[i] if lrs is not None else ctx.lr
-            terms = [t for t in (dps[i], None if dgs[i] is None else -lr * dgs[i],
-                                 None if dlrs is None or dlrs[i] is None else -dlrs[i] * grads[i])
-                     if t is not None]
-            out = sum(terms[1:], terms[0]) if terms else None
-            shape = torch.broadcast_shapes(*(s for s in (ctx.param_shapes[i], ctx.grad_shapes[i])
-                                             if s is not None))
-            outs.append(None if out is None else out.expand(shape).clone())
+            lr = ctx.lr if lrs is None else lrs[i]
+            terms = [dps[i]]
+            if dgs[i] is not None:
+                terms.append(-lr * dgs[i])
+            if dlrs is not None and dlrs[i] is not None:
+                terms.append(-dlrs[i] * grads[i])
+            terms = [t for t in terms if t is not None]
+            shapes = [s for s in (ctx.param_shapes[i], ctx.grad_shapes[i],
+                                  None if lrs is None else lrs[i].shape) if s is not None]
+            outs.append(sum(terms[1:], terms[0]).expand(_broadcast_shape(shapes)).clone()
+                        if terms else None)
         return tuple(outs)
 
     @staticmethod
