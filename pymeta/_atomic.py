@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
+import math
 import os
 import tempfile
 import time
@@ -32,6 +34,26 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def json_text(obj, indent: int | None = None) -> str:
+    """Strict JSON: NaN and infinities (an undefined CI, a diverged score) become null, which
+    every parser reads; Python's default writes the invalid tokens NaN and Infinity."""
+    def finite(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: finite(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [finite(v) for v in o]
+        return o
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Writes ``obj`` as strict JSON (see :func:`json_text`), atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(json_text(obj, indent=2) + "\n")
 
 
 # A temp file untouched this long belongs to a writer that died (kill -9 mid-download):

@@ -15,17 +15,14 @@ Used by ``python -m pymeta bench`` and ``bench/bench_ops.py``.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import itertools
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime
 from typing import Callable
@@ -34,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ._atomic import write_json
 from ._info import info
 from ._malloc import retain_freed_memory
 from .ops import batch_norm_relu_pool, class_prototypes, pairwise_distances, sgd_step
@@ -500,18 +498,4 @@ def format_table(results: dict) -> str:
 
 def save_json(results: dict, path) -> None:
     """Writes the results as JSON atomically (a temporary file, then os.replace)."""
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".bench-", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_json(path, results)

@@ -107,8 +107,11 @@ def _only_applicable(data: str, backbone: str, args) -> None:
     """Refuses options the data ignores: a run must not silently differ from its command."""
     from .engine.setup import REGRESSION_DATA
     given = {"--image-size": args.image_size is not None, "--augment": args.augment is not None,
-             "--protocol": args.protocol is not None, "--no-rotations": args.no_rotations}
+             "--protocol": args.protocol is not None, "--no-rotations": args.no_rotations,
+             "--root": args.root is not None}
     unused = [] if data == "omniglot" else ["--protocol", "--no-rotations"]
+    if data not in ("omniglot", "folder"):  # bundled or generated: nothing to find on disk
+        unused.append("--root")
     if data in REGRESSION_DATA:
         unused += ["--image-size", "--augment"]
         if backbone != "mlp":
@@ -199,9 +202,13 @@ def _train(args) -> int:
     _prepare_process(args.threads)
     cfg = _config_from_args(args)
     out = Path(args.out or f"runs/{cfg.algo}-{cfg.data}")
-    if not args.resume and (out / "last.pt").exists():
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose "
-                         f"another --out")
+    held = [name for name in ("last.pt", "best.pt") if (out / name).exists()]
+    if not args.resume and held:
+        raise ValueError(f"{out} already holds a run ({held[0]}); pass --resume to continue it "
+                         f"or choose another --out")
+    if args.resume and not held:  # a job that always passes --resume starts this way
+        print(f"pymeta train: --resume: {out} holds no checkpoint yet; starting a new run",
+              file=sys.stderr)
     res = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     _print_results(res, out)
     return 0
@@ -258,9 +265,8 @@ def _eval_runs(args) -> int:
         print(f"{name}: {err:.1f}% error")
     print(f"mean error over {len(runs)} runs: {res['error']:.2f}%")
     if args.json:
-        from ._atomic import atomic_open
-        with atomic_open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        from ._atomic import write_json
+        write_json(args.json, res)
     return 0
 
 

@@ -68,6 +68,15 @@ def test_bad_options_give_one_line(args, message):
      "sinusoid inputs are single numbers: the backbone must be mlp, got 'conv4'"),
     (["train", "--algo", "anil", "--learner-opt", 'head=["body.blocks.3"]', "--steps", "1"],
      "fixed_init parameters adapt from a fixed value, so they must lie in the head"),
+    (["train", "--data", "digits", "--root", "/not/here", "--steps", "1"],
+     "--root does not apply to --data digits"),
+    (["train", "--backbone", "resnet12", "--backbone-opt", "drop_rate=abc", "--steps", "1"],
+     "ResNet12: drop_rate must be a probability in [0, 1), got 'abc'"),
+    (["train", "--backbone-opt", "channels_last=maybe", "--steps", "1"],
+     "Conv4: channels_last must be True or False, got 'maybe'"),
+    (["train", "--data", "sinusoid", "--optimizer", "sgd", "--lr", "1e30", "--steps", "2",
+      "--val-every", "2", "--val-episodes", "4", "--test-episodes", "2", "--no-progress"],
+     "every validation scored NaN, so there is no best checkpoint: the run diverged"),
 ])
 def test_bad_inputs_give_one_line_errors(args, message, tmp_path):
     res = pymeta(*args, cwd=tmp_path)

@@ -13,7 +13,7 @@ import torch
 import pymeta
 from pymeta.data.episodes import EpisodeSampler, fixed_episodes
 from pymeta.engine import RunConfig, Trainer, build_splits, evaluate, load_checkpoint
-from pymeta.learners import ProtoNet
+from pymeta.learners import ProtoNet, Siamese
 from pymeta.nn import Conv4
 
 TINY = ["--data", "digits", "--ways", "3", "--shots", "2", "--queries", "3", "--steps", "24",
@@ -145,14 +145,40 @@ def test_resume_refuses_a_different_config(reference_run, tmp_path):
     assert res.returncode == 2 and "--resume" in res.stderr
 
 
-def _tiny_trainer(out, steps=6):
+def _tiny_trainer(out, steps=6, learner=ProtoNet, algo="protonet"):
     splits = build_splits(RunConfig(data="digits"))
     torch.manual_seed(0)
-    cfg = RunConfig(ways=3, shots=1, queries=2, steps=steps, val_every=2, log_every=1,
-                    val_episodes=2)
-    return Trainer(ProtoNet(Conv4(hidden=4, out_channels=4)), cfg,
+    cfg = RunConfig(algo=algo, ways=3, shots=1, queries=2, steps=steps, val_every=2,
+                    log_every=1, val_episodes=2)
+    return Trainer(learner(Conv4(hidden=4, out_channels=4)), cfg,
                    EpisodeSampler(splits.train, 3, 1, 2, seed=0),
                    fixed_episodes(splits.val, 3, 1, 2, n=2), out, progress=False)
+
+
+def _interrupt_after(trainer, step):
+    train_step = trainer.train_step
+
+    def interrupted(ep):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return train_step(ep)
+    trainer.train_step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
+def test_resume_is_bit_for_bit_for_a_learner_drawing_random_numbers(tmp_path):
+    """Siamese draws its training pairs from torch's global generator, which the checkpoint
+    saves; starting the episode loader must not draw from it (a resumed run would then be
+    one draw off)."""
+    ref = _tiny_trainer(tmp_path / "ref", learner=Siamese, algo="siamese")
+    ref.fit()
+    _interrupt_after(_tiny_trainer(tmp_path / "cut", learner=Siamese, algo="siamese"), 3)
+    resumed = _tiny_trainer(tmp_path / "cut", learner=Siamese, algo="siamese")
+    resumed.fit(resume=True)
+    for a, b in zip(ref.learner.parameters(), resumed.learner.parameters()):
+        assert torch.equal(a, b)
+    assert learning_rows(tmp_path / "ref") == learning_rows(tmp_path / "cut")
 
 
 def test_resume_without_last_pt_continues_from_best_pt(tmp_path):
@@ -160,16 +186,7 @@ def test_resume_without_last_pt_continues_from_best_pt(tmp_path):
     from best.pt, a whole training state, instead of restarting over it."""
     ref = _tiny_trainer(tmp_path / "ref")
     ref.fit()
-    cut = _tiny_trainer(tmp_path / "cut")
-    step = cut.train_step
-
-    def killed_after_step_4(ep):
-        if cut.step == 4:
-            raise KeyboardInterrupt
-        return step(ep)
-    cut.train_step = killed_after_step_4
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
+    _interrupt_after(_tiny_trainer(tmp_path / "cut"), 4)
     (tmp_path / "cut" / "last.pt").unlink()
     best_step = load_checkpoint(tmp_path / "cut" / "best.pt")["step"]
     resumed = _tiny_trainer(tmp_path / "cut")
@@ -278,3 +295,63 @@ def test_autocast_training_steps(amp, tmp_path):
     assert losses and all(math.isfinite(v) for v in losses)
     assert all(not torch.equal(a, b) for a, b in zip(before, learner.parameters()))
     assert all(p.dtype == torch.float32 for p in learner.parameters())
+
+
+def _strict_json(text):
+    def refuse(token):
+        raise ValueError(f"invalid JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_logs_report_the_rate_each_step_trained_at_and_write_strict_json(tmp_path):
+    """The logged lr is the one the logged step used (not the scheduler's next); an undefined
+    CI (one validation episode) is null in the JSON files, not the invalid token NaN."""
+    splits = build_splits(RunConfig(data="digits"))
+    cfg = RunConfig(ways=3, shots=1, queries=2, steps=3, val_every=3, log_every=1,
+                    val_episodes=1, lr_step=1, lr_gamma=0.5, lr=0.1)
+    Trainer(ProtoNet(Conv4(hidden=4, out_channels=4)), cfg,
+            EpisodeSampler(splits.train, 3, 1, 2, seed=0),
+            fixed_episodes(splits.val, 3, 1, 2, n=1), tmp_path, progress=False).fit()
+    rows = [_strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"], r["lr"]) for r in rows] == [
+        (1, "train", 0.1), (2, "train", 0.05), (3, "train", 0.025), (3, "val", 0.025)]
+    assert rows[-1]["ci95"] is None
+
+
+def test_progress_bar_shows_the_latest_validation_only(tmp_path, capsys):
+    splits = build_splits(RunConfig(data="digits"))
+    cfg = RunConfig(ways=3, shots=1, queries=2, steps=3, val_every=1, log_every=100,
+                    val_episodes=2)
+    Trainer(ProtoNet(Conv4(hidden=4, out_channels=4)), cfg,
+            EpisodeSampler(splits.train, 3, 1, 2, seed=0),
+            fixed_episodes(splits.val, 3, 1, 2, n=2), tmp_path, progress=True).fit()
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert last.count("val acc=") == 1 and "[, " not in last and ", ," not in last, last
+
+
+def test_resume_accepts_changes_that_do_not_touch_training(tmp_path):
+    """The data may move (root) and the final test may change; training must not."""
+    ref = _tiny_trainer(tmp_path / "ref")
+    ref.fit()
+    _interrupt_after(_tiny_trainer(tmp_path / "cut"), 3)
+    resumed = _tiny_trainer(tmp_path / "cut")
+    resumed.cfg.root, resumed.cfg.test_episodes, resumed.cfg.eval_steps = "/moved", 7, [0]
+    resumed.fit(resume=True)
+    for a, b in zip(ref.learner.parameters(), resumed.learner.parameters()):
+        assert torch.equal(a, b)
+    changed = _tiny_trainer(tmp_path / "cut")
+    changed.cfg.lr = 0.5
+    with pytest.raises(ValueError, match=r"run config differs in \['lr'\]"):
+        changed.fit(resume=True)
+
+
+def test_train_refuses_to_overwrite_a_run_that_holds_only_best_pt(reference_run, tmp_path):
+    ref, _ = reference_run
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best.pt").write_bytes((ref / "best.pt").read_bytes())
+    res = run_cli(["train", *TINY, "--out", str(out)], cwd=tmp_path)
+    assert res.returncode == 2 and "already holds a run (best.pt)" in res.stderr
+    res = run_cli(["train", *TINY, "--steps", "2", "--val-every", "2", "--out",
+                   str(tmp_path / "new"), "--resume"], cwd=tmp_path)
+    assert res.returncode == 0 and "holds no checkpoint yet; starting a new run" in res.stderr

@@ -183,8 +183,14 @@ def fixed_episodes(classes: ImageClasses, ways: int, shots: int, queries: int = 
 
 def episode_loader(sampler: EpisodeSampler, start: int = 0, stop: int | None = None,
                    num_workers: int = 0) -> DataLoader:
-    """Episodes ``start..stop-1`` in order, optionally assembled in worker processes."""
+    """Episodes ``start..stop-1`` in order, optionally assembled in worker processes.
+
+    Episodes are seeded by index. The loader draws its base seed from a generator of its
+    own: iterating a DataLoader draws from the one it is given, and drawing from torch's
+    global generator would shift every later random number (dropout, Siamese's pairs)
+    between a fresh run and one resumed from a checkpoint."""
     stop = len(sampler) if stop is None else stop
     return DataLoader(sampler, batch_size=None, sampler=range(start, stop),
                       num_workers=num_workers, persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(0))

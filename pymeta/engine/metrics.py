@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from .._atomic import atomic_open
+from .._atomic import atomic_open, json_text
 
 COLUMNS = ["step", "split", "loss", "acc", "mse", "ci95", "lr", "tasks_per_s", "elapsed_s"]
 
@@ -49,7 +48,7 @@ class MetricsLog:
 
     def _rewrite(self) -> None:
         with atomic_open(self.jsonl_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+            f.writelines(json_text(r) + "\n" for r in self.rows)
         with atomic_open(self.csv_path, "w") as f:
             writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
             writer.writeheader()
@@ -58,7 +57,7 @@ class MetricsLog:
     def append(self, row: dict) -> None:
         self.rows.append(row)
         with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_text(row) + "\n")
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, COLUMNS, extrasaction="ignore").writerow(row)
 

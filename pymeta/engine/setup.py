@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._atomic import atomic_open
+from .._atomic import write_json
 from ..data.classes import ImageClasses
 from ..data.episodes import EpisodeSampler, fixed_episodes
 from ..data.sinusoid import SinusoidTasks, fixed_sinusoid_tasks
@@ -252,14 +251,17 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     trainer = Trainer(learner, cfg, data.train_sampler(cfg), val_eps, out_dir,
                       data.preprocessing, progress)
     fit = trainer.fit(resume=resume)
+    if not (out_dir / "best.pt").exists():  # better() never takes a NaN score
+        raise ValueError(f"every validation scored NaN, so there is no best checkpoint: the "
+                         f"run diverged (try a lower --lr); {out_dir / 'last.pt'} holds its "
+                         f"last state")
     best = load(out_dir / "best.pt", cfg.device)
     tests = [evaluate_split(best, cfg, data, ways, shots, steps, progress)
              for ways, shots in cfg.test_grid() for steps in cfg.eval_steps or [None]]
     results = {**fit, "metric": metric_name(best), "tests": tests,
                "tasks_seen": fit["steps"] * cfg.meta_batch, "config": cfg.to_dict(),
                "plot": str(out_dir / "curves.png")}
-    with atomic_open(out_dir / "results.json", "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(out_dir / "results.json", results)
     return results
 
 

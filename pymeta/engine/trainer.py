@@ -32,8 +32,10 @@ def make_optimizer(learner: torch.nn.Module, cfg: RunConfig):
 
 
 # Settings a resumed run may change: episodes are seeded by (seed, index) whatever the
-# number of loader workers, and a run may move to another device.
-_FREE_ON_RESUME = ("workers", "device")
+# number of loader workers; a run may move to another device, its data to another root;
+# checkpoint frequency and the final test's episodes and inner steps do not touch training.
+_FREE_ON_RESUME = ("workers", "device", "root", "checkpoint_every", "test_episodes",
+                   "eval_steps")
 
 
 class Trainer:
@@ -77,6 +79,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.metric = metric_name(learner)  # "acc" (higher is better) or "mse" (lower)
         self.step = 0
+        self.trained_lr = config.lr
         self.best = {self.metric: None, "step": -1}
         self._window = _empty_window()
         self.elapsed = 0.0
@@ -148,6 +151,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
+        self.trained_lr = self.opt.param_groups[0]["lr"]  # the logs report this, not the next
         self.sched.step()
         score = task_scores(logits.detach(), ep.query_y, self.metric).mean()
         return loss.detach().double(), score
@@ -167,7 +171,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.algo}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         loader = episode_loader(self.train_episodes, self.step, cfg.steps, cfg.workers)
-        tick = time.perf_counter()
+        tick, train_text = time.perf_counter(), ""
         for ep in loader:
             loss, score = self.train_step(ep)
             self.step += 1
@@ -175,10 +179,10 @@ class Trainer:
             self._accumulate(loss, score, ep.tasks, now - tick)
             tick = now
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                bar.set_postfix(self._log_train())
+                train_text = self._log_train()
+                bar.set_postfix_str(train_text)
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-                # a disabled bar (no progress) has no postfix attribute at all
-                bar.set_postfix_str(self._validate(getattr(bar, "postfix", None) or ""))
+                bar.set_postfix_str(", ".join(filter(None, [train_text, self._validate()])))
             elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save("last.pt")
             bar.update(1)
@@ -203,31 +207,31 @@ class Trainer:
         w["time"] += seconds
         self.elapsed += seconds
 
-    def _log_train(self) -> dict:
+    def _log_train(self) -> str:
         w = self._window
         if not w["n"]:
-            return {}
+            return ""
         m = self.metric
         row = {"step": self.step, "split": "train", "loss": float(w["loss"]) / w["n"],
-               m: float(w["score"]) / w["n"], "ci95": None, "lr": self.opt.param_groups[0]["lr"],
+               m: float(w["score"]) / w["n"], "ci95": None, "lr": self.trained_lr,
                "tasks_per_s": w["tasks"] / max(w["time"], 1e-9), "elapsed_s": self.elapsed}
         self.log.append(row)
         self._window = _empty_window()
-        return {"loss": f"{row['loss']:.3f}", m: f"{row[m]:.3f}",
-                "tasks/s": f"{row['tasks_per_s']:.1f}"}
+        return f"loss={row['loss']:.3f}, {m}={row[m]:.3f}, tasks/s={row['tasks_per_s']:.1f}"
 
-    def _validate(self, postfix: str) -> str:
-        msg = postfix
+    def _validate(self) -> str:
+        """Validates and checkpoints; returns the validation's text for the progress bar."""
+        msg = ""
         if self.val_episodes is not None:
             m = self.metric
             res = evaluate(self.learner, self.val_episodes, self.device, self.cfg.amp)
             self.log.append({"step": self.step, "split": "val", "loss": None, m: res[m],
-                             "ci95": res["ci95"], "lr": self.opt.param_groups[0]["lr"],
+                             "ci95": res["ci95"], "lr": self.trained_lr,
                              "tasks_per_s": None, "elapsed_s": self.elapsed})
             if better(m, res[m], self.best[m]):
                 self.best = {m: res[m], "step": self.step}
                 self.save("best.pt")
-            msg = f"{postfix}, val {m}={res[m]:.3f}±{res['ci95']:.3f}"
+            msg = f"val {m}={res[m]:.3f}±{res['ci95']:.3f}"
         else:  # no validation set: the latest is the best
             self.best = {self.metric: math.nan, "step": self.step}
             self.save("best.pt")

@@ -8,7 +8,6 @@ the embeddings into logits ``[T, Q, ways]`` with batched tensor ops (no per-task
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, Optional
 
 import torch
@@ -118,22 +117,6 @@ def full_precision(device: torch.device) -> Iterator[None]:
     """Autocast off: keeps cheap heads (matmuls, LSTMs, scores) out of bfloat16."""
     with torch.autocast(device.type, enabled=False):
         yield
-
-
-def check_positive_float(who: str, name: str, value) -> float:
-    """``value`` as a float, or ``ValueError`` naming it unless it is a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{who}: {name} must be a positive float, got {value!r}")
-    return float(value)
-
-
-def check_bool(who: str, name: str, value) -> bool:
-    """``value`` if it is a bool, else ``ValueError`` naming it: a string like "False" from a
-    config file must not silently read as True."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{who}: {name} must be True or False, got {value!r}")
-    return value
 
 
 def check_episode(who: str, support_x: Tensor, support_y: Tensor, query_x: Tensor, ways: int,

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_count
+from .._checks import check_bool, check_count, check_positive_float
 from ..ops import sgd_step, sgd_step_
-from .base import (FewShotLearner, _check_label_tensor, _check_shapes, check_bool,
-                   check_episode, check_positive_float, upcast)
+from .base import FewShotLearner, _check_label_tensor, _check_shapes, check_episode, upcast
 from .functional import BN_MODES, batched_forward
 
 LOSSES = ("cross_entropy", "mse")

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_count
+from .._checks import check_bool, check_count, check_positive_float
 from ..ops import pairwise_distances
-from .base import (FewShotLearner, as_vectors, check_bool, check_positive_float,
-                   full_precision, in_weight_dtype, upcast)
+from .base import FewShotLearner, as_vectors, full_precision, in_weight_dtype, upcast
 
 
 class MatchingNet(FewShotLearner):

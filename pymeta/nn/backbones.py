@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_count
+from .._checks import check_bool, check_count, check_probability
 
 Shape = Sequence[int]
 
@@ -64,11 +64,12 @@ class Conv4(nn.Module):
                         ("out_channels", out_channels)):
             check_count("Conv4", name, n)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.flatten, self.pool_last = flatten, pool_last
+        self.flatten = check_bool("Conv4", "flatten", flatten)
+        self.pool_last = check_bool("Conv4", "pool_last", pool_last)
         widths = [in_channels, hidden, hidden, hidden, out_channels]
         self.blocks = nn.Sequential(*[
             _conv_block(widths[i], widths[i + 1], pool=i < 3 or pool_last) for i in range(4)])
-        if channels_last:
+        if check_bool("Conv4", "channels_last", channels_last):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -148,7 +149,8 @@ class ResNet12(nn.Module):
         for i, c in enumerate(channels):
             check_count("ResNet12", f"channels[{i}]", c)
         self.in_channels, self.channels = in_channels, tuple(channels)
-        self.flatten, self.drop_rate = flatten, drop_rate
+        self.flatten = check_bool("ResNet12", "flatten", flatten)
+        self.drop_rate = check_probability("ResNet12", "drop_rate", drop_rate)
         widths = [in_channels, *channels]
         self.blocks = nn.Sequential(*[_ResidualBlock(widths[i], widths[i + 1], drop_rate)
                                       for i in range(4)])
@@ -156,7 +158,7 @@ class ResNet12(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu",
                                         a=0.1)
-        if channels_last:
+        if check_bool("ResNet12", "channels_last", channels_last):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
