@@ -365,6 +365,24 @@ def test_embed_keeps_leading_dims():
     assert z.shape == (2, 3, 4)
     torch.testing.assert_close(z[1, 2], learner.embed(x[1, 2]))
     assert RelationNet(Conv4(flatten=False)).embed(torch.randn(3, 1, 28, 28)).shape == (3, 64, 1, 1)
+    vectors = ProtoNet(nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))).eval()
+    v = torch.randn(2, 3, 6)
+    torch.testing.assert_close(vectors.embed(v, batch_dims=2)[1], vectors.embed(v[1], batch_dims=1))
+    with pytest.raises(ValueError, match="needs 3 batch dims and a sample shape"):
+        vectors.embed(v, batch_dims=3)
+
+
+def test_evaluation_keeps_a_frozen_batchnorm_frozen():
+    """evaluate() switches to eval mode and back per submodule: a BatchNorm the user froze
+    must not start updating its statistics afterwards."""
+    from pymeta.data.episodes import fixed_episodes
+    from pymeta.engine import RunConfig, build_splits, evaluate
+    splits = build_splits(RunConfig(data="digits"))
+    learner = ProtoNet(Conv4(hidden=4, out_channels=4))
+    frozen = learner.backbone.blocks[0][1]
+    frozen.eval()
+    evaluate(learner, fixed_episodes(splits.val, 3, 1, 2, n=2))
+    assert learner.training and not frozen.training
 
 
 def test_bad_episodes():

@@ -98,6 +98,15 @@ def test_bad_inputs():
         net.out_features((1, 28, 28))
     with pytest.raises(ValueError, match="4 entries"):
         ResNet12(channels=(8, 8))
+    with pytest.raises(ValueError, match=r"Conv4: input \(12, 12\) is too small for 4 2x2"):
+        net(torch.randn(2, 3, 12, 12))  # torch's own error comes from deep in max_pool2d
+    assert Conv4(pool_last=False)(torch.randn(2, 1, 8, 8)).shape == (2, 64)
+    with pytest.raises(ValueError, match=r"ResNet12: input \(8, 8\) is too small"):
+        ResNet12(in_channels=1, **SMALL_RESNET)(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"drop_rate must be a probability in \[0, 1\)"):
+        ResNet12(drop_rate=1.0)
+    with pytest.raises(ValueError, match="flatten must be True or False"):
+        Conv4(flatten="no")
 
 
 def test_build_backbone():
@@ -133,6 +142,8 @@ def test_feature_dim():
     assert feature_dim(net, (1, 5, 5)) == 18
     assert net.training and torch.equal(net[1].running_mean, stats)  # a clean dry run
     assert feature_dim(nn.Flatten(), (3, 2, 2)) == 12                # no parameters at all
+    net[1].eval()  # a frozen BatchNorm stays frozen
+    assert feature_dim(net, (1, 5, 5)) == 18 and net.training and not net[1].training
 
 
 def test_autocast_bfloat16_on_cpu():

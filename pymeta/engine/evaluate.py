@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from .._checks import check_count
 from ..data.classes import ImageClasses
 from ..data.episodes import Episode
+from ..nn import evaluating
 from .metrics import mean_ci95
 
 
@@ -78,10 +79,8 @@ def episode_scores(learner, sampler, device="cpu", amp=None, batch: int | None =
     device = torch.device(device)
     metric = metric_name(learner)
     kwargs = {} if steps is None else {"steps": steps}
-    was_training = learner.training
-    learner.eval()
     scores = []
-    try:
+    with evaluating(learner):
         bar = tqdm(total=len(sampler) * sampler.tasks, desc="eval", unit="task",
                    disable=not progress, leave=False)
         for ep in _batches(sampler, batch):
@@ -91,8 +90,6 @@ def episode_scores(learner, sampler, device="cpu", amp=None, batch: int | None =
             scores.append(task_scores(out, ep.query_y, metric).cpu())
             bar.update(ep.tasks)
         bar.close()
-    finally:
-        learner.train(was_training)
     return torch.cat(scores)
 
 
@@ -118,13 +115,9 @@ def evaluate_runs(learner, runs, device="cpu") -> dict:
     for i, r in enumerate(runs):
         groups.setdefault((tuple(r.support.shape), tuple(r.query.shape)), []).append(i)
     errors = torch.zeros(len(runs), dtype=torch.float64)
-    was_training = learner.training
-    learner.eval()
-    try:
+    with evaluating(learner):
         for members in groups.values():
             errors[members] = _run_errors(learner, [runs[i] for i in members], device)
-    finally:
-        learner.train(was_training)
     return {"error": float(errors.mean()), "runs": {r.name: float(e)
                                                     for r, e in zip(runs, errors)}}
 

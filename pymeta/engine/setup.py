@@ -159,7 +159,7 @@ def build_learner(cfg: RunConfig, input_shape: tuple, algo_kwargs: dict | None =
     data the backbone is the whole model and the loss is MSE.
     """
     from ..learners import build_learner as build
-    from ..nn import build_backbone
+    from ..nn import build_backbone, evaluating
     gradient = cfg.algo in _gradient_algos()
     _check_learner_kind(cfg, gradient)
     torch.manual_seed(cfg.seed)
@@ -171,14 +171,13 @@ def build_learner(cfg: RunConfig, input_shape: tuple, algo_kwargs: dict | None =
     if cfg.data in REGRESSION_DATA:
         kwargs.setdefault("loss", "mse")
         return _construct(f"learner {cfg.algo!r}", build, cfg.algo, model, **kwargs)
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         try:
-            feat = model.eval()(torch.zeros(2, *input_shape)).shape[1:]
+            feat = model(torch.zeros(2, *input_shape)).shape[1:]
         except RuntimeError as e:  # e.g. images too small for conv4's four poolings
             raise ValueError(f"backbone {cfg.backbone!r} cannot take inputs of shape "
                              f"{list(input_shape)} (see --image-size): "
                              f"{str(e).splitlines()[0]}") from None
-    model.train()
     if gradient:
         model = _with_head(model, feat, cfg.max_ways)
         kwargs.setdefault("fixed_init", ["head"])

@@ -42,12 +42,17 @@ class FewShotLearner(nn.Module):
 
     # ---- the interface ------------------------------------------------------------------
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Embeds images ``[..., C, H, W]`` to ``[..., *feature]`` in one backbone call."""
-        if x.ndim < 3:
-            raise ValueError(f"{type(self).__name__}.embed: x must be [..., C, H, W], "
-                             f"got {list(x.shape)}")
-        return self._embed(x, x.ndim - 3)
+    def embed(self, x: Tensor, batch_dims: int | None = None) -> Tensor:
+        """Embeds ``x [*batch, *sample]`` to ``[*batch, *feature]`` in one backbone call.
+        ``batch_dims`` leading dims are batch dims; by default all but an image's three
+        ``[C, H, W]`` (pass it for samples of another rank, such as vectors)."""
+        if batch_dims is None:
+            batch_dims = x.ndim - 3
+        if not isinstance(batch_dims, int) or batch_dims < 0 or x.ndim <= batch_dims:
+            raise ValueError(f"{type(self).__name__}.embed: x {list(x.shape)} needs "
+                             f"{batch_dims} batch dims and a sample shape (images: "
+                             f"[..., C, H, W]; otherwise pass batch_dims)")
+        return self._embed(x, batch_dims)
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 ways: int) -> Tensor:

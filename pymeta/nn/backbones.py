@@ -1,8 +1,9 @@
 """Embedding networks for few-shot learning: the 4-block ConvNet and ResNet-12."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +14,10 @@ from .._checks import check_bool, check_count, check_probability
 Shape = Sequence[int]
 
 
-def _check_images(who: str, x: Tensor, channels: int) -> None:
+def _check_images(who: str, x: Tensor, channels: int, pools: int) -> None:
     if x.ndim != 4 or x.shape[1] != channels:
         raise ValueError(f"{who}: expected input [B, {channels}, H, W], got {list(x.shape)}")
+    _pooled(who, tuple(x.shape[1:]), channels, pools)  # a clear error for too small images
 
 
 def _pooled(who: str, input_shape: Shape, channels: int, pools: int) -> tuple[int, int]:
@@ -73,7 +75,7 @@ class Conv4(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images("Conv4", x, self.in_channels)
+        _check_images("Conv4", x, self.in_channels, 4 if self.pool_last else 3)
         z = self.blocks(x)
         return z.flatten(1) if self.flatten else z
 
@@ -162,7 +164,7 @@ class ResNet12(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images("ResNet12", x, self.in_channels)
+        _check_images("ResNet12", x, self.in_channels, 4)
         z = self.blocks(x)
         return z.mean((-2, -1)) if self.flatten else z
 
@@ -243,10 +245,28 @@ def feature_dim(backbone: nn.Module, input_shape: Shape) -> int:
     ref = next((t for t in (*backbone.parameters(), *backbone.buffers())
                 if t.is_floating_point()), None)
     like = {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
-    was_training = backbone.training
-    backbone.eval()
+    with evaluating(backbone), torch.no_grad():
+        return backbone(torch.zeros(1, *input_shape, **like))[0].numel()
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block, then every submodule back in its own mode
+    (``module.train(was_training)`` would also un-freeze a BatchNorm kept in eval mode).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> with evaluating(net):
+        ...     net.training
+        False
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    saved = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
-        with torch.no_grad():
-            return backbone(torch.zeros(1, *input_shape, **like))[0].numel()
+        yield module
     finally:
-        backbone.train(was_training)
+        for m, mode in saved:
+            m.training = mode
