@@ -1,5 +1,6 @@
 """FewShotImageFolder on generated images: class folders, CSV splits, errors and the cache."""
 import csv
+import warnings
 
 import numpy as np
 import pytest
@@ -71,6 +72,11 @@ def test_ravi_csv_with_images_folder(tmp_path):
     assert load_image_folder(tmp_path, split="test", image_size=8).names == ["n3"]
     explicit = load_image_folder(tmp_path, tmp_path / "train.csv", image_size=8)
     assert torch.equal(explicit.images, train.classes.images)
+    # split files of one folder keep a cache each (a cache sweeps older ones of its name)
+    cache = tmp_path / "cache"
+    for csv_name in ("train.csv", "test.csv"):
+        load_image_folder(tmp_path, tmp_path / csv_name, image_size=8, cache=cache)
+    assert len(list(cache.glob("*.pt"))) == 2
 
 
 def test_ravi_csv_with_label_folders(tmp_path):
@@ -156,3 +162,21 @@ def test_other_image_formats_pil_reads(tmp_path):
     for fmt, ext in (("BMP", "bmp"), ("GIF", "gif"), ("TIFF", "tif")):
         _save(tmp_path / ext / f"0.{ext}", (0, 0, 0), fmt=fmt)
     assert load_image_folder(tmp_path, image_size=4).names == ["bmp", "gif", "tif"]
+
+
+def test_cache_beside_read_only_data_goes_to_the_user_cache(class_folders, tmp_path, monkeypatch):
+    """A shared, read-only data root (PYMETA_DATA) must not stop caching, nor warn each load."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o555)
+    monkeypatch.setenv("PYMETA_DATA", str(shared))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*not writing cache")
+            warnings.filterwarnings("ignore", message=".*with no images")
+            for _ in range(2):
+                load_image_folder(class_folders, image_size=8, cache=True)
+    finally:
+        shared.chmod(0o755)
+    assert len(list((tmp_path / "xdg" / "pymeta" / "image_folder").glob("*.pt"))) == 1

@@ -96,6 +96,11 @@ def test_write_runs_alphabet_errors(source, tmp_path):
     with pytest.raises(ValueError, match="Tagalog"):
         write_runs(source, tmp_path / "b", alphabets=["Tagalog"])
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="n_runs must be a positive int, got 0"):
+        write_runs(source, tmp_path / "c", n_runs=0)
+    with pytest.raises(ValueError, match="n_way must be an int >= 2, got 0"):
+        write_runs(source, tmp_path / "d", n_way=0)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_zip_form_equals_folder(written, tmp_path):

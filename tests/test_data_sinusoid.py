@@ -52,3 +52,16 @@ def test_fixed_test_set():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SinusoidTasks(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(length=-3), "length must be an int >= 0, got -3"),
+    (dict(length=2.7), "length must be an int >= 0, got 2.7"),
+    (dict(length=True), "length must be an int >= 0, got True"),
+    (dict(amplitude=(0.1, math.inf)), "amplitude must be finite"),
+])
+def test_bad_lengths_ranges_and_indices(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SinusoidTasks(5, 5, **kwargs)
+    with pytest.raises(ValueError, match="task batch index must be an int >= 0, got 0.5"):
+        SinusoidTasks(5, 5)[0.5]

@@ -121,6 +121,39 @@ def test_store_helpers():
         ImageClasses(torch.zeros(2, 1, 3, 3, dtype=torch.uint8), torch.tensor([0, 3]), ["a"])
 
 
+def test_store_refuses_a_class_twice():
+    """A class present twice would be sampled under two labels of one task."""
+    store = toy_store(num_classes=3)
+    with pytest.raises(ValueError, match="'class1' appears more than once"):
+        store.subset([1, 1])
+    with pytest.raises(TypeError, match="class indices, got a torch.bool tensor"):
+        store.subset(torch.tensor([True, False, True]))
+    with pytest.raises(TypeError, match="class indices"):
+        store.subset(np.array([True, False, True]))
+    for angles, message in [((0, 90), "gives the class itself"), ((90, 450), "differ modulo 360"),
+                            ((45,), "multiples of 90")]:
+        with pytest.raises(ValueError, match=message):
+            store.with_rotations(angles)
+    assert store.with_rotations((90.0,)).num_classes == 6   # a float angle is an angle
+
+
+def test_splits_keep_rotated_copies_of_a_class_together():
+    store = toy_store().with_rotations()
+    rest, held = store.split(0.25, seed=1)
+    base = lambda names: {n.split("/rot")[0] for n in names}  # noqa: E731
+    assert not base(rest.names) & base(held.names) and held.num_classes == 12
+    assert base(rest.names) | base(held.names) == set(toy_store().names)
+    a, b = store.split_examples(0.5, seed=0)
+    # each rotated copy holds out the drawings its class holds out (pixel [0, 1] = index,
+    # moved by the rotation but the same set of indices)
+    for c in range(1, 4):
+        assert torch.equal(b.images[b.offsets[c * 12]:b.offsets[c * 12 + 1]],
+                           torch.rot90(b.images[b.offsets[0]:b.offsets[1]], c, (2, 3)))
+    _, plain_held = toy_store().split(0.25, seed=1)  # unrotated: the same draw as ever
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    assert plain_held.names == [f"class{c}" for c in sorted(perm[:3].tolist())]
+
+
 def test_augmentation_is_seeded_and_only_warps():
     store = toy_store()
     plain = EpisodeSampler(store, 5, 2, 3, seed=4)
@@ -130,6 +163,8 @@ def test_augmentation_is_seeded_and_only_warps():
     assert torch.equal(a.classes, p.classes) and torch.equal(a.query_y, p.query_y)
     assert not torch.equal(a.support_x, p.support_x)
     assert not torch.equal(aug[3].support_x, a.support_x)
+    finite = EpisodeSampler(store, 5, 2, 3, seed=4, augment=True, length=10)
+    assert torch.equal(finite[2].support_x, a.support_x)   # (seed, index) alone decide it
 
 
 def test_random_affine_identity_and_shift():

@@ -43,6 +43,11 @@ class ImageClasses:
                 or int(off[-1]) != self.images.shape[0] or bool((off[1:] < off[:-1]).any())):
             raise ValueError("offsets must be non-decreasing [num_classes + 1] from 0 to the "
                              f"number of images ({self.images.shape[0]}), one class per name")
+        if len(set(self.names)) != len(self.names):  # one class could fill two task slots
+            seen = set()
+            twice = next(n for n in self.names if n in seen or seen.add(n))
+            raise ValueError(f"class names must be unique, but {twice!r} appears more than "
+                             f"once (the same class would be sampled under two labels)")
 
     @classmethod
     def from_counts(cls, images: torch.Tensor, counts, names: list,
@@ -74,8 +79,12 @@ class ImageClasses:
         return images.to(dtype).div_(255)
 
     def subset(self, classes) -> "ImageClasses":
-        """The classes at the given indices, in that order."""
-        idx = torch.as_tensor(classes, dtype=torch.int64).reshape(-1)
+        """The classes at the given indices, in that order (each at most once)."""
+        given = torch.as_tensor(classes)
+        if given.dtype == torch.bool or given.is_floating_point():
+            raise TypeError(f"subset takes class indices, got a {given.dtype} tensor (for a "
+                            f"mask, pass mask.nonzero().flatten())")
+        idx = given.to(torch.int64).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_classes):
             raise IndexError(f"class index out of range [0, {self.num_classes})")
         return self._take([torch.arange(int(self.offsets[c]), int(self.offsets[c + 1]))
@@ -85,20 +94,35 @@ class ImageClasses:
         """Split classes at random into (rest, held-out ``fraction``), e.g. for validation."""
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-        perm = torch.randperm(self.num_classes, generator=torch.Generator().manual_seed(seed))
-        n_held = max(1, round(self.num_classes * fraction))
-        held, rest = perm[:n_held].sort().values, perm[n_held:].sort().values
+        # Rotated copies of a class stay on its side: a held-out character must not be
+        # trained on as another rotation.
+        groups = self._base_classes()
+        bases = list(dict.fromkeys(groups))
+        perm = torch.randperm(len(bases), generator=torch.Generator().manual_seed(seed))
+        n_held = max(1, round(len(bases) * fraction))
+        held_bases = {bases[i] for i in perm[:n_held].tolist()}
+        held = [c for c, b in enumerate(groups) if b in held_bases]
+        rest = [c for c, b in enumerate(groups) if b not in held_bases]
         return self.subset(rest), self.subset(held)
+
+    def _base_classes(self) -> list:
+        """Each class's name without the suffix :meth:`with_rotations` adds."""
+        suffixes = tuple(f"/rot{a}" for a in self.preprocessing.get("rotations", ()))
+        return [n[:n.rindex("/rot")] if suffixes and n.endswith(suffixes) else n
+                for n in self.names]
 
     def split_examples(self, fraction: float, seed: int = 0) -> tuple["ImageClasses", "ImageClasses"]:
         """Split each class's images at random into (rest, held-out ``fraction``); same classes."""
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
         g = torch.Generator().manual_seed(seed)
-        rest, held = [], []
-        for c in range(self.num_classes):  # setup-time only: a loop over classes is fine here
+        rest, held, perms = [], [], {}
+        for c, base in enumerate(self._base_classes()):  # setup-time only: a loop is fine
             start, n = int(self.offsets[c]), int(self.counts[c])
-            perm = torch.randperm(n, generator=g) + start
+            # a rotated copy holds out the same drawings as its class
+            if base not in perms:
+                perms[base] = torch.randperm(n, generator=g)
+            perm = perms[base] + start
             k = min(n - 1, max(1, round(n * fraction))) if n > 1 else 0
             held.append(perm[:k].sort().values)
             rest.append(perm[k:].sort().values)
@@ -112,13 +136,24 @@ class ImageClasses:
     def with_rotations(self, angles=(90, 180, 270)) -> "ImageClasses":
         """Add each class rotated by each angle as a new class (Omniglot's augmentation)."""
         parts = [self]
-        for angle in angles:
-            if angle % 90:
-                raise ValueError(f"rotation angles must be multiples of 90, got {angle}")
-            k = (angle // 90) % 4
+        turns = [_quarter_turns(a) for a in angles]
+        if len(set(turns)) != len(turns):
+            raise ValueError(f"rotation angles must differ modulo 360, got {list(angles)}")
+        for angle, k in zip(angles, turns):
             parts.append(ImageClasses(torch.rot90(self.images, k, dims=(2, 3)).contiguous(),
                                       self.offsets, [f"{n}/rot{angle}" for n in self.names]))
         return concat(parts, preprocessing={**self.preprocessing, "rotations": list(angles)})
+
+
+def _quarter_turns(angle) -> int:
+    """1, 2 or 3 for a multiple of 90 degrees that is not one of 360 (the class itself)."""
+    if isinstance(angle, bool) or not isinstance(angle, (int, float)) or angle % 90:
+        raise ValueError(f"rotation angles must be multiples of 90, got {angle!r}")
+    k = int(angle // 90) % 4
+    if k == 0:
+        raise ValueError(f"rotation by {angle!r} gives the class itself; angles must not be "
+                         f"multiples of 360")
+    return k
 
 
 def concat(parts, preprocessing=None) -> ImageClasses:

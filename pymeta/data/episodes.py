@@ -111,9 +111,11 @@ class EpisodeSampler(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def generator(self, index: int) -> torch.Generator:
-        """The RNG of episode ``index``, a pure function of ``(seed, index)``."""
-        state = np.random.SeedSequence([self.seed, int(index)]).generate_state(2, np.uint32)
+    def generator(self, index: int, stream: int = 0) -> torch.Generator:
+        """The RNG of episode ``index``, a pure function of ``(seed, index)``; ``stream`` 1
+        is an independent one for the same episode (its augmentation)."""
+        entropy = [self.seed, int(index)] + ([stream] if stream else [])
+        state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
         return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +137,7 @@ class EpisodeSampler(Dataset):
         T, N, K, Q = self.tasks, self.ways, self.shots, self.queries
         x = ImageClasses.to_float(self.classes.images[rows.flatten()], self.dtype)
         if self.augment:
-            x = random_affine(x, self.generator(index + self.length))
+            x = random_affine(x, self.generator(index, stream=1))
         x = x.view(T, N, K + Q, *x.shape[1:])
         labels = torch.arange(N).view(1, N, 1)
         return Episode(x[:, :, :K].reshape(T, N * K, *x.shape[3:]),

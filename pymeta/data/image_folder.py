@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._util import (cache_dir, cache_file, cache_load, cache_save, open_image, parallel_map,
-                    stack_classes)
+from ._util import (cache_dir, cache_file, cache_load, cache_save, default_cache_dir, open_image,
+                    parallel_map, stack_classes)
 from .._checks import check_count
 from .classes import ImageClasses
 from .paths import data_root
@@ -67,15 +67,17 @@ class FewShotImageFolder:
         self.classes: ImageClasses = self._load(cache, split)
 
     def _load(self, cache, split) -> ImageClasses:
-        directory = cache_dir(cache, data_root() / "cache" / "image_folder")
+        directory = cache_dir(cache, default_cache_dir(data_root() / "cache" / "image_folder",
+                                                       "image_folder"))
         if directory is None:
             return _decode(self.files, self.image_size)
         key = {"folder": str(self.folder.resolve()), "image_size": self.image_size,
                "csv": str(self.split_csv.resolve()) if self.split_csv else "",
                "source": _fingerprint(self.files, self.split_csv)}
-        # the folder's own hash in the name: split folders of two datasets are both "train",
-        # and a cache sweeps away older ones of its own name
-        where = hashlib.sha256(key["folder"].encode()).hexdigest()[:8]
+        # the folder's and split file's hash in the name: split folders of two datasets are
+        # both "train", split files of one folder share it, and a cache sweeps away older
+        # ones of its own name
+        where = hashlib.sha256(f"{key['folder']}\0{key['csv']}".encode()).hexdigest()[:8]
         path = cache_file(directory, f"{self.folder.name}-{where}-{split or 'all'}-"
                                      f"{self.image_size}px", key)
         classes = cache_load(path, key)

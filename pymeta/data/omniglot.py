@@ -6,7 +6,9 @@ decoded once into an :class:`ImageClasses` and optionally cached as a ``.pt`` fi
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -194,6 +196,13 @@ def _index(tree: FileTree) -> dict:
             raise ValueError(f"{tree.path}: {len(files)} drawings of {alphabet}/{character}, "
                              f"but Omniglot has {DRAWINGS} per character: the files must be "
                              f"<Alphabet>/<character>/*.png, in one copy")
+    short = sorted((len(files), f"{a}/{c}") for (a, c), files in index.items()
+                   if len(files) < DRAWINGS)
+    if short:  # a zip's CRCs catch damage, but not files missing from an extracted copy
+        warnings.warn(f"{tree.path}: {len(short)} character(s) have fewer than {DRAWINGS} "
+                      f"drawings (e.g. {short[0][1]}: {short[0][0]}); the copy looks "
+                      f"incomplete, so classes and fixed episodes differ from Omniglot's",
+                      stacklevel=2)
     return index
 
 
@@ -242,7 +251,10 @@ def _decode_archive(tree: FileTree, name: str, keys: list, image_size: int,
         return _decode(tree, keys, image_size)
     key = {"archive": name, "image_size": image_size, "threshold": THRESHOLD,
            "source": tree.fingerprint()}
-    path = cache_file(directory, f"{name}-{image_size}px", key)
+    # the archive's location in the name: copies of one archive may share the user cache,
+    # and a cache sweeps away older ones of its own name
+    where = hashlib.sha256(str(tree.path.resolve()).encode()).hexdigest()[:8]
+    path = cache_file(directory, f"{name}-{where}-{image_size}px", key)
     full = cache_load(path, key)
     if full is None:
         full = _decode(tree, sorted((name, a, c) for a, c in _index(tree)), image_size)

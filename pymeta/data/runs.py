@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import check_count
 from ._util import FileTree, open_image
 from .omniglot import _index, preprocess_omniglot
 
@@ -183,6 +184,8 @@ def write_runs(classes_source: str | os.PathLike, out_dir: str | os.PathLike, n_
         >>> len(load_runs("my_runs"))                                          # doctest: +SKIP
         20
     """
+    n_runs = check_count("write_runs", "n_runs", n_runs)
+    n_way = check_count("write_runs", "n_way", n_way, low=2)  # one class is no choice
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not an empty folder")

@@ -39,20 +39,22 @@ class SinusoidTasks(Dataset):
             check_count("SinusoidTasks", name, value)
         for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase),
                                ("x_range", x_range)):
-            if not lo <= hi:
-                raise ValueError(f"SinusoidTasks: {name} must be (low, high) with low <= "
-                                 f"high, got {(lo, hi)}")
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise ValueError(f"SinusoidTasks: {name} must be finite (low, high) with "
+                                 f"low <= high, got {(lo, hi)}")
         self.shots, self.queries, self.tasks = shots, queries, tasks
         self.seed = check_count("SinusoidTasks", "seed", seed, low=0)
         self.ways = None
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
-        self.length = 2 ** 62 if length is None else int(length)
+        self.length = (2 ** 62 if length is None
+                       else check_count("SinusoidTasks", "length", length, low=0))
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> Episode:
-        if not 0 <= index < self.length:
+        index = check_count("SinusoidTasks", "task batch index", index, low=0)
+        if index >= self.length:
             raise IndexError(f"task batch {index} out of range [0, {self.length})")
         seeds = np.random.SeedSequence([self.seed, int(index)]).generate_state(2, np.uint32)
         g = torch.Generator().manual_seed(int(seeds[0]) << 32 | int(seeds[1]))
