@@ -807,3 +807,82 @@ def test_batched_forward_bad_input():
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---- modes, inference mode, buffers and errors ----------------------------------------------
+
+@pytest.mark.parametrize("per_task", [False, True], ids=["batched", "per_task"])
+@pytest.mark.parametrize("model_name", ["mlp", "conv"])
+def test_a_frozen_batchnorm_stays_frozen_while_the_rest_trains(model_name, per_task):
+    """A BatchNorm the user put in eval mode normalises with its running statistics and
+    keeps them, as functional_call (and learn2learn, higher) would."""
+    learner = make("maml", MODELS[model_name](), steps=2, per_task=per_task).train()
+    bns = [m for m in learner.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    bns[0].eval()
+    frozen = bns[0].running_mean.clone()
+    sx, sy, qx, qy = episode(model_name)
+    ref_loss, ref_grads = reference_meta(learner, sx, sy, qx, qy)
+    loss = learner.meta_loss(sx, sy, qx, qy)
+    torch.testing.assert_close(loss, ref_loss)
+    assert_grads_close(grads_of(learner, loss), ref_grads)
+    assert torch.equal(bns[0].running_mean, frozen) and not bns[0].training
+    assert learner.training and all(m.training for m in learner.modules() if m is not bns[0])
+
+
+@pytest.mark.parametrize("cls", [MAML, Reptile])
+def test_inference_mode_evaluates_like_no_grad(cls):
+    """Lightning evaluates under torch.inference_mode(): the inner loop still needs autograd."""
+    learner = cls(mlp(), inner_lr=0.3, steps=2).eval()
+    sx, sy, qx, qy = episode("mlp")
+    with torch.no_grad():
+        expected, fast = learner(sx, sy, qx, 3), learner.adapt(sx, sy)
+    with torch.inference_mode():
+        got, fast_got = learner(sx, sy, qx, 3), learner.adapt(sx, sy)
+    torch.testing.assert_close(got, expected)
+    for name in fast:
+        torch.testing.assert_close(fast_got[name], fast[name])
+
+
+class Standardize(nn.Module):
+    """Constant float buffers: nothing in training may change them."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("mean", torch.linspace(-1, 1, n) / 3)
+        self.register_buffer("std", torch.linspace(0.5, 2, n) / 3)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def test_per_task_path_leaves_constant_buffers_alone():
+    """Writing back the mean of T identical per-task copies drifted them (float32, T=7)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Standardize(16), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                          nn.Linear(8, 3))
+    learner = MAML(model, inner_lr=0.3, steps=1).train()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        sx, qx = torch.randn(7, 6, 16, generator=g), torch.randn(7, 4, 16, generator=g)
+        learner.meta_loss(sx, torch.arange(6).repeat(7, 1) % 3, qx,
+                          torch.randint(0, 3, (7, 4), generator=g))
+    assert torch.equal(model[0].mean, before["0.mean"]) and torch.equal(model[0].std, before["0.std"])
+    assert not torch.equal(model[2].running_mean, before["2.running_mean"])  # stats do update
+
+
+def test_unclear_torch_errors_are_named():
+    learner = MAML(conv(), inner_lr=0.3, steps=1)
+    sx, sy, qx, qy = episode("conv")
+    with pytest.raises(ValueError, match=r"Conv4: input \(12, 12\) is too small for 4 2x2"):
+        learner.meta_loss(sx[..., :12, :12], sy, qx[..., :12, :12], qy)
+    single = MAML(mlp(ways=1), inner_lr=0.3, steps=1).train()
+    sx, sy, qx, qy = episode("mlp", ways=1, S=1, Q=1)
+    with pytest.raises(ValueError, match="BatchNorm 1: batch statistics need more than one "
+                                         "value per channel in each task, but each task has "
+                                         "one sample of 8 channels"):
+        single.meta_loss(sx, sy, qx, qy)

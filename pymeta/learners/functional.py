@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..nn.backbones import Conv4, ResNet12, _ResidualBlock
+from ..nn.backbones import Conv4, ResNet12, _pooled, _ResidualBlock
 from ..ops._kernels import functorch_active
 from ..ops.batch_norm_relu_pool import batch_norm_relu_pool
 
@@ -63,8 +63,18 @@ class _Ctx:
                  fuse: bool) -> None:
         self.T, self.params, self.buffers = T, params, buffers
         self.training, self.update_stats = training, update_stats
-        self.batch_stats = training or bn_mode == "transductive"
+        self.transductive = bn_mode == "transductive"
         self.channels_last, self.fuse = channels_last, fuse
+
+    def trains(self, m: nn.Module) -> bool:
+        """Train mode for layer ``m``: a submodule the user put in eval mode (a frozen
+        BatchNorm, a disabled Dropout) stays in it while the rest trains."""
+        return self.training and m.training
+
+    def batch_stats(self, m: _BatchNorm) -> bool:
+        """BatchNorm ``m`` normalises with batch statistics: when it trains, and in
+        transductive evaluation; a frozen one uses its running statistics in training."""
+        return _bn_batch_stats(self.training, m.training, self.transductive)
 
     def stacked(self, name: str, default: Optional[Tensor]) -> Optional[Tensor]:
         """The weight ``name`` as ``[T, ...]`` (shared weights are expanded, not copied)."""
@@ -141,9 +151,15 @@ def _batch_norm(m: _BatchNorm, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
     b = None if b is None else b.reshape(-1)
     mean = ctx.buffer(prefix + "running_mean", m.running_mean)
     var = ctx.buffer(prefix + "running_var", m.running_var)
-    if mean is not None and not ctx.batch_stats:  # non-transductive eval
+    if mean is not None and not ctx.batch_stats(m):  # non-transductive eval, or frozen
         y = _nhwc_batch_norm(a.x, mean.repeat(T), var.repeat(T), w, b, False, 0.0, m.eps)
-    elif mean is not None and ctx.training and ctx.update_stats:
+        return _Act(y, True)
+    if a.x.numel() == a.x.shape[1]:  # torch's own message would count T * C channels
+        raise ValueError(f"BatchNorm {prefix[:-1] or '(the model)'}: batch statistics need more "
+                         f"than one value per channel in each task, but each task has one "
+                         f"sample of {a.x.shape[1] // T} channels (use more samples per task, "
+                         f"or bn_mode='running' in evaluation)")
+    if mean is not None and ctx.trains(m) and ctx.update_stats:
         factor = _momentum(m, prefix, ctx)
         rm, rv = mean.repeat(T), var.repeat(T)  # per-task updates, averaged below
         y = _nhwc_batch_norm(a.x, rm, rv, w, b, True, factor, m.eps)
@@ -159,9 +175,11 @@ def _pool_tail(layers: list, a: _Act, ctx: _Ctx) -> bool:
     """Whether ``layers`` are BatchNorm2d (batch statistics), ReLU and a plain 2x2 max-pool
     over a channels_last float CPU activation: conv4's block tail, which
     :func:`batch_norm_relu_pool` runs as one kernel."""
-    if len(layers) < 3 or not ctx.batch_stats:
+    if len(layers) < 3:
         return False
     (_, bn), (_, relu), (_, pool) = layers
+    if not isinstance(bn, _BatchNorm) or not ctx.batch_stats(bn):
+        return False
     if (type(bn) is not nn.BatchNorm2d or bn.weight is None or type(relu) is not nn.ReLU
             or type(pool) is not nn.MaxPool2d):
         return False
@@ -180,7 +198,7 @@ def _batch_norm_relu_pool(m: nn.BatchNorm2d, prefix: str, a: _Act, ctx: _Ctx) ->
     w = ctx.stacked(prefix + "weight", m.weight).reshape(-1)
     b = ctx.stacked(prefix + "bias", m.bias).reshape(-1)
     y, mean, var = batch_norm_relu_pool(a.x, w, b, m.eps)
-    if m.running_mean is not None and ctx.training and ctx.update_stats:
+    if m.running_mean is not None and ctx.trains(m) and ctx.update_stats:
         B, _, H, W = a.x.shape
         n = B * H * W  # >= 2: the op checks it
         _update_running(m, prefix, ctx, mean, var * (n / (n - 1)))
@@ -243,13 +261,13 @@ def _any_layout(fn: Callable[[nn.Module, Tensor, _Ctx], Tensor]) -> Rule:
 
 
 def _conv4(m: Conv4, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
-    _check_channels("Conv4", a, ctx, m.in_channels)
+    _check_input("Conv4", a, ctx, m.in_channels, 4 if m.pool_last else 3)
     a = _sequential(m.blocks, prefix + "blocks.", a, ctx)
     return _Act(_flat(a, ctx).x.flatten(1), False) if m.flatten else a
 
 
 def _resnet12(m: ResNet12, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
-    _check_channels("ResNet12", a, ctx, m.in_channels)
+    _check_input("ResNet12", a, ctx, m.in_channels, 4)
     a = _sequential(m.blocks, prefix + "blocks.", a, ctx)
     return _Act(a.x.mean((-2, -1)), a.grouped) if m.flatten else a
 
@@ -263,14 +281,15 @@ def _residual_block(m: _ResidualBlock, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
             out = _Act(F.leaky_relu(out.x, 0.1), True)
     short = _sequential(m.shortcut, prefix + "shortcut.", a, ctx)
     y = m.pool(F.leaky_relu(out.x + short.x, 0.1))
-    return _Act(F.dropout(y, m.drop_rate, ctx.training) if m.drop_rate else y, True)
+    return _Act(F.dropout(y, m.drop_rate, ctx.trains(m)) if m.drop_rate else y, True)
 
 
-def _check_channels(who: str, a: _Act, ctx: _Ctx, channels: int) -> None:
+def _check_input(who: str, a: _Act, ctx: _Ctx, channels: int, pools: int) -> None:
     C = a.x.shape[1] // ctx.T if a.grouped else a.x.shape[1]
     if a.x.ndim != 4 or C != channels:
         raise ValueError(f"{who}: expected input [T, B, {channels}, H, W], got "
                          f"[{ctx.T}, ...] with per-sample shape {list(a.x.shape[1:])}")
+    _pooled(who, (channels, *a.x.shape[2:]), channels, pools)  # images large enough
 
 
 def _no_indices(m: nn.Module) -> bool:
@@ -290,8 +309,8 @@ _RULES: dict[type, Rule] = {
     nn.Sigmoid: _any_layout(lambda m, x, c: torch.sigmoid(x)),
     nn.Tanh: _any_layout(lambda m, x, c: torch.tanh(x)),
     nn.Identity: _any_layout(lambda m, x, c: x),
-    nn.Dropout: _any_layout(lambda m, x, c: F.dropout(x, m.p, c.training)),
-    nn.Dropout2d: _any_layout(lambda m, x, c: F.dropout2d(x, m.p, c.training)),
+    nn.Dropout: _any_layout(lambda m, x, c: F.dropout(x, m.p, c.trains(m))),
+    nn.Dropout2d: _any_layout(lambda m, x, c: F.dropout2d(x, m.p, c.trains(m))),
     nn.MaxPool2d: _any_layout(lambda m, x, c: m(x)),
     nn.AvgPool2d: _any_layout(lambda m, x, c: m(x)),
     nn.AdaptiveAvgPool2d: _any_layout(lambda m, x, c: m(x)),
@@ -442,7 +461,7 @@ def _per_task(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[
     own = dict(module.named_parameters(remove_duplicate=False))
     T = x.shape[0]
     outs, states = [], []
-    with _modes(module, training, training or bn_mode == "transductive"):
+    with _modes(module, training, bn_mode == "transductive"):
         for t in range(T):
             weights = {n: p[t] if p.dim() == own[n].dim() + 1 else p for n, p in params.items()}
             state = {n: b.clone() for n, b in buffers.items()}
@@ -452,6 +471,8 @@ def _per_task(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[
     if training and update_stats:
         with torch.no_grad():
             for n, b in buffers.items():
+                if all(torch.equal(s[n], b) for s in states):
+                    continue  # not a statistic any task updated: rewriting it as a mean drifts
                 if b.is_floating_point():
                     b.copy_(torch.stack([s[n] for s in states]).mean(0))
                 else:  # num_batches_tracked: one batch per call, as in the batched path
@@ -460,16 +481,22 @@ def _per_task(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[
 
 
 @contextlib.contextmanager
-def _modes(module: nn.Module, training: bool, bn_training: bool) -> Iterator[None]:
-    """Temporarily sets train/eval per submodule (BatchNorm may differ: transductive eval)."""
+def _modes(module: nn.Module, training: bool, transductive: bool) -> Iterator[None]:
+    """Temporarily sets each submodule's mode as the batched rules read it (see
+    :meth:`_Ctx.trains` and :meth:`_Ctx.batch_stats`)."""
     saved = [(m, m.training) for m in module.modules()]
-    for m in module.modules():
-        m.training = bn_training if isinstance(m, _BatchNorm) else training
+    for m, own in saved:
+        m.training = (_bn_batch_stats(training, own, transductive)
+                      if isinstance(m, _BatchNorm) else training and own)
     try:
         yield
     finally:
         for m, mode in saved:
             m.training = mode
+
+
+def _bn_batch_stats(training: bool, own: bool, transductive: bool) -> bool:
+    return training and own or not training and transductive
 
 
 __all__ = ["batched_forward", "is_batchable", "BN_MODES"]
