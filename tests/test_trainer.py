@@ -355,3 +355,15 @@ def test_train_refuses_to_overwrite_a_run_that_holds_only_best_pt(reference_run,
     res = run_cli(["train", *TINY, "--steps", "2", "--val-every", "2", "--out",
                    str(tmp_path / "new"), "--resume"], cwd=tmp_path)
     assert res.returncode == 0 and "holds no checkpoint yet; starting a new run" in res.stderr
+
+
+def test_training_keeps_a_frozen_batchnorm_frozen(tmp_path):
+    """Neither the training steps nor the validations switch a frozen BatchNorm back on."""
+    trainer = _tiny_trainer(tmp_path)
+    frozen = trainer.learner.backbone.blocks[0][1]
+    frozen.eval()
+    stats = frozen.running_mean.clone()
+    trainer.fit()
+    assert not frozen.training and torch.equal(frozen.running_mean, stats)
+    assert trainer.learner.training
+

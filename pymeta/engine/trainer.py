@@ -139,7 +139,8 @@ class Trainer:
     def train_step(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """One outer step on one meta-batch; returns (loss, query accuracy or MSE) as 0-d
         tensors, so that the loop does not wait for the device every step."""
-        self.learner.train()
+        if not self.learner.training:  # not train() every step: it would un-freeze a
+            self.learner.train()        # submodule the user keeps in eval mode
         ep = ep.to(self.device, non_blocking=True)
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.amp):
