@@ -178,10 +178,8 @@ def _pool_tail(layers: list, a: _Act, ctx: _Ctx) -> bool:
     if len(layers) < 3:
         return False
     (_, bn), (_, relu), (_, pool) = layers
-    if not isinstance(bn, _BatchNorm) or not ctx.batch_stats(bn):
-        return False
     if (type(bn) is not nn.BatchNorm2d or bn.weight is None or type(relu) is not nn.ReLU
-            or type(pool) is not nn.MaxPool2d):
+            or type(pool) is not nn.MaxPool2d or not ctx.batch_stats(bn)):
         return False
     pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
     plain_pool = (pair(pool.kernel_size) == (2, 2) and pair(pool.stride or 2) == (2, 2)
