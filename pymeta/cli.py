@@ -78,7 +78,9 @@ def _bench(args) -> int:
     return 0
 
 
-def _config_from_args(args):
+def _config_from_args(args, resumed: dict | None = None):
+    """The run config: presets under the options given; with ``resumed`` (a checkpoint's
+    config), that config under them instead, so ``--resume --out DIR`` needs no options."""
     from .engine import RunConfig
     preset = args.preset or ("sinusoid" if args.data == "sinusoid" else None)
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
@@ -92,9 +94,10 @@ def _config_from_args(args):
         if pairs:
             options[name] = dict(_key_value(p) for p in pairs)
     fields: dict = {}
-    for layer in (PRESETS.get(preset, {}),  # most general first, the command line last
-                  GRADIENT_PRESETS.get(preset, {}) if args.algo in GRADIENT_ALGOS else {},
-                  ALGO_PRESETS.get((preset, args.algo), {}), options):
+    layers = (PRESETS.get(preset, {}),  # most general first, the command line last
+              GRADIENT_PRESETS.get(preset, {}) if args.algo in GRADIENT_ALGOS else {},
+              ALGO_PRESETS.get((preset, args.algo), {})) if resumed is None else (resumed,)
+    for layer in (*layers, options):
         _merge(fields, layer)
     if fields.get("device") == "cuda":
         _require_cuda()
@@ -203,6 +206,9 @@ def _train(args) -> int:
     cfg = _config_from_args(args)
     out = Path(args.out or f"runs/{cfg.algo}-{cfg.data}")
     held = [name for name in ("last.pt", "best.pt") if (out / name).exists()]
+    if args.resume and held:  # options not given again keep the run's values
+        from .engine import load_checkpoint
+        cfg = _config_from_args(args, load_checkpoint(out / held[0])["config"])
     if not args.resume and held:
         raise ValueError(f"{out} already holds a run ({held[0]}); pass --resume to continue it "
                          f"or choose another --out")
@@ -354,7 +360,8 @@ def _add_train(sub) -> None:
     p.add_argument("--schedule", choices=["step", "cosine", "none"])
     p.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     p.add_argument("--out", help="run directory (default runs/<algo>-<data>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out; options not given again keep its values")
     _add_common(p)
     p.set_defaults(func=_train)
 

@@ -367,3 +367,21 @@ def test_training_keeps_a_frozen_batchnorm_frozen(tmp_path):
     assert not frozen.training and torch.equal(frozen.running_mean, stats)
     assert trainer.learner.training
 
+
+def test_resume_needs_only_the_run_directory(reference_run, tmp_path):
+    """``train --resume --out DIR`` takes the run's own options; options given again must
+    agree with them."""
+    ref, _ = reference_run
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.pt", "best.pt"):
+        (out / name).write_bytes((ref / name).read_bytes())
+    res = run_cli(["train", "--out", str(out), "--resume", "--no-progress", "--threads", "1"],
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    done = json.loads((out / "results.json").read_text())
+    assert done["tests"] == json.loads((ref / "results.json").read_text())["tests"]
+    res = run_cli(["train", "--out", str(out), "--resume", "--shots", "1", "--no-progress"],
+                  cwd=tmp_path)
+    assert res.returncode == 2 and "run config differs in ['shots']" in res.stderr
+
