@@ -203,18 +203,23 @@ def _print_results(res: dict, out: Path) -> None:
 def _train(args) -> int:
     from .engine import train
     _prepare_process(args.threads)
-    cfg = _config_from_args(args)
-    out = Path(args.out or f"runs/{cfg.algo}-{cfg.data}")
+    if args.out:
+        out = Path(args.out)
+    else:
+        fresh = _config_from_args(args)
+        out = Path(f"runs/{fresh.algo}-{fresh.data}")
     held = [name for name in ("last.pt", "best.pt") if (out / name).exists()]
-    if args.resume and held:  # options not given again keep the run's values
-        from .engine import load_checkpoint
-        cfg = _config_from_args(args, load_checkpoint(out / held[0])["config"])
-    if not args.resume and held:
+    if held and not args.resume:
         raise ValueError(f"{out} already holds a run ({held[0]}); pass --resume to continue it "
                          f"or choose another --out")
     if args.resume and not held:  # a job that always passes --resume starts this way
         print(f"pymeta train: --resume: {out} holds no checkpoint yet; starting a new run",
               file=sys.stderr)
+    resumed = None
+    if args.resume and held:  # options not given again keep the run's values
+        from .engine import load_checkpoint
+        resumed = load_checkpoint(out / held[0])["config"]
+    cfg = _config_from_args(args, resumed)
     res = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     _print_results(res, out)
     return 0

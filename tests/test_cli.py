@@ -147,3 +147,25 @@ def test_corrupt_image_in_a_folder_dataset_one_line(tmp_path):
     res = pymeta("train", "--data", "folder", "--root", "data", "--steps", "1", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "1.png" in res.stderr and "class3" in res.stderr
+
+
+def test_resume_from_moved_data_needs_only_the_new_root(tmp_path):
+    """``train --out DIR --resume --root NEW`` continues a folder run whose data moved: the
+    run's own options apply, so --root is judged against its data, not the default's."""
+    import shutil
+    from PIL import Image
+    for c in range(12):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (12, 12), (c * 20, i * 90, 0)).save(
+                tmp_path / "data" / f"class{c}" / f"{i}.png")
+    tiny = ["--ways", "2", "--shots", "1", "--queries", "1", "--eval-queries", "1",
+            "--image-size", "16", "--val-episodes", "2", "--test-episodes", "2",
+            "--no-progress", "--threads", "1"]
+    res = pymeta("train", "--data", "folder", "--root", "data", "--steps", "2", "--val-every",
+                 "1", *tiny, "--out", "run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    res = pymeta("train", "--out", "run", "--resume", "--root", "moved", "--no-progress",
+                 cwd=tmp_path)
+    assert res.returncode == 0, res.stderr

@@ -183,7 +183,7 @@ def test_cache_round_trip_and_corrupt_cache(mini_roots, tmp_path):
     zip_root, _ = mini_roots
     fresh = load_omniglot("small1", zip_root, cache=False)
     first = load_omniglot("small1", zip_root, cache=tmp_path)
-    (cache_file,) = tmp_path.glob("images_background_small1-*-28px-*.pt")
+    (cache_file,) = tmp_path.glob("images_background_small1-28px-*.pt")
     again = load_omniglot("small1", zip_root, cache=tmp_path)
     for got in (first, again):
         assert got.names == fresh.names and torch.equal(got.images, fresh.images)
@@ -206,6 +206,10 @@ def test_cache_round_trip_and_corrupt_cache(mini_roots, tmp_path):
     # A subset of alphabets is served from the whole-archive cache.
     sub = load_omniglot("small1", zip_root, alphabets="Early_Aramaic", cache=tmp_path)
     assert torch.equal(sub.images, fresh.images)
+    # Another copy of the archive (the extracted one) keeps its own cache beside this one.
+    _, dir_root = mini_roots
+    load_omniglot("small1", dir_root, cache=tmp_path)
+    assert len(list(tmp_path.glob("images_background_small1-28px-*.pt"))) == 2
 
 
 def test_default_cache_location_and_invalidation(mini_roots):
@@ -213,11 +217,11 @@ def test_default_cache_location_and_invalidation(mini_roots):
     archive = zip_root / "omniglot" / "images_background_small1.zip"
     cache = zip_root / "omniglot" / "cache"
     a = load_omniglot("small1", zip_root, image_size=20)
-    (first,) = cache.glob("images_background_small1-*-20px-*.pt")
+    (first,) = cache.glob("images_background_small1-20px-*.pt")
     st = archive.stat()
     os.utime(archive, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # "replaced" archive
     b = load_omniglot("small1", zip_root, image_size=20)
-    (second,) = cache.glob("images_background_small1-*-20px-*.pt")      # stale one removed
+    (second,) = cache.glob("images_background_small1-20px-*.pt")      # stale one removed
     assert second != first and torch.equal(a.images, b.images)
     assert a.image_shape == (1, 20, 20) and a.preprocessing["image_size"] == 20
 

@@ -18,8 +18,8 @@ inline bool in_range(std::int64_t label, std::int64_t C) { return label >= 0 && 
 std::vector<std::int64_t> class_counts(std::int64_t B, std::int64_t S, std::int64_t C,
                                        const std::int64_t* labels) {
   std::vector<std::int64_t> counts(B * C, 0);
-  for (std::int64_t b = 0; b < B; ++b)  // nested, not i / S: a division per label cost 4 us
-    for (std::int64_t s = 0; s < S; ++s)  // at 32 x 20 labels
+  for (std::int64_t b = 0; b < B; ++b)  // nested: no 64-bit division per label
+    for (std::int64_t s = 0; s < S; ++s)
       if (const std::int64_t l = labels[b * S + s]; in_range(l, C)) ++counts[b * C + l];
   return counts;
 }
@@ -36,28 +36,22 @@ LabelCheck check_labels(std::int64_t B, std::int64_t S, std::int64_t C,
   return {};
 }
 
-// Each task's samples grouped by class, in sample order, in one allocation (this runs on every
-// call, also at few-shot sizes where the kernel itself takes microseconds). Class c of task b
-// owns index[first[b * (C + 1) + c], first[b * (C + 1) + c + 1]): sample numbers in the task.
+// Each task's samples grouped by class, in sample order: class c of task b owns
+// index[first[b * (C + 1) + c], first[b * (C + 1) + c + 1]), sample numbers in the task.
 struct ClassMembers {
-  std::vector<std::int64_t> data;
-  const std::int64_t* first;
-  const std::int64_t* index;
+  std::vector<std::int64_t> first, index;
 
   ClassMembers(std::int64_t B, std::int64_t S, std::int64_t C, const std::int64_t* labels,
                const std::vector<std::int64_t>& counts)
-      : data(B * (C + 1) + B * S), first(data.data()), index(data.data() + B * (C + 1)) {
-    std::int64_t* idx = data.data() + B * (C + 1);
+      : first(B * (C + 1)), index(B * S) {
+    std::vector<std::int64_t> next(C);
     for (std::int64_t b = 0; b < B; ++b) {
-      std::int64_t* f = data.data() + b * (C + 1);
+      std::int64_t* f = first.data() + b * (C + 1);
       f[0] = b * S;
       for (std::int64_t c = 0; c < C; ++c) f[c + 1] = f[c] + counts[b * C + c];
-      // Filled from each class's end backwards, so each f[l + 1] ends at f[l]; then restored.
-      for (std::int64_t s = S - 1; s >= 0; --s) {
-        const std::int64_t l = labels[b * S + s];
-        if (in_range(l, C)) idx[--f[l + 1]] = s;
-      }
-      for (std::int64_t c = 0; c < C; ++c) f[c + 1] += counts[b * C + c];
+      std::copy(f, f + C, next.begin());
+      for (std::int64_t s = 0; s < S; ++s)
+        if (const std::int64_t l = labels[b * S + s]; in_range(l, C)) index[next[l]++] = s;
     }
   }
 };
@@ -118,7 +112,7 @@ void forward(const Device& dev, std::int64_t B, std::int64_t S, std::int64_t C, 
 #pragma omp for schedule(static)
     for (std::int64_t u = 0; u < B * nblk; ++u) {
       const std::int64_t b = u / nblk, d0 = (u % nblk) * kFeatureBlock;
-      prototype_block(z + b * S * D + d0, m.first + b * (C + 1), m.index, C, D,
+      prototype_block(z + b * S * D + d0, m.first.data() + b * (C + 1), m.index.data(), C, D,
                       std::min(kFeatureBlock, D - d0), out + b * C * D + d0);
     }
   });

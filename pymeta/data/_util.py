@@ -161,9 +161,13 @@ def default_cache_dir(beside_data: Path, name: str) -> Path:
     return beside_data
 
 
-def cache_file(directory: Path, stem: str, key: dict) -> Path:
+def cache_file(directory: Path, stem: str, key: dict, source: str) -> Path:
+    """``<stem>-<source hash>-<key hash>.pt``. Saving a cache sweeps away older ones of the
+    same source; the source's hash (its location) keeps two sources of one stem (two copies
+    of an archive, two split files of a folder) from sweeping each other away."""
+    where = hashlib.sha256(source.encode()).hexdigest()[:8]
     digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]
-    return directory / f"{stem}-{digest}.pt"
+    return directory / f"{stem}-{where}-{digest}.pt"
 
 
 def cache_load(path: Path, key: dict) -> ImageClasses | None:

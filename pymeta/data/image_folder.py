@@ -74,12 +74,9 @@ class FewShotImageFolder:
         key = {"folder": str(self.folder.resolve()), "image_size": self.image_size,
                "csv": str(self.split_csv.resolve()) if self.split_csv else "",
                "source": _fingerprint(self.files, self.split_csv)}
-        # the folder's and split file's hash in the name: split folders of two datasets are
-        # both "train", split files of one folder share it, and a cache sweeps away older
-        # ones of its own name
-        where = hashlib.sha256(f"{key['folder']}\0{key['csv']}".encode()).hexdigest()[:8]
-        path = cache_file(directory, f"{self.folder.name}-{where}-{split or 'all'}-"
-                                     f"{self.image_size}px", key)
+        # split folders of two datasets are both "train", split files of one folder share it
+        path = cache_file(directory, f"{self.folder.name}-{split or 'all'}-{self.image_size}px",
+                          key, f"{key['folder']}\0{key['csv']}")
         classes = cache_load(path, key)
         if classes is None:
             classes = _decode(self.files, self.image_size)

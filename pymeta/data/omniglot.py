@@ -6,7 +6,6 @@ decoded once into an :class:`ImageClasses` and optionally cached as a ``.pt`` fi
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -251,10 +250,7 @@ def _decode_archive(tree: FileTree, name: str, keys: list, image_size: int,
         return _decode(tree, keys, image_size)
     key = {"archive": name, "image_size": image_size, "threshold": THRESHOLD,
            "source": tree.fingerprint()}
-    # the archive's location in the name: copies of one archive may share the user cache,
-    # and a cache sweeps away older ones of its own name
-    where = hashlib.sha256(str(tree.path.resolve()).encode()).hexdigest()[:8]
-    path = cache_file(directory, f"{name}-{where}-{image_size}px", key)
+    path = cache_file(directory, f"{name}-{image_size}px", key, str(tree.path.resolve()))
     full = cache_load(path, key)
     if full is None:
         full = _decode(tree, sorted((name, a, c) for a, c in _index(tree)), image_size)

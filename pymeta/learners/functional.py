@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..nn.backbones import Conv4, ResNet12, _pooled, _ResidualBlock
+from ..nn.backbones import Conv4, ResNet12, _pooled, _ResidualBlock, kept_modes
 from ..ops._kernels import functorch_active
 from ..ops.batch_norm_relu_pool import batch_norm_relu_pool
 
@@ -482,15 +482,11 @@ def _per_task(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[
 def _modes(module: nn.Module, training: bool, transductive: bool) -> Iterator[None]:
     """Temporarily sets each submodule's mode as the batched rules read it (see
     :meth:`_Ctx.trains` and :meth:`_Ctx.batch_stats`)."""
-    saved = [(m, m.training) for m in module.modules()]
-    for m, own in saved:
-        m.training = (_bn_batch_stats(training, own, transductive)
-                      if isinstance(m, _BatchNorm) else training and own)
-    try:
+    with kept_modes(module) as saved:
+        for m, own in saved:
+            m.training = (_bn_batch_stats(training, own, transductive)
+                          if isinstance(m, _BatchNorm) else training and own)
         yield
-    finally:
-        for m, mode in saved:
-            m.training = mode
 
 
 def _bn_batch_stats(training: bool, own: bool, transductive: bool) -> bool:

@@ -263,10 +263,18 @@ def evaluating(module: nn.Module) -> Iterator[nn.Module]:
         >>> net.training, net[1].training
         (True, False)
     """
-    saved = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
+    with kept_modes(module):
+        module.eval()
         yield module
+
+
+@contextlib.contextmanager
+def kept_modes(module: nn.Module) -> Iterator[list]:
+    """Restores every submodule's own train/eval mode after the block; yields the saved
+    ``(submodule, training)`` pairs for the block to set modes from."""
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        yield saved
     finally:
         for m, mode in saved:
             m.training = mode
