@@ -31,6 +31,8 @@ CASES = {
     "pd numpy float16": (lambda: pd(np.ones((3, 4), np.float16), np.ones((3, 4), np.float16)), TypeError, "got float16"),
     "pd numpy mixed": (lambda: pd(np.ones((3, 4), np.float32), np.ones((3, 4))), TypeError, "share one dtype"),
     "pd numpy rank": (lambda: pd(np.ones(3), np.ones((3, 3))), ValueError, "rows, features"),
+    "pd metric list": (lambda: pd(f(3, 4), f(3, 4), ["cosine"]), TypeError, "metric must be a string, got list"),
+    "pd sparse": (lambda: pd(f(3, 4).to_sparse(), f(3, 4)), TypeError, "x is a torch.sparse_coo tensor; pass a dense one"),
     "pd meta device": (lambda: pd(f(3, 4, device="meta"), f(3, 4, device="meta")), ValueError, "unsupported device meta"),
     # class_prototypes
     "cp rank": (lambda: cp(f(3), L, 2), ValueError, r"z needs shape \[\.\.\., samples, features\], got \[3\]"),
@@ -42,6 +44,13 @@ CASES = {
     "cp negative C": (lambda: cp(f(3, 4), L, -1), ValueError, "num_classes must be >= 0, got -1"),
     "cp float C": (lambda: cp(f(3, 4), L, 2.0), TypeError, "num_classes must be an int, got float"),
     "cp bool C": (lambda: cp(f(3, 4), L, True), TypeError, "num_classes must be an int, got bool"),
+    "cp huge C": (lambda: cp(f(3, 4), L, 2**62), ValueError, r"num_classes 4611686018427387904 is too large"),
+    # more classes than samples: named without allocating per-class counts (2**31 - 1 of them)
+    "cp huge C no features": (lambda: cp(f(3, 0), L, 2**31 - 1), ValueError, "class 2 has no example in the task"),
+    "cp more classes than samples": (lambda: cp(f(2, 3, 4), torch.tensor([[0, 4, 1], [0, 1, 2]]), 4), ValueError, r"label 4 at sample 1 of task 0 is outside \[0, 4\)"),
+    "cp validate str": (lambda: cp(f(3, 4), L, 2, validate="yes"), TypeError, "validate must be True or False, got 'yes'"),
+    "cp validate None": (lambda: cp(f(3, 4), L, 2, validate=None), TypeError, "validate must be True or False"),
+    "cp numpy validate": (lambda: cp(np.ones((3, 4)), L.numpy(), 2, validate=1), TypeError, "validate must be True or False"),
     "cp tensor C": (lambda: cp(f(3, 4), L, torch.tensor(2)), TypeError, "num_classes must be an int"),
     "cp integer z": (lambda: cp(torch.ones(3, 4, dtype=torch.long), L, 2), TypeError, "z must be a floating tensor"),
     "cp float16": (lambda: cp(f(3, 4).half(), L, 2), TypeError, "got torch.float16"),
@@ -69,7 +78,14 @@ CASES = {
     "sgd lr str": (lambda: sgd([f(3)], [f(3)], "0.1"), TypeError, "lr must be a float or a list of tensors, got str"),
     "sgd lr tensor": (lambda: sgd([f(3)], [f(3)], torch.tensor(0.1)), TypeError, "lr must be a float or a list of tensors, got Tensor"),
     "sgd lr bool": (lambda: sgd([f(3)], [f(3)], True), TypeError, "got bool"),
-    "sgd lr list of floats": (lambda: sgd([f(3)], [f(3)], [0.1]), TypeError, r"lr\[0\] must be a torch.Tensor"),
+    "sgd lr list of floats": (lambda: sgd([f(3)], [f(3)], [0.1]), TypeError, r"lr\[0\] must be a tensor .*got float"),
+    "sgd lr list with None": (lambda: sgd([f(3)], [f(3)], [None]), TypeError, r"lr\[0\] must be a tensor .*got NoneType"),
+    "sgd_ lr list with None": (lambda: sgd_([f(3)], [f(3)], [None]), TypeError, r"lr\[0\] must be a tensor"),
+    "sgd numpy lr list with None": (lambda: sgd([np.ones(3)], [np.ones(3)], [None]), TypeError, r"lr\[0\] must be a tensor"),
+    "sgd None lists": (lambda: sgd(None, None, 0.1), TypeError, "params and grads must be lists of tensors, got NoneType"),
+    "sgd_ None lists": (lambda: sgd_(None, None, 0.1), TypeError, "params and grads must be lists of tensors"),
+    "sgd 0-d tensors": (lambda: sgd(f(()), f(()), 0.1), TypeError, "must be lists of tensors, got Tensor"),
+    "sgd sparse grad": (lambda: sgd([f(3)], [f(3).to_sparse()], 0.1), TypeError, r"grads\[0\] is a torch.sparse_coo tensor"),
     "sgd None grad": (lambda: sgd([f(3)], [None], 0.1), TypeError, r"grads\[0\] must be a torch.Tensor"),
     "sgd numpy mixed": (lambda: sgd([np.ones(3, np.float32)], [np.ones(3)], 0.1), TypeError, "share one dtype"),
     "sgd numpy int": (lambda: sgd([np.ones(3, int)], [np.ones(3, int)], 0.1), TypeError, "float32 or float64 array, got int64"),
@@ -90,3 +106,37 @@ def test_bad_input_raises(case):
     fn, exc, match = CASES[case]
     with pytest.raises(exc, match=match):
         fn()
+
+
+def test_numpy_expanded_param_is_refused_in_place():
+    """Stride 0: its rows share memory and cannot take the rows' different updates."""
+    a = np.lib.stride_tricks.as_strided(np.zeros(3), (4, 3), (0, 8))
+    with pytest.raises(ValueError, match=r"params\[0\] is an expanded view"):
+        sgd_([a], [np.arange(12.).reshape(4, 3)], 0.5)
+    assert not a.any()
+
+
+def test_in_place_params_overlapping_across_storages_are_refused():
+    """Two tensors from one numpy buffer have separate torch storages but share memory."""
+    a = np.zeros(8, np.float32)
+    p1, p2 = torch.from_numpy(a[:6]), torch.from_numpy(a[3:])
+    with pytest.raises(ValueError, match=r"params\[0\] shares memory with params\[1\]"):
+        sgd_([p1, p2], [torch.ones(6), torch.full((5,), 10.)], 1.0)
+    assert not a.any()
+
+
+@pytest.mark.parametrize("op", ["pairwise_distances", "class_prototypes", "sgd_step"])
+def test_traced_graphs_check_new_inputs(op):
+    """A traced graph replays the registered op on whatever it is given: the op checks its
+    inputs itself (mismatched sizes once read far out of bounds and crashed the process)."""
+    fns = {"pairwise_distances": (lambda x, y: pd(x, y, "dot"), (f(3, 4), f(2, 4)),
+                                  (f(1, 1 << 20), f(1, 3)), "feature dims differ"),
+           "class_prototypes": (lambda z, l: cp(z, l, 2), (f(4, 3), torch.tensor([0, 1, 0, 1])),
+                                (f(1 << 16, 1), torch.tensor([0, 1])), "labels must have shape"),
+           "sgd_step": (lambda p, g: sgd([p], [g], 0.1)[0], (f(3), f(3)), (f(1 << 16), f(3)),
+                        "do not broadcast")}
+    fn, example, bad, match = fns[op]
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(fn, example, check_trace=False)
+    with pytest.raises(RuntimeError, match=match):  # TorchScript wraps the ValueError
+        traced(*bad)

@@ -135,6 +135,13 @@ def test_bad_input_raises(case, match):
 
 
 
+def test_numpy_scalar_eps_is_a_float():
+    import numpy as np
+    x = rand(2, 3, 4, 4)
+    w, b = params(3)
+    assert_close(f(x, w, b, np.float32(1e-3))[0], reference.batch_norm_relu_pool(x, w, b, 1e-3)[0])
+
+
 def test_returned_statistics_are_not_the_saved_ones():
     """Editing the returned mean in place (as a running-stats update might) must not touch
     what backward reads; in float64 they were views of the saved statistics."""

@@ -131,6 +131,9 @@ def _opcheck_cases():
             yield f"pd-{metric}-{dtype}-{req}", "pairwise_distances", (x, y, metric)
             yield (f"pdb-{metric}-{dtype}-{req}", "pairwise_distances_backward",
                    (r(2, 3, 5), x, y, out, metric))
+            if metric in ("sqeuclidean", "dot"):  # their backward reads no distances
+                yield (f"pdb-{metric}-{dtype}-{req}-no-out", "pairwise_distances_backward",
+                       (r(2, 3, 5), x, y, None, metric))
         yield f"cp-{dtype}-{req}", "class_prototypes", (r(3, 7, 4), LABELS, 3)
         yield f"cpb-{dtype}-{req}", "class_prototypes_backward", (r(3, 3, 4), LABELS, 3)
         yield f"sgd-{dtype}-{req}", "sgd_step", ([r(3, 4), r(5)], [r(3, 4), r(5)], [], 0.3)
@@ -218,6 +221,40 @@ def test_hessian_forward_over_reverse(metric):
         assert_close(list(row), list(ref_row))
     got = hessian(lambda z: cp(z, LABELS, 3).sin().sum())(a)
     assert_close(got, hessian(lambda z: reference.class_prototypes(z, LABELS, 3).sin().sum())(a))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_hessian_of_a_sum(metric):
+    """.sum()'s gradient is an expanded tensor, which the reference jvp once wrote into."""
+    from torch.func import hessian
+    a, b = _inputs(3)
+    got = hessian(lambda u: pd(u, b, metric).sum())(a)
+    assert_close(got, hessian(lambda u: reference.pairwise_distances(u, b, metric).sum())(a))
+
+
+def _in_place_step(p, g):
+    with torch.no_grad():
+        ops.sgd_step_([p], [g], 0.5)
+    return p
+
+
+@pytest.mark.parametrize("tracer", ["make_fx", "jit.trace", "compile"])
+def test_in_place_step_is_recorded(tracer):
+    """Traced and compiled graphs keep sgd_step_'s update (tracers once dropped it: the
+    kernel ran at trace time and nothing was recorded)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    example = (torch.zeros(2, 3), torch.ones(2, 3))
+    if tracer == "make_fx":
+        fn = make_fx(_in_place_step)(*example)
+    elif tracer == "jit.trace":
+        with pytest.warns(torch.jit.TracerWarning):
+            fn = torch.jit.trace(_in_place_step, example, check_trace=False)
+    else:
+        fn = torch.compile(_in_place_step, fullgraph=True)
+    p, g = rand(2, 3), rand(2, 3)
+    expected = p - 0.5 * g
+    fn(p, g)
+    assert_close(p, expected)
 
 
 def test_sgd_step_jvp_takes_the_shape_of_the_output():

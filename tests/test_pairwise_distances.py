@@ -91,6 +91,34 @@ def test_euclidean_gradient_is_zero_at_zero_distance(dtype):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_euclidean_gradient_of_a_nan_distance_is_nan():
+    """A NaN distance is not a zero distance: its gradient is NaN, as torch.cdist's."""
+    x = torch.tensor([[float("nan"), 1.0, 2.0], [1.0, 2.0, 3.0]], dtype=torch.float64,
+                     requires_grad=True)
+    y = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    _, grads = vjp(lambda a, b: pd(a, b, "euclidean"), (x, y))
+    _, ref_grads = vjp(lambda a, b: torch.cdist(a, b), (x, y))
+    assert grads[0][0].isnan().all() and grads[1].isnan().all()
+    assert_close(grads, ref_grads)  # NaN where cdist has NaN, equal elsewhere
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_output_edited_in_place_keeps_the_backward_of_metrics_that_do_not_read_it(metric):
+    """sqeuclidean and dot do not save the distances, so scaling them in place (a
+    temperature) works as with the reference; euclidean and cosine need them, and torch
+    says so."""
+    x, y = rand(5, 4, requires_grad=True), rand(3, 4, requires_grad=True)
+    d = pd(x, y, metric)
+    d.div_(0.5)
+    if metric in ("euclidean", "cosine"):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            d.sum().backward()
+        return
+    d.sum().backward()
+    ref = reference.pairwise_distances(x, y, metric) / 0.5
+    assert_close([x.grad, y.grad], torch.autograd.grad(ref.sum(), (x, y)))
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("shape", [  # (lead, Q, N, D)
     ((2,), 0, 3, 4), ((2,), 3, 0, 4), ((2,), 3, 4, 0), ((0,), 3, 4, 5), ((2, 0), 1, 1, 1)])

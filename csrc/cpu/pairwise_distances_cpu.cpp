@@ -353,7 +353,7 @@ struct Coefs {
         case Metric::SqEuclidean: W[n] = -2 * gv; alpha += 2 * gv; break;
         case Metric::Euclidean: {
           const T d = out[base + n];
-          const T h = d > 0 ? gv / (2 * d) : T(0);
+          const T h = d != 0 ? gv / (2 * d) : T(0);  // a NaN distance stays NaN
           W[n] = -2 * h;
           alpha += 2 * h;
           break;
@@ -377,7 +377,7 @@ struct Coefs {
       const std::int64_t i = (b * Q + q) * N + n;
       switch (m) {
         case Metric::SqEuclidean: s += 2 * g[i]; break;
-        case Metric::Euclidean: s += out[i] > 0 ? g[i] / out[i] : T(0); break;
+        case Metric::Euclidean: s += out[i] != 0 ? g[i] / out[i] : T(0); break;
         case Metric::Cosine: {
           const T nyn = clamp(ny[b * N + n]);
           s += g[i] * (T(1) - out[i]) / (nyn * nyn);

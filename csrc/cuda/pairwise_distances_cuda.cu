@@ -112,7 +112,7 @@ __device__ __forceinline__ void pair_coef(A g, A dist, A ns, A no, A& w, A& a) {
     w = -g / (cs * co);
     a = ns > eps ? g * (A(1) - dist) / (cs * cs) : A(0);  // 1 - dist = cosine similarity
   } else {
-    if constexpr (M == Metric::Euclidean) g = dist > A(0) ? g / (A(2) * dist) : A(0);
+    if constexpr (M == Metric::Euclidean) g = dist != A(0) ? g / (A(2) * dist) : A(0);
     w = A(-2) * g;
     a = A(2) * g;
   }

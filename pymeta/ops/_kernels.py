@@ -92,7 +92,8 @@ def valid_float_tensors(*tensors) -> bool:
         return False
     dtype, device = t0.dtype, t0.device
     for t in tensors:
-        if not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.device != device:
+        if (not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.device != device
+                or t.layout is not torch.strided):
             return False
     if t0.is_cpu:
         return dtype in CPU_DTYPES
@@ -110,6 +111,9 @@ def check_float_tensors(op: str, numpy: bool = True, **tensors: torch.Tensor) ->
                             f"got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+        if t.layout is not torch.strided:
+            raise TypeError(f"{op}: {name} is a {t.layout} tensor; pass a dense one "
+                            "(.to_dense())")
         if t.dtype != t0.dtype:
             raise TypeError(f"{op}: {name0} is {t0.dtype} but {name} is {t.dtype}; use one dtype")
         if t.device != t0.device:

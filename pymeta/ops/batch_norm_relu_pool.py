@@ -9,6 +9,9 @@ serves second-order MAML's inner steps; a third derivative raises.
 """
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 
 from .. import _C
@@ -19,7 +22,7 @@ _OP = "batch_norm_relu_pool"
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps) -> None:
     check_float_tensors(_OP, numpy=False, x=x, weight=weight, bias=bias)  # it trains networks
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"{_OP}: eps must be a positive float, got {eps!r}")
     if x.is_cuda:
         raise ValueError(f"{_OP}: CPU tensors only; on CUDA use torch's batch_norm, relu and "

@@ -18,6 +18,7 @@ from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, batch_fro
 
 _OP = "class_prototypes"
 _OUT_OF_RANGE, _EMPTY_CLASS = 1, 2
+_MAX_CLASSES = 2**31 - 1
 
 
 def _check_shapes(z, labels, num_classes) -> None:
@@ -25,6 +26,8 @@ def _check_shapes(z, labels, num_classes) -> None:
         raise TypeError(f"{_OP}: num_classes must be an int, got {type(num_classes).__name__}")
     if num_classes < 0:
         raise ValueError(f"{_OP}: num_classes must be >= 0, got {num_classes}")
+    if num_classes > _MAX_CLASSES:
+        raise ValueError(f"{_OP}: num_classes {num_classes} is too large (at most 2**31 - 1)")
     if z.ndim < 2:
         raise ValueError(f"{_OP}: z needs shape [..., samples, features], got {shape_str(z.shape)}")
     if tuple(labels.shape) != tuple(z.shape[:-1]):
@@ -42,9 +45,23 @@ def _raise_label_error(status: int, task: int, index: int, value: int, lead, num
                      f"[0, {num_classes}) needs at least one sample")
 
 
+def _raise_first_in_task0(labels, B, S, num_classes, lead):
+    """With more classes than samples every task has an empty class: names task 0's first
+    problem without the kernel's per-class counts (too large to allocate for a huge C)."""
+    row = labels.reshape(B, S)[0].tolist()
+    for s, value in enumerate(row):
+        if not 0 <= value < num_classes:
+            _raise_label_error(_OUT_OF_RANGE, 0, s, value, lead, num_classes)
+    present = set(row)
+    empty = next(c for c in range(num_classes) if c not in present)
+    _raise_label_error(_EMPTY_CLASS, 0, empty, 0, lead, num_classes)
+
+
 def _launch_forward(dev, z, labels, out, lead, num_classes, validate, dtype_code):
     *_, S, D = z.shape
     B = math.prod(lead)
+    if validate and B and num_classes > S:
+        _raise_first_in_task0(labels, B, S, num_classes, lead)
     status = _C.class_prototypes_forward(*dev, dtype_code, B, S, num_classes, D, ptr(z),
                                          ptr(labels), ptr(out), validate)
     if status[0]:
@@ -141,6 +158,7 @@ class _ClassPrototypesBackward(torch.autograd.Function):
 
 @torch.library.custom_op("pymeta::class_prototypes", mutates_args=())
 def _class_prototypes_op(z: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    _check_tensors(z, labels, num_classes)  # a traced graph may replay any inputs
     return _forward_kernel(z, labels, num_classes)
 
 
@@ -152,6 +170,15 @@ def _(z, labels, num_classes):
 @torch.library.custom_op("pymeta::class_prototypes_backward", mutates_args=())
 def _class_prototypes_backward_op(grad: torch.Tensor, labels: torch.Tensor,
                                   num_classes: int) -> torch.Tensor:
+    _check_labels_dtype(labels)
+    if labels.device != grad.device:
+        raise ValueError(f"{_OP} backward: grad is on {grad.device} but labels are on "
+                         f"{labels.device}")
+    expected = (*labels.shape[:-1], num_classes)
+    if grad.ndim < 2 or tuple(grad.shape[:-1]) != expected:
+        raise ValueError(f"{_OP} backward: grad has shape {shape_str(grad.shape)}, expected "
+                         f"{shape_str(expected)} + [features]")
+    check_float_tensors(_OP, numpy=False, grad=grad)
     return _backward_kernel(grad, labels, num_classes)
 
 
@@ -181,6 +208,11 @@ _class_prototypes_backward_op.register_autograd(
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
+def _check_validate(validate) -> None:
+    if not isinstance(validate, (bool, np.bool_)):
+        raise TypeError(f"{_OP}: validate must be True or False, got {validate!r}")
+
+
 def _check_tensors(z, labels, num_classes) -> None:
     check_float_tensors(_OP, z=z)
     if not isinstance(labels, torch.Tensor):
@@ -202,6 +234,7 @@ def _check_labels_dtype(labels) -> None:
 def _numpy(z, labels, num_classes: int, validate: bool) -> np.ndarray:
     if not (isinstance(z, np.ndarray) and isinstance(labels, np.ndarray)):
         raise TypeError(f"{_OP}: z and labels must both be numpy arrays or both torch tensors")
+    _check_validate(validate)
     _check_labels_dtype(labels)
     z = numpy_float(_OP, "z", z)
     _check_shapes(z, labels, num_classes)
@@ -209,7 +242,7 @@ def _numpy(z, labels, num_classes: int, validate: bool) -> np.ndarray:
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     out = np.empty((*lead, num_classes, z.shape[-1]), z.dtype)
     if out.size or validate:
-        _launch_forward(numpy_launch(), z, labels, out, lead, int(num_classes), validate,
+        _launch_forward(numpy_launch(), z, labels, out, lead, int(num_classes), bool(validate),
                         NUMPY_DTYPE_CODES[z.dtype])
     return out
 
@@ -242,9 +275,11 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
         return _numpy(z, labels, num_classes, validate)
     if not (valid_float_tensors(z) and isinstance(labels, torch.Tensor)
             and labels.dtype in _INDEX_DTYPES and labels.device == z.device
-            and type(num_classes) is int and num_classes >= 0 and z.ndim >= 2
-            and labels.shape == z.shape[:-1]):
+            and type(num_classes) is int and 0 <= num_classes <= _MAX_CLASSES and z.ndim >= 2
+            and labels.shape == z.shape[:-1] and (validate is True or validate is False)):
         _check_tensors(z, labels, num_classes)  # the slow path names the problem
+        _check_validate(validate)
+        validate = bool(validate)
     num_classes = int(num_classes)
     if recording():
         return torch.ops.pymeta.class_prototypes(z, labels, num_classes)

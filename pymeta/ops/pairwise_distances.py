@@ -8,6 +8,7 @@ with a vmap rule for autograd and ``torch.func``, and the registered op
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -20,10 +21,13 @@ from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, batch_fro
                        valid_float_tensors)
 
 METRICS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
+_READS_OUTPUT = ("euclidean", "cosine")  # metrics whose backward reads the distances
 _OP = "pairwise_distances"
 
 
 def _check_shapes(x, y, metric: str) -> int:
+    if not isinstance(metric, str):
+        raise TypeError(f"{_OP}: metric must be a string, got {type(metric).__name__}")
     if metric not in METRICS:
         raise ValueError(f"{_OP}: unknown metric {metric!r}; choose one of {sorted(METRICS)}")
     if x.ndim < 2 or y.ndim < 2:
@@ -51,7 +55,8 @@ def _forward_kernel(x: torch.Tensor, y: torch.Tensor, code: int) -> torch.Tensor
 def _backward_kernel(g, x, y, out, code: int, need_x: bool = True, need_y: bool = True):
     *lead, Q, D = x.shape
     N = y.shape[-2]
-    x, y, g, out = x.contiguous(), y.contiguous(), g.contiguous(), out.contiguous()
+    x, y, g = x.contiguous(), y.contiguous(), g.contiguous()
+    out = None if out is None else out.contiguous()  # None: the metric does not read it
     if Q * N == 0:  # no distances: the gradients are exactly zero
         return (torch.zeros_like(x) if need_x else None), (torch.zeros_like(y) if need_y else None)
     gx = torch.empty_like(x) if need_x else None
@@ -59,7 +64,7 @@ def _backward_kernel(g, x, y, out, code: int, need_x: bool = True, need_y: bool 
     if (need_x or need_y) and D:
         _C.pairwise_distances_backward(*launch(x), DTYPE_CODES[x.dtype], code, math.prod(lead),
                                        Q, N, D, g.data_ptr(), x.data_ptr(), y.data_ptr(),
-                                       out.data_ptr(), ptr(gx), ptr(gy))
+                                       ptr(out), ptr(gx), ptr(gy))
     return gx, gy
 
 
@@ -71,7 +76,8 @@ class _PairwiseDistances(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, y, metric = inputs
-        ctx.save_for_backward(x, y, output)
+        # unsaved where unread, so an in-place edit of the distances breaks no backward
+        ctx.save_for_backward(x, y, output if metric in _READS_OUTPUT else None)
         ctx.save_for_forward(x, y)
         ctx.metric = metric
 
@@ -140,6 +146,9 @@ def _reference_jvp(fn, primals, tangents):
     torch.autograd.forward_ad level (which cannot nest) the double-vjp identity: the vjp of
     ``u -> J^T u`` with cotangent ``v`` is ``J v``. A None tangent is zero."""
     tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents))
+    # torch.func.jvp writes tangents into its primals: an expanded one (the gradient of a
+    # .sum(), in hessian) would be written through stride 0
+    primals = tuple(p.contiguous() for p in primals)
     if functorch_active() or not forward_ad_active():
         return torch.func.jvp(fn, primals, tangents)[1]
     with torch.enable_grad():
@@ -168,7 +177,8 @@ def _double_backward(grad, x, y, metric, ggx, ggy):
 
 @torch.library.custom_op("pymeta::pairwise_distances", mutates_args=())
 def _pairwise_distances_op(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
-    return _forward_kernel(x, y, METRICS[metric])
+    check_float_tensors(_OP, numpy=False, x=x, y=y)  # a traced graph may replay any inputs
+    return _forward_kernel(x, y, _check_shapes(x, y, metric))
 
 
 @_pairwise_distances_op.register_fake
@@ -178,9 +188,19 @@ def _(x, y, metric):
 
 @torch.library.custom_op("pymeta::pairwise_distances_backward", mutates_args=())
 def _pairwise_distances_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                                    out: torch.Tensor, metric: str
+                                    out: Optional[torch.Tensor], metric: str
                                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_kernel(grad, x, y, out, METRICS[metric])
+    code = _check_shapes(x, y, metric)
+    expected = (*x.shape[:-1], y.shape[-2])
+    for name, t in (("grad", grad), ("out", out)):
+        if t is not None and tuple(t.shape) != expected:
+            raise ValueError(f"{_OP} backward: {name} has shape {shape_str(t.shape)}, "
+                             f"expected {shape_str(expected)}")
+    if out is None and metric in _READS_OUTPUT:
+        raise ValueError(f"{_OP} backward: the {metric} metric needs the distances")
+    check_float_tensors(_OP, numpy=False, grad=grad, x=x, y=y, **({} if out is None else
+                                                                 {"out": out}))
+    return _backward_kernel(grad, x, y, out, code)
 
 
 @_pairwise_distances_backward_op.register_fake

@@ -281,6 +281,7 @@ def _unpack(n, has_lrs, seq):
 @torch.library.custom_op("pymeta::sgd_step", mutates_args=())
 def _sgd_step_op(params: list[torch.Tensor], grads: list[torch.Tensor],
                  lrs: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
+    _check_op_inputs(params, grads, lrs)
     return _kernel(params, grads, lrs or None, lr)
 
 
@@ -311,16 +312,34 @@ def _op_backward(ctx, gos):
 _sgd_step_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
+def _check_op_inputs(params, grads, lrs) -> None:
+    """The public checks, for the registered ops: a traced graph may replay any inputs."""
+    if len(grads) != len(params) or lrs and len(lrs) != len(params):
+        raise ValueError(f"{_OP}: got {len(params)} params, {len(grads)} grads and "
+                         f"{len(lrs)} rates")
+    if params:
+        _check_tensors(params, grads, lrs or None)
+
+
 # ---- public API -------------------------------------------------------------------------
 
-def _check_lists(params, grads, lr):
+def _check_list_types(params, grads) -> None:
     if not isinstance(params, (list, tuple)) or not isinstance(grads, (list, tuple)):
-        raise TypeError(f"{_OP}: params and grads must be lists of tensors")
+        raise TypeError(f"{_OP}: params and grads must be lists of tensors, got "
+                        f"{type(params).__name__} and {type(grads).__name__}")
+
+
+def _check_lists(params, grads, lr):
+    _check_list_types(params, grads)
     if len(params) != len(grads):
         raise ValueError(f"{_OP}: got {len(params)} params but {len(grads)} grads")
     if isinstance(lr, (list, tuple)):
         if len(lr) != len(params):
             raise ValueError(f"{_OP}: got {len(lr)} learning rates for {len(params)} params")
+        for i, a in enumerate(lr):
+            if not isinstance(a, (torch.Tensor, np.ndarray)):
+                raise TypeError(f"{_OP}: lr[{i}] must be a tensor (a list of rates holds one "
+                                f"per param), got {type(a).__name__}")
         return list(lr)
     if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, numbers.Real):
         raise TypeError(f"{_OP}: lr must be a float or a list of tensors, got "
@@ -409,6 +428,7 @@ def _numpy(params, grads, lr, inplace: bool):
         for i, p in enumerate(params):  # before any is written: all or none are updated
             if not p.flags.writeable:
                 raise ValueError(f"{_OP}_: params[{i}] is a read-only array")
+            _check_not_expanded(i, p.shape, p.strides)
     outs = [np.empty(s, dtype) for s in shapes]
     _run(_Plan(ps, gs, ls, outs), numpy_launch(), NUMPY_DTYPE_CODES[dtype],
          0.0 if lrs is not None else float(lr))
@@ -428,8 +448,7 @@ def _check_no_overlap(params, reads) -> None:
         pairs = ((i, j) for i, a in tensors[:len(params)] for j, b in tensors
                  if j != i and np.may_share_memory(a, b))
     else:
-        pairs = _overlapping_pairs([(t.untyped_storage().data_ptr(), *_byte_range(t), i)
-                                    for i, t in tensors if t.numel()])
+        pairs = _overlapping_pairs([(*_byte_range(t), i) for i, t in tensors if t.numel()])
     for i, j in pairs:
         if min(i, j) < len(params):
             i, j = (i, j) if i < len(params) else (j, i)
@@ -446,14 +465,19 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _overlapping_pairs(spans):
-    """Index pairs of the (storage, start, end, index) spans whose ranges intersect."""
-    active, storage = [], None
-    for st, lo, hi, i in sorted(spans):
-        if st != storage:
-            active, storage = [], st
+    """Index pairs of the (start, end, index) spans whose address ranges intersect (two
+    storages may share memory too: numpy views, from_blob)."""
+    active = []
+    for lo, hi, i in sorted(spans):
         active = [(h, j) for h, j in active if h > lo]
         yield from ((j, i) for _, j in active)
         active.append((hi, i))
+
+
+def _check_not_expanded(i, shape, strides) -> None:
+    if any(st == 0 and n > 1 for st, n in zip(strides, shape)):
+        raise ValueError(f"{_OP}_: params[{i}] is an expanded view: several of its elements "
+                         f"share memory, so they cannot take different updates")
 
 
 def _check_inplace_shapes(params, shapes):
@@ -488,6 +512,7 @@ def sgd_step(params: Sequence, grads: Sequence, lr):
     outs = _eager_plain(params, grads, lr)
     if outs is not None:
         return outs
+    _check_list_types(params, grads)
     if any(isinstance(a, np.ndarray) for a in (*params, *grads)):
         return _numpy(params, grads, lr, inplace=False)
     lrs = _check_lists(params, grads, lr)
@@ -521,6 +546,7 @@ def sgd_step_(params: Sequence, grads: Sequence, lr):
         >>> params[0][0, 0].item()
         -0.5
     """
+    _check_list_types(params, grads)
     if any(isinstance(a, np.ndarray) for a in (*params, *grads)):
         return _numpy(params, grads, lr, inplace=True)
     lrs = _check_lists(params, grads, lr)
@@ -536,18 +562,19 @@ def sgd_step_(params: Sequence, grads: Sequence, lr):
     if needs_autograd(*params):
         raise RuntimeError(f"{_OP}_: in-place update of tensors that require grad; call it "
                            "under torch.no_grad(), or use the differentiable sgd_step")
+    if recording():  # recorded as the functional op and copy_, which every tracer keeps
+        for p, out in zip(params, sgd_step(params, grads, lrs if lrs is not None else lr)):
+            p.copy_(out)
+        return params
     _check_no_overlap(params, [*grads, *(lrs or ())])
     for i, p in enumerate(params):  # before any is written: all or none are updated
-        if any(st == 0 and n > 1 for st, n in zip(p.stride(), p.shape)):
-            raise ValueError(f"{_OP}_: params[{i}] is an expanded view: several of its "
-                             f"elements share memory, so they cannot take different updates")
+        _check_not_expanded(i, p.shape, p.stride())
         if p.is_inference() and not torch.is_inference_mode_enabled():
             raise RuntimeError(f"{_OP}_: params[{i}] is an inference tensor; update it inside "
                                f"torch.inference_mode(), as torch requires")
     outs = [p if p.is_contiguous() else torch.empty_like(p, memory_format=torch.contiguous_format)
             for p in params]
-    if grads:
-        _kernel(params, grads, lrs, lr_float, outs)
+    _kernel(params, grads, lrs, lr_float, outs)
     for p, o in zip(params, outs):
         if o is not p:
             p.copy_(o)
