@@ -1,7 +1,10 @@
 #include "cuda_utils.cuh"
 
+#include <cuda.h>  // driver API types only: its functions are reached through the runtime
+
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 
 namespace pymeta::cuda {
 namespace {
@@ -34,13 +37,35 @@ int driver_version() {
                            built + "; update the driver");
 }
 
+// What to do about the errors a build/GPU/driver mismatch gives at the first launch.
+std::string hint(cudaError_t err) {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+    (void)cudaGetLastError();
+  const std::string arch = std::to_string(major) + std::to_string(minor);
+  switch (err) {
+    case cudaErrorNoKernelImageForDevice:
+    case cudaErrorInvalidKernelImage:
+      return "; pymeta's kernels were built for " + compiled_archs() + ", which this GPU (sm_" +
+             arch + ") cannot run: rebuild pymeta for it (CMAKE_ARGS=" +
+             "-DCMAKE_CUDA_ARCHITECTURES=" + arch + " pip install .)";
+    case cudaErrorUnsupportedPtxVersion:
+      return "; this GPU (sm_" + arch + ") runs pymeta's PTX, which needs a driver at least as "
+             "new as CUDA " + version_string(runtime_version()) + ": update the driver";
+    default:
+      return "";
+  }
+}
+
 }  // namespace
 
 void check(cudaError_t err, const char* name) {
   if (err == cudaSuccess) return;
   (void)cudaGetLastError();  // clear a non-sticky error so the next launch check does not repeat it
   throw std::runtime_error(std::string("pymeta CUDA kernel ") + name +
-                           " failed: " + cudaGetErrorString(err));
+                           " failed: " + cudaGetErrorString(err) + hint(err));
 }
 
 void ensure_driver() {
@@ -68,39 +93,91 @@ DeviceGuard::DeviceGuard(const Device& dev, const char* name)
   if (prev_ != index_) PYMETA_CUDA_CHECK(name, cudaSetDevice(index_));
 }
 
+namespace {
+
+// Whether the device's primary context exists (true when the driver cannot say). Switching
+// to a device creates its context: a few hundred MB of that GPU's memory.
+bool has_primary_context(int device) {
+  using GetState = CUresult (*)(CUdevice, unsigned int*, int*);
+  static const GetState get_state = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &fn, 12000,
+                                         cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<GetState>(fn);
+  }();
+  unsigned int flags = 0;
+  int active = 0;
+  return !get_state || get_state(device, &flags, &active) != CUDA_SUCCESS || active;
+}
+
+}  // namespace
+
 DeviceGuard::~DeviceGuard() {
+  // Like torch's guard, the previous device is restored only if it has a context already:
+  // a thread that never used it (cudaGetDevice then says 0) must not create one on GPU 0.
   // Destructors must not throw: a failed restore is cleared and ignored.
-  if (prev_ >= 0 && prev_ != index_ && cudaSetDevice(prev_) != cudaSuccess)
+  if (prev_ >= 0 && prev_ != index_ && has_primary_context(prev_) &&
+      cudaSetDevice(prev_) != cudaSuccess)
     (void)cudaGetLastError();
 }
 
 namespace {
 
-// The default pool hands freed memory back to the driver at every synchronisation (release
-// threshold 0), so each op's scratch would be a fresh driver allocation: keep it instead.
-void keep_pool_memory(const char* name) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> done[kMaxDevices];
-  int device = 0;
-  PYMETA_CUDA_CHECK(name, cudaGetDevice(&device));
-  if (device < 0 || device >= kMaxDevices || done[device].exchange(true)) return;
-  cudaMemPool_t pool;
-  std::uint64_t threshold = UINT64_MAX;
-  if (cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess ||
-      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold) != cudaSuccess)
+// pymeta's own stream-ordered pool on the device (the default pool's settings belong to the
+// whole process). It keeps up to kScratchKeep bytes across synchronisations, so scratch is not
+// a fresh driver allocation per op. Null where the device has no memory pools (some vGPUs).
+constexpr std::uint64_t kScratchKeep = std::uint64_t(64) << 20;
+
+cudaMemPool_t create_scratch_pool(int device) {
+  int supported = 0;
+  cudaMemPool_t pool = nullptr;
+  cudaMemPoolProps props{};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location.type = cudaMemLocationTypeDevice;
+  props.location.id = device;
+  std::uint64_t keep = kScratchKeep;
+  if (cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, device) != cudaSuccess ||
+      !supported || cudaMemPoolCreate(&pool, &props) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  if (cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep) != cudaSuccess)
     (void)cudaGetLastError();  // only a speed-up: never an error
+  return pool;
+}
+
+cudaMemPool_t scratch_pool(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static cudaMemPool_t pools[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) return nullptr;
+  std::call_once(once[device], [device] { pools[device] = create_scratch_pool(device); });
+  return pools[device];
 }
 
 }  // namespace
 
 Scratch::Scratch(std::size_t bytes, cudaStream_t stream, const char* name) : stream_(stream) {
   if (bytes == 0) return;
-  keep_pool_memory(name);
-  PYMETA_CUDA_CHECK(name, cudaMallocAsync(&ptr_, bytes, stream));
+  int device = 0;
+  PYMETA_CUDA_CHECK(name, cudaGetDevice(&device));
+  if (cudaMemPool_t pool = scratch_pool(device)) {
+    PYMETA_CUDA_CHECK(name, cudaMallocFromPoolAsync(&ptr_, bytes, pool, stream));
+  } else {
+    synchronous_ = true;  // cudaFree waits for the device, so no stream order is needed
+    PYMETA_CUDA_CHECK(name, cudaMalloc(&ptr_, bytes));
+  }
 }
 
 Scratch::~Scratch() {
-  if (ptr_ && cudaFreeAsync(ptr_, stream_) != cudaSuccess) (void)cudaGetLastError();
+  if (!ptr_) return;
+  if ((synchronous_ ? cudaFree(ptr_) : cudaFreeAsync(ptr_, stream_)) != cudaSuccess)
+    (void)cudaGetLastError();
 }
 
 // CMake's CUDA_ARCHITECTURES ("80-real;90") as compiler targets ("sm_80 sm_90 compute_90").

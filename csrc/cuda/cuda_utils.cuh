@@ -44,7 +44,8 @@ class DeviceGuard {
   cudaStream_t stream_ = nullptr;
 };
 
-// Device scratch memory allocated and freed in stream order (no device-wide sync).
+// Device scratch memory allocated and freed in stream order (no device-wide sync), from a pool
+// of pymeta's own.
 class Scratch {
  public:
   Scratch(std::size_t bytes, cudaStream_t stream, const char* name);
@@ -57,6 +58,7 @@ class Scratch {
  private:
   void* ptr_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  bool synchronous_ = false;  // cudaMalloc'd: the device has no memory pools
 };
 
 // Grid-stride loops cover any amount of work, so grids are capped well below the hardware limit.

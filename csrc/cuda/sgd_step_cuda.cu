@@ -1,4 +1,5 @@
-// Fused multi-tensor SGD step (see SgdTensor in common.h): one launch per kMaxTensors tensors.
+// Fused multi-tensor SGD step (see SgdTensor in common.h): one launch for up to kLargeBatch
+// tensors.
 #include <algorithm>
 
 #include "cuda_utils.cuh"
@@ -6,30 +7,50 @@
 namespace pymeta::cuda {
 namespace {
 
-constexpr int kMaxTensors = 48;
 constexpr unsigned kThreads = 256;
 constexpr i64 kChunk = 8 * kThreads;  // elements of one tensor handled by one (virtual) block
 
 // Passed by value as a kernel argument (no host-to-device copy). block_start is the prefix sum
 // of the tensors' chunk counts: virtual block v belongs to tensor k with
-// block_start[k] <= v < block_start[k + 1].
+// block_start[k] <= v < block_start[k + 1]. Two capacities: conv4-sized lists take the small
+// one (less to copy per launch); longer ones (ResNet-12's 62 tensors) fit the large one, in the
+// 32,764 bytes of parameters that CUDA >= 12.1 allows on Volta and newer (ensure_driver
+// requires a CUDA 13 driver).
+template <int N>
 struct SgdBatch {
-  SgdTensor tensors[kMaxTensors];
-  i64 block_start[kMaxTensors + 1] = {};
+  SgdTensor tensors[N];
+  i64 block_start[N + 1] = {};
   int count = 0;
 };
-static_assert(sizeof(SgdBatch) + sizeof(i64) + sizeof(double) <= 4096,
-              "kernel parameters must stay within the 4 KB limit");
+constexpr int kSmallBatch = 48, kLargeBatch = 384;
+static_assert(sizeof(SgdBatch<kSmallBatch>) + sizeof(i64) + sizeof(double) <= 4096,
+              "the small batch must stay within the classic 4 KB of kernel parameters");
+static_assert(sizeof(SgdBatch<kLargeBatch>) + sizeof(i64) + sizeof(double) <= 32764,
+              "kernel parameters must stay within 32,764 bytes");
+
+// The tensor of virtual block v: the last k with block_start[k] <= v (every tensor in a batch
+// has at least one chunk, so block_start increases strictly).
+template <int N>
+__device__ __forceinline__ int tensor_of_block(const SgdBatch<N>& batch, i64 v) {
+  int lo = 0, hi = batch.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (batch.block_start[mid] <= v)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
 
 // out may alias p: each element is read and written by the same thread, so no __restrict__.
-template <class T>
+template <class T, int N>
 __global__ void __launch_bounds__(kThreads)
-    sgd_kernel(const SgdBatch batch, i64 tasks, acc_t<T> lr_scalar) {
+    sgd_kernel(const SgdBatch<N> batch, i64 tasks, acc_t<T> lr_scalar) {
   using A = acc_t<T>;
   const i64 total_blocks = batch.block_start[batch.count];
   for (i64 v = blockIdx.x; v < total_blocks; v += gridDim.x) {
-    int k = 0;
-    while (v >= batch.block_start[k + 1]) ++k;
+    const int k = tensor_of_block(batch, v);
     const SgdTensor& t = batch.tensors[k];
     const T* p = static_cast<const T*>(t.p);
     const T* g = static_cast<const T*>(t.g);
@@ -49,6 +70,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Launches the live tensors in batches of N (one launch when they fit).
+template <class S, int N>
+void launch_batches(const std::vector<SgdTensor>& tensors, i64 T, double lr_scalar,
+                    cudaStream_t stream, const char* name) {
+  SgdBatch<N> batch;
+  auto flush = [&] {
+    if (batch.count == 0) return;
+    sgd_kernel<S, N><<<grid_for(batch.block_start[batch.count]), kThreads, 0, stream>>>(
+        batch, T, acc_t<S>(lr_scalar));
+    check_launch(name);
+    batch = SgdBatch<N>{};
+  };
+  for (const SgdTensor& t : tensors) {
+    if (t.numel <= 0) continue;  // empty tensors take no slot
+    batch.tensors[batch.count] = t;
+    batch.block_start[batch.count + 1] =
+        batch.block_start[batch.count] + ceil_div(T * t.numel, kChunk);
+    if (++batch.count == N) flush();
+  }
+  flush();
+}
+
 }  // namespace
 
 void sgd_step(const Device& dev, DType dtype, i64 T, const std::vector<SgdTensor>& tensors,
@@ -56,33 +99,21 @@ void sgd_step(const Device& dev, DType dtype, i64 T, const std::vector<SgdTensor
   constexpr const char* kName = "sgd_step";
   if (T <= 0) return;
   // Check every tensor before launching anything, so a bad one leaves all of them untouched.
-  bool any = false;
+  int live = 0;
   for (const SgdTensor& t : tensors) {
     if (t.numel <= 0) continue;
     if (!t.out || !t.g)
       throw std::invalid_argument("pymeta CUDA kernel sgd_step: null out or g pointer");
-    any = true;
+    ++live;
   }
-  if (!any) return;
+  if (live == 0) return;
   DeviceGuard guard(dev, kName);
   dispatch_dtype(dtype, kName, [&](auto tag) {
     using S = typename decltype(tag)::type;
-    SgdBatch batch;
-    auto flush = [&] {
-      if (batch.count == 0) return;
-      sgd_kernel<S><<<grid_for(batch.block_start[batch.count]), kThreads, 0, guard.stream()>>>(
-          batch, T, acc_t<S>(lr_scalar));
-      check_launch(kName);
-      batch = SgdBatch{};
-    };
-    for (const SgdTensor& t : tensors) {
-      if (t.numel <= 0) continue;  // empty tensors take no slot
-      batch.tensors[batch.count] = t;
-      batch.block_start[batch.count + 1] =
-          batch.block_start[batch.count] + ceil_div(T * t.numel, kChunk);
-      if (++batch.count == kMaxTensors) flush();
-    }
-    flush();
+    if (live <= kSmallBatch)
+      launch_batches<S, kSmallBatch>(tensors, T, lr_scalar, guard.stream(), kName);
+    else
+      launch_batches<S, kLargeBatch>(tensors, T, lr_scalar, guard.stream(), kName);
   });
 }
 
