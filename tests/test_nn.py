@@ -1,12 +1,10 @@
 """Backbones: output shapes, build_backbone, feature_dim, gradients, serialisation."""
-import doctest
 import io
 
 import pytest
 import torch
 from torch import nn
 
-import pymeta.nn.backbones
 from pymeta.nn import BACKBONES, Conv4, ResNet12, build_backbone, feature_dim
 
 SMALL_RESNET = dict(channels=(4, 8, 8, 16))
@@ -164,6 +162,3 @@ def test_save_and_state_dict_round_trip():
     fresh.load_state_dict(net.state_dict())
     assert torch.equal(fresh(x), net(x))
 
-
-def test_docstring_examples():
-    assert doctest.testmod(pymeta.nn.backbones).failed == 0

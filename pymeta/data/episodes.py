@@ -32,6 +32,12 @@ class Episode:
         query_y: int64 ``[T, ways * queries]``.
         ways: the number of classes per task (None for regression).
         classes: int64 ``[T, ways]``: the store's class index behind each label.
+
+    Example:
+        >>> from pymeta.data import EpisodeSampler, load_digits
+        >>> ep = EpisodeSampler(load_digits("test"), ways=5, shots=1, queries=3, tasks=2)[0]
+        >>> ep.tasks, ep.ways, tuple(ep.support_y.shape), tuple(ep.classes.shape)
+        (2, 5, (2, 5), (2, 5))
     """
 
     support_x: torch.Tensor

@@ -27,6 +27,14 @@ class MetricsLog:
 
     The rows travel inside checkpoints, so a resumed run rewrites both files exactly as they
     were at the checkpoint and drops what a killed run logged after it.
+
+    Example:
+        >>> import tempfile
+        >>> from pymeta.engine.metrics import MetricsLog
+        >>> log = MetricsLog(tempfile.mkdtemp())
+        >>> log.append({"step": 1, "split": "train", "loss": 0.5, "acc": 0.8})
+        >>> log.csv_path.read_text().splitlines()[1].startswith("1,train,0.5")
+        True
     """
 
     def __init__(self, out_dir: str | Path, rows: list | None = None):

@@ -32,7 +32,16 @@ _SEEDS = {"val": VAL_SEED, "test": TEST_SEED}
 @dataclass
 class Splits:
     """Disjoint meta-train / validation / test classes (digits: val and test share classes
-    but not images), and the episode samplers drawn from them."""
+    but not images), and the episode samplers drawn from them.
+
+    Example:
+        >>> from pymeta.engine.config import RunConfig
+        >>> from pymeta.engine.setup import build_splits
+        >>> cfg = RunConfig(data="digits")
+        >>> splits = build_splits(cfg)
+        >>> splits.input_shape, splits.eval_sampler(cfg, "test", episodes=3)[0].ways
+        ((1, 28, 28), 5)
+    """
     train: ImageClasses
     val: ImageClasses
     test: ImageClasses
@@ -76,7 +85,14 @@ def _naming_split(split: str):
 class SinusoidData:
     """Sinusoid regression (MAML's distribution): training, validation and test tasks are
     independent seeded streams of the same distribution; the same interface as
-    :class:`Splits`."""
+    :class:`Splits`.
+
+    Example:
+        >>> from pymeta.engine.config import RunConfig
+        >>> cfg = RunConfig(data="sinusoid", shots=10, queries=10, meta_batch=25)
+        >>> tuple(SinusoidData().train_sampler(cfg)[0].support_x.shape)
+        (25, 10, 1)
+    """
 
     input_shape = (1,)
 
