@@ -7,7 +7,8 @@ on small1 with rotations, validate on a held-out fifth of small1's characters, t
 checkpoint on the small2-only alphabets over the same 1000 fixed episodes at 5-way and 20-way
 1-shot; the gradient learners train on 5-way episodes, see pymeta/cli.py's
 GRADIENT_PRESETS), then prints one table with accuracies ± 95% CI, steps, and the CPU time each run
-used. Runs already finished under bench/out/accuracy/<algo> are reused; killed ones resume.
+used. Runs already finished under bench/out/accuracy/<algo> (<algo>-<N>steps with --steps N)
+are reused; killed ones resume.
 Needs Omniglot's small archives under $PYMETA_DATA/omniglot or ../shared/data/omniglot.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from bench_protonet import data_root  # the same Omniglot lookup (bench/ is on sys.path)
+from pymeta._atomic import write_json
 
 OUT = Path(__file__).resolve().parent / "out" / "accuracy"
 
@@ -29,8 +31,9 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(algo: str, extra: list[str]) -> dict:
-    out = OUT / algo
+def run(algo: str, steps: int | None) -> dict:
+    out = OUT / (f"{algo}-{steps}steps" if steps else algo)  # other steps: another run
+    extra = ["--steps", str(steps)] if steps else []
     done = out / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -43,7 +46,7 @@ def run(algo: str, extra: list[str]) -> dict:
     subprocess.run(cmd, check=True)
     res = json.loads(done.read_text())
     res["cpu_s"] = children_cpu_s() - cpu
-    done.write_text(json.dumps(res, indent=2))
+    write_json(done, res)
     return res
 
 
@@ -67,8 +70,7 @@ def main() -> None:
                                                   "reptile"])
     p.add_argument("--steps", type=int, help="override the preset's steps")
     args = p.parse_args()
-    extra = ["--steps", str(args.steps)] if args.steps else []
-    results = {algo: run(algo, extra) for algo in args.algos}
+    results = {algo: run(algo, args.steps) for algo in args.algos}
     print(table(results))
     (OUT / "summary.md").write_text(table(results) + "\n")
 

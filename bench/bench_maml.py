@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pymeta._atomic import write_json
 from pymeta.benchmark import _cpu_model, _loadavg
 from pymeta.learners import FOMAML, MAML
 from pymeta.learners.maml import CPU_TASK_CHUNK
@@ -331,7 +332,13 @@ def speed_table(results: dict, tasks: int) -> str:
     return "\n".join(head + body)
 
 
+def _has_higher(results: dict) -> bool:
+    return any(res.get("higher") for res in results["configs"].values())
+
+
 def goal_lines(results: dict) -> list[str]:
+    if not _has_higher(results):
+        return ["higher is not installed (pip install higher): no speed or memory goal checked"]
     lines = []
     for key, res in results["configs"].items():
         base = res.get("higher")
@@ -364,9 +371,15 @@ def _chunk_scores(results: dict, name: str) -> tuple[float, bool, float]:
 
 def recommend_chunk(results: dict) -> tuple:
     """(task_chunk, why): the fastest chunk setting whose memory stays within higher's in
-    every config; if none does, the one with the least peak memory."""
+    every config; if none does, the one with the least peak memory; without higher, the
+    fastest."""
     first = next(iter(results["configs"].values()))
     cands = {n: _chunk_of(n) for n in first if n.startswith("pymeta") and not n.endswith("ckpt")}
+    if not _has_higher(results):
+        times = {n: statistics.geometric_mean([res[n]["s"] for res in results["configs"].values()])
+                 for n in cands}
+        best = min(cands, key=times.get)
+        return cands[best], f"{best}, fastest (higher not installed: memory not compared)"
     scores = {n: _chunk_scores(results, n) for n in cands}
     fitting = [n for n in cands if scores[n][1]]
     if fitting:
@@ -438,13 +451,14 @@ def run_steps_memory(args, chunk) -> list[dict]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--tasks", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--chunks", type=int, nargs="+", default=[1, 4],
-                   help="task_chunk values timed besides the default (auto) and all tasks")
+    p.add_argument("--steps", type=int, nargs="+", help="inner steps (default 1 5)")
+    p.add_argument("--tasks", type=int, help="meta-batch (default 32)")
+    p.add_argument("--rounds", type=int, help="timing rounds (default 2)")
+    p.add_argument("--chunks", type=int, nargs="+",
+                   help="task_chunk values timed besides the default (auto) and all tasks "
+                        "(default 1 4)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 4 tasks, 1 step, 1 round, chunk 1")
+                   help="smoke run: defaults of 4 tasks, 1 step, 1 round, chunk 1")
     p.add_argument("--json", type=Path, default=OUT)
     p.add_argument("--no-steps-memory", action="store_true",
                    help="skip the memory-vs-inner-steps table (1 and 10 steps)")
@@ -452,8 +466,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-one", help=argparse.SUPPRESS)
     p.add_argument("--order", choices=["first", "second"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
-        args.tasks, args.steps, args.rounds, args.chunks = 4, [1], 1, [1]
+    defaults = (dict(tasks=4, steps=[1], rounds=1, chunks=[1]) if args.quick else
+                dict(tasks=32, steps=[1, 5], rounds=2, chunks=[1, 4]))
+    for name, value in defaults.items():  # options given explicitly win over --quick
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 
@@ -495,8 +512,7 @@ def report(results: dict, args) -> None:
         lines += ["", f"Memory vs inner steps (second order, {what} increase of one step):",
                   *steps_memory_table(results["steps_memory"])]
     print("\n".join(lines))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

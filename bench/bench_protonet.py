@@ -16,7 +16,6 @@ Contenders:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pymeta._atomic import write_json
 from pymeta.data import EpisodeSampler
 from pymeta.data.omniglot import load_omniglot
 from pymeta.learners import ProtoNet
@@ -208,6 +208,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=6, help="episodes per contender per round")
+    p.add_argument("--json", type=Path, default=OUT, help="results file (default bench/out/protonet.json)")
     args = p.parse_args()
     root = data_root()
     store = load_omniglot("small1", root)
@@ -217,10 +218,10 @@ def main() -> None:
         med = measure(contenders(args, store, Path(tmp) / "images_background_small1"),
                       args.rounds, args.steps)
     rows = report(med, args)
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps({"median_s": med, "ratios": rows, "args": vars(args),
-                               "threads": torch.get_num_threads()}, indent=2))
-    print(f"results written to {OUT}")
+    write_json(args.json, {"median_s": med, "ratios": rows,
+                           "args": {k: str(v) for k, v in vars(args).items()},
+                           "threads": torch.get_num_threads()})
+    print(f"results written to {args.json}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 1. MAML: `pymeta train --algo maml --data sinusoid` (the sinusoid preset: MLP 1-40-40-1, K=10,
    inner rate 0.01, 1 inner step, Adam, meta-batch 25), run in DIR (default
-   bench/out/sinusoid/maml); a finished run is reused, a killed one resumes.
+   bench/out/sinusoid/maml, or maml-<N>steps for other --steps); a finished run is reused,
+   a killed one resumes.
 2. Baseline: the same MLP trained by plain regression (Adam, MSE) on points pooled from
    training tasks (the same task stream), then fine-tuned with the same inner SGD steps.
 3. Both are scored on the same 1000 fixed test tasks: K=5 support points, 100 query points,
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import pymeta
+from pymeta._atomic import write_json
 from pymeta.data import SinusoidTasks, fixed_sinusoid_tasks
 from pymeta.engine.evaluate import episode_scores
 from pymeta.engine.metrics import mean_ci95
@@ -36,7 +38,12 @@ STEPS = (1, 5, 10)
 
 
 def train_maml(run: Path, steps: int) -> tuple:
-    if not (run / "results.json").is_file():
+    done = run / "results.json"
+    finished = json.loads(done.read_text())["config"]["steps"] if done.is_file() else None
+    if finished not in (None, steps):
+        sys.exit(f"{run} holds a finished run of {finished} steps, not {steps}: pass its "
+                 f"--steps or another --run")
+    if finished is None:
         cmd = [sys.executable, "-m", "pymeta", "train", "--algo", "maml", "--data", "sinusoid",
                "--steps", str(steps), "--out", str(run), "--no-progress"]
         if (run / "last.pt").is_file():
@@ -74,12 +81,14 @@ def scores(learner, tasks) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", type=Path, default=OUT / "maml", help="MAML run directory")
+    ap.add_argument("--run", type=Path, help="MAML run directory (default: bench/out/sinusoid/"
+                    "maml, or maml-<N>steps for other --steps)")
     ap.add_argument("--steps", type=int, default=70000, help="MAML meta-training steps")
     ap.add_argument("--baseline-steps", type=int, default=20000)
     ap.add_argument("--json", type=Path, default=OUT / "results.json")
     args = ap.parse_args()
-    maml, maml_run = train_maml(args.run, args.steps)
+    run = args.run or OUT / ("maml" if args.steps == 70000 else f"maml-{args.steps}steps")
+    maml, maml_run = train_maml(run, args.steps)
     t = time.perf_counter()
     base = MAML(train_baseline(args.baseline_steps), inner_lr=0.01, loss="mse").eval()
     base_s = time.perf_counter() - t
@@ -94,10 +103,9 @@ def main() -> None:
         med = " / ".join(f"{x:.3f}" for _, _, x in r)
         bad = " / ".join(str(b) for _, b, _ in r)
         print(f"| {name} | {mse} | {med} | {bad} | {' / '.join(map(str, PAPER[name]))} |")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({k: [{"steps": s, "mse": m, "ci95": c, "diverged": b,
-                                          "median": med} for s, ((m, c), b, med) in zip(STEPS, r)]
-                                     for k, r in rows.items()}, indent=2))
+    write_json(args.json, {k: [{"steps": s, "mse": m, "ci95": c, "diverged": b, "median": med}
+                               for s, ((m, c), b, med) in zip(STEPS, r)]
+                           for k, r in rows.items()})  # atomic; NaN and inf as null
 
 
 if __name__ == "__main__":

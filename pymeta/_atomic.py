@@ -86,3 +86,24 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (a ``.pymeta.lock`` file in it) for the block;
+    raises ``RuntimeError`` at once if another process holds it. The kernel drops the lock
+    when its holder exits, however it exits."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unguarded
+        yield
+        return
+    with open(directory / ".pymeta.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{directory} is in use by another process ({what}); wait for "
+                               f"it to finish or choose another directory") from None
+        yield

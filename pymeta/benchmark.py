@@ -291,6 +291,10 @@ def _full_cases(op: str) -> list[tuple]:
 def _cases(suite: str, op_names, device: str = "cpu") -> list[tuple]:
     op_names = [op for op in op_names if device == "cpu" or op not in CPU_ONLY_OPS]
     if suite == "targets":
+        untargeted = sorted(set(op_names) - {op for op, _, _ in TARGETS})
+        if untargeted:  # measuring nothing and saying "done" would mislead
+            raise ValueError(f"the targets suite has no case for {', '.join(untargeted)}; "
+                             f"time it with --suite full")
         return [(op, key, mode) for op, key, mode in TARGETS if op in op_names]
     return [(op, key, mode) for op in OPS if op in op_names for key, mode in _full_cases(op)]
 
@@ -392,14 +396,17 @@ def _check_args(suite: str, op_names, device: str, min_time: float) -> None:
         raise ValueError(f"min_time must be > 0, got {min_time}")
 
 
-def run(suite: str = "targets", ops=OPS, device: str = "cpu", min_time: float = 0.2,
+def run(suite: str = "targets", ops=None, device: str = "cpu", min_time: float = 0.2,
         progress: bool = True, fresh_pages: bool = False) -> dict:
-    """Times the cases of ``suite`` for ``ops``; returns the results (see ``save_json``).
+    """Times the cases of ``suite`` for ``ops`` (default: every op the suite has cases for);
+    returns the results (see ``save_json``).
 
     The memory bandwidth (and the load average) is measured before and after the cases;
     bandwidth goals use the higher of the two measurements. Unless ``fresh_pages``, freed
     memory is kept for reuse (:func:`retain_freed_memory`) for the rest of the process.
     """
+    if ops is None:
+        ops = sorted({op for op, _, _ in TARGETS}) if suite == "targets" else OPS
     _check_args(suite, ops, device, min_time)
     cases = _cases(suite, ops, device)
     malloc = "default" if fresh_pages else retain_freed_memory()

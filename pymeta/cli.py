@@ -232,7 +232,8 @@ def _demo(args) -> int:
     out = Path(args.out)
     print("pymeta demo: ProtoNet (conv4) meta-trained on digits 0-4 (scikit-learn's 8x8 "
           "digits, upsampled to 28x28), tested on the unseen digits 5-9")
-    res = train(cfg, out, resume=(out / "last.pt").exists(), progress=not args.no_progress)
+    held = any((out / name).exists() for name in ("last.pt", "best.pt"))  # never overwritten
+    res = train(cfg, out, resume=held, progress=not args.no_progress)
     _print_results(res, out)
     return 0
 
@@ -252,6 +253,9 @@ def _eval(args) -> int:
     cfg.device = str(device)
     _no_ways_for_regression(cfg.data, args.ways)
     if args.root:
+        if cfg.data not in ("omniglot", "folder"):
+            raise ValueError(f"--root does not apply: {args.checkpoint} was trained on "
+                             f"{cfg.data}, which is bundled or generated")
         cfg.root = args.root
     data = build_splits(cfg)
     for steps in args.steps or [None]:
@@ -265,6 +269,10 @@ def _eval(args) -> int:
 def _eval_runs(args) -> int:
     from .data.runs import load_runs
     from .engine import evaluate_runs
+    if args.json:  # checked first: not after a whole evaluation
+        target = Path(args.json).expanduser().resolve().parent
+        if not (target.is_dir() and os.access(target, os.W_OK)):
+            raise ValueError(f"--json {args.json}: {target} is not a writable directory")
     learner, device = _load_learner(args)
     pre = learner.preprocessing
     if pre.get("dataset") != "omniglot":
@@ -423,8 +431,8 @@ def _add_bench(sub) -> None:
                                    "one process and prints medians and ratios.")
     p.add_argument("--suite", choices=["targets", "full"], default="targets",
                    help="targets: the shapes with speed goals (default); full: every shape")
-    p.add_argument("--ops", nargs="+", default=BENCH_OPS, choices=BENCH_OPS,
-                   help="which ops to time (default: all)")
+    p.add_argument("--ops", nargs="+", choices=BENCH_OPS,
+                   help="which ops to time (default: every op the suite has cases for)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--min-time", type=float, default=0.2, metavar="SEC",
                    help="minimum seconds spent per measurement (default 0.2)")

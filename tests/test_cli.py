@@ -77,6 +77,15 @@ def test_bad_options_give_one_line(args, message):
     (["train", "--data", "sinusoid", "--optimizer", "sgd", "--lr", "1e30", "--steps", "2",
       "--val-every", "2", "--val-episodes", "4", "--test-episodes", "2", "--no-progress"],
      "every validation scored NaN, so there is no best checkpoint: the run diverged"),
+    # classification too: NaN logits score NaN, not the chance that argmax's class 0 gets
+    (["train", "--optimizer", "sgd", "--lr", "1e30", "--steps", "2", "--val-every", "2",
+      "--val-episodes", "2", "--test-episodes", "2", "--no-progress"],
+     "every validation scored NaN"),
+    (["train", "--lr", "inf", "--steps", "1"], "lr must be a positive finite number, got inf"),
+    (["eval-runs", "--checkpoint", "missing.pt", "--runs", "x", "--json", "/no/dir/r.json"],
+     "--json /no/dir/r.json: /no/dir is not a writable directory"),
+    (["bench", "--ops", "batch_norm_relu_pool"],
+     "the targets suite has no case for batch_norm_relu_pool; time it with --suite full"),
 ])
 def test_bad_inputs_give_one_line_errors(args, message, tmp_path):
     res = pymeta(*args, cwd=tmp_path)
@@ -169,3 +178,67 @@ def test_resume_from_moved_data_needs_only_the_new_root(tmp_path):
     res = pymeta("train", "--out", "run", "--resume", "--root", "moved", "--no-progress",
                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+
+
+TINY = ["--ways", "2", "--shots", "1", "--queries", "1", "--steps", "2", "--val-every", "2",
+        "--val-episodes", "2", "--test-episodes", "2", "--no-progress", "--threads", "1"]
+
+
+def test_a_run_directory_takes_one_run_at_a_time(tmp_path):
+    """A second train into a directory in use refuses at once, instead of both writing
+    their checkpoints and metrics into it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pymeta._atomic import directory_lock\n"
+         "with directory_lock(sys.argv[1], 'test'):\n print('held', flush=True); time.sleep(60)",
+         str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = pymeta("train", *TINY, "--out", "run", cwd=tmp_path)
+        assert res.returncode == 2 and "is in use by another process" in res.stderr
+        assert not (tmp_path / "run" / "metrics.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    res = pymeta("train", *TINY, "--out", "run", cwd=tmp_path)  # the lock died with its holder
+    assert res.returncode == 0, res.stderr
+
+
+def test_demo_never_overwrites_a_best_checkpoint(tmp_path):
+    """A directory holding only another run's best.pt: demo resumes rather than starts over,
+    so the other run's config is refused and its files stay as they were."""
+    res = pymeta("train", "--algo", "matching", *TINY, "--out", "run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (tmp_path / "run" / "last.pt").unlink()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    res = pymeta("demo", "--out", "run", "--no-progress", cwd=tmp_path)
+    assert res.returncode == 2 and "cannot resume: the checkpoint's run config differs" in res.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()
+            if p.is_file() and p.name in before} == before
+    res = pymeta("eval", "--checkpoint", "run", cwd=tmp_path)
+    assert res.returncode == 2 and "is a run directory, not a checkpoint: pass run/best.pt" in res.stderr
+    res = pymeta("eval", "--checkpoint", "run/best.pt", "--root", "x", cwd=tmp_path)
+    assert res.returncode == 2 and "--root does not apply" in res.stderr
+
+
+def test_a_folder_that_changed_is_refused_by_eval_and_resume(tmp_path):
+    """A class added to an image folder re-draws its random split, so the test split would
+    hold training classes: eval and resume compare the run's class digests and refuse."""
+    from PIL import Image
+    for c in range(12):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (12, 12), (c * 20, i * 90, 0)).save(
+                tmp_path / "data" / f"class{c}" / f"{i}.png")
+    folder = ["--data", "folder", "--root", "data", "--image-size", "16", "--eval-queries", "1"]
+    res = pymeta("train", *folder, *TINY, "--out", "run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = pymeta("eval", "--checkpoint", "run/best.pt", "--episodes", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr  # unchanged data: accepted
+    import shutil
+    shutil.copytree(tmp_path / "data" / "class0", tmp_path / "data" / "class12")
+    res = pymeta("eval", "--checkpoint", "run/best.pt", "--episodes", "2", cwd=tmp_path)
+    assert res.returncode == 2 and "the data's test classes differ from the run's" in res.stderr
+    res = pymeta("train", "--out", "run", "--resume", "--no-progress",
+                 cwd=tmp_path)
+    assert res.returncode == 2 and "cannot resume: the data's train/val/test classes differ" \
+        in res.stderr

@@ -39,6 +39,8 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(IsADirectoryError, match="is a run directory, not a checkpoint"):
+        load_checkpoint(tmp_path)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="not a readable pymeta checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
@@ -81,6 +83,17 @@ def test_load_refuses_malformed_fields(tmp_path):
         save_checkpoint(tmp_path / "c.pt", {**good, field: value})
         with pytest.raises(ValueError, match=f"malformed: .*{message}"):
             pymeta.load(tmp_path / "c.pt")
+    with pytest.raises(TypeError, match="map_location must be a device .*got dict"):
+        pymeta.load(tmp_path / "c.pt", {"cuda:0": "cpu"})
+
+
+def test_nan_logits_score_nan_not_chance():
+    from pymeta.engine.evaluate import task_scores
+    logits = torch.zeros(3, 4, 2)
+    logits[1, 2, 0] = float("nan")
+    labels = torch.zeros(3, 4, dtype=torch.long)
+    scores = task_scores(logits, labels, "acc")
+    assert scores[0] == 1 and scores[1].isnan() and scores[2] == 1
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):

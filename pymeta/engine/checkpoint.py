@@ -50,13 +50,18 @@ def _digest(state) -> str:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`, with clear errors."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a run directory, not a checkpoint: pass "
+                                f"{path / 'best.pt'} (or last.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path} is not a readable pymeta checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path} is not a readable pymeta checkpoint: truncated, corrupt or "
+                         f"another kind of file ({type(e).__name__}{': ' * bool(detail)}"
+                         f"{detail})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a pymeta checkpoint")
     version = state.get("version", 0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -101,8 +102,10 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.schedule == "step" and self.lr_step < 1:
             raise ValueError(f"lr_step must be >= 1, got {self.lr_step}")
-        if not self.lr_gamma > 0:
-            raise ValueError(f"lr_gamma must be > 0, got {self.lr_gamma}")
+        for name in ("lr", "lr_gamma"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got "
+                                 f"{getattr(self, name)}")
         if self.checkpoint_every < 0 or self.workers < 0:
             raise ValueError("checkpoint_every and workers must be >= 0, got "
                              f"{self.checkpoint_every} and {self.workers}")

@@ -40,10 +40,12 @@ def better(metric: str, new: float, old: float | None) -> bool:
 
 
 def task_scores(out: torch.Tensor, query_y: torch.Tensor, metric: str) -> torch.Tensor:
-    """Per-task query accuracy or MSE (``metric``), float64 ``[T]``."""
+    """Per-task query accuracy or MSE (``metric``), float64 ``[T]``. A task with a NaN
+    logit scores NaN: argmax would read it as class 0 and report chance, not divergence."""
     if metric == "mse":
         return (out.double() - query_y.double()).square().flatten(1).mean(1)
-    return (out.argmax(-1) == query_y).double().mean(-1)
+    acc = (out.argmax(-1) == query_y).double().mean(-1)
+    return acc.masked_fill(out.isnan().flatten(1).any(1), math.nan)
 
 
 def _batches(sampler, batch: int | None):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ..data.sinusoid import SinusoidTasks, fixed_sinusoid_tasks
 from .checkpoint import load_checkpoint
 from .config import RunConfig
 from .evaluate import evaluate, metric_name
-from .trainer import Trainer
+from .trainer import Trainer, check_same_classes
 
 VAL_SEED, TEST_SEED = 1009, 2024  # fixed evaluation sets, shared by every learner
 REGRESSION_DATA = ("sinusoid",)
@@ -52,8 +53,11 @@ class Splits:
 
     @property
     def preprocessing(self) -> dict:
-        """The training data's preprocessing record plus the image shape the learner takes."""
-        return {**self.train.preprocessing, "input_shape": list(self.input_shape)}
+        """The training data's preprocessing record, the image shape the learner takes and a
+        digest of each split's class names (a folder that gained a class splits anew)."""
+        return {**self.train.preprocessing, "input_shape": list(self.input_shape),
+                "split_classes": {split: _names_digest(getattr(self, split).names)
+                                  for split in ("train", "val", "test")}}
 
     def summary(self) -> str:
         return (f"train {self.train.num_classes} classes, val {self.val.num_classes}, "
@@ -71,6 +75,10 @@ class Splits:
             return fixed_episodes(getattr(self, split), _or(ways, cfg.test_ways),
                                   _or(shots, cfg.test_shots), _or(queries, cfg.eval_queries),
                                   n=episodes, seed=_SEEDS[split])
+
+
+def _names_digest(names: list) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -286,6 +294,8 @@ def evaluate_split(learner, cfg: RunConfig, data, ways: int | None = None,
                    queries: int | None = None) -> dict:
     """Score ``learner`` on the fixed ``split`` tasks of ``data`` (from :func:`build_splits`);
     gradient-based learners adapt with ``steps`` inner steps (default: their ``test_steps``)."""
+    check_same_classes(getattr(learner, "preprocessing", {}), data.preprocessing, [split],
+                       f"cannot evaluate on the {split} split")
     sampler = data.eval_sampler(cfg, split, _or(episodes, cfg.test_episodes), ways, shots, queries)
     res = evaluate(learner, sampler, cfg.device, cfg.amp, progress=progress, steps=steps)
     setting = {"ways": sampler.ways, "shots": sampler.shots, "queries": sampler.queries}
@@ -315,6 +325,9 @@ def load(path: str | Path, map_location="cpu"):
         >>> learner = pymeta.load("runs/demo/best.pt")  # doctest: +SKIP
         >>> logits = learner(support_x, support_y, query_x, ways=5)  # doctest: +SKIP
     """
+    if not isinstance(map_location, (str, torch.device)):
+        raise TypeError(f"map_location must be a device (a str or torch.device) that the whole "
+                        f"learner moves to, got {type(map_location).__name__}")
     device = torch.device(map_location)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"cannot load {path} onto {device}: torch sees no CUDA device")

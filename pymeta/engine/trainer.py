@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .._atomic import directory_lock
 from ..data.episodes import Episode, EpisodeSampler, episode_loader
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -36,6 +37,18 @@ def make_optimizer(learner: torch.nn.Module, cfg: RunConfig):
 # checkpoint frequency and the final test's episodes and inner steps do not touch training.
 _FREE_ON_RESUME = ("workers", "device", "root", "checkpoint_every", "test_episodes",
                    "eval_steps")
+
+
+def check_same_classes(recorded: dict, current: dict, splits, what: str) -> None:
+    """Refuses data whose class names in ``splits`` differ from a run's ``recorded``
+    preprocessing (their digests; runs from before the record pass): a folder that gained or
+    lost a class splits anew, and the test split would then hold training classes."""
+    old, new = recorded.get("split_classes"), current.get("split_classes")
+    changed = [s for s in splits if old and new and old.get(s) != new.get(s)]
+    if changed:
+        raise ValueError(f"{what}: the data's {'/'.join(changed)} classes differ from the run's: "
+                         "the dataset changed since the run was trained (classes added, removed "
+                         "or renamed), so its splits no longer match; use the run's data")
 
 
 class Trainer:
@@ -106,6 +119,8 @@ class Trainer:
                       if cfg.get(k) != v and k not in _FREE_ON_RESUME)
         if diff:
             raise ValueError(f"cannot resume: the checkpoint's run config differs in {diff}")
+        check_same_classes(state.get("preprocessing", {}), self.preprocessing,
+                           ("train", "val", "test"), "cannot resume")
         self.learner.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
@@ -158,8 +173,12 @@ class Trainer:
         return loss.detach().double(), score
 
     def fit(self, resume: bool = False) -> dict:
-        """Train to ``config.steps``; with ``resume``, continue from ``out_dir/last.pt``."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        """Train to ``config.steps``; with ``resume``, continue from ``out_dir/last.pt``.
+        One run at a time per ``out_dir``: a second one raises at once."""
+        with directory_lock(self.out_dir, "a training run"):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict:
         for torn in self.out_dir.glob(".*.tmp"):  # left by a process killed mid-write
             torn.unlink()
         start = self._resume_from() if resume else None

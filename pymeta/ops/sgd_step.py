@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -277,10 +277,11 @@ def _unpack(n, has_lrs, seq):
 
 
 # ---- registered op, used under torch.compile -------------------------------------------
+# (typing.List in the schema, not list[...]: torch < 2.6 takes only the former)
 
 @torch.library.custom_op("pymeta::sgd_step", mutates_args=())
-def _sgd_step_op(params: list[torch.Tensor], grads: list[torch.Tensor],
-                 lrs: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
+def _sgd_step_op(params: List[torch.Tensor], grads: List[torch.Tensor],
+                 lrs: List[torch.Tensor], lr: float) -> List[torch.Tensor]:
     _check_op_inputs(params, grads, lrs)
     return _kernel(params, grads, lrs or None, lr)
 
