@@ -190,7 +190,7 @@ def test_a_run_directory_takes_one_run_at_a_time(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pymeta._atomic import directory_lock\n"
          "with directory_lock(sys.argv[1], 'test'):\n print('held', flush=True); time.sleep(60)",
-         str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+         str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert holder.stdout.readline().strip() == "held"
         res = pymeta("train", *TINY, "--out", "run", cwd=tmp_path)
