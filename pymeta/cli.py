@@ -456,5 +456,9 @@ def main(argv=None) -> int:
             raise
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        out = getattr(args, "out", None)
+        resume = (f"; continue from its last checkpoint with: pymeta {args.command} --out {out}"
+                  f"{' --resume' * (args.command == 'train')}"
+                  if args.command in ("train", "demo") and out else "")
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130

@@ -242,3 +242,14 @@ def test_a_folder_that_changed_is_refused_by_eval_and_resume(tmp_path):
                  cwd=tmp_path)
     assert res.returncode == 2 and "cannot resume: the data's train/val/test classes differ" \
         in res.stderr
+
+
+def test_an_interrupted_train_says_how_to_resume(monkeypatch, capsys):
+    import pymeta.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert cli.main(["train", "--out", "runs/x"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "interrupted; continue from its last checkpoint with: pymeta train --out runs/x --resume")
