@@ -877,3 +877,59 @@ def test_unclear_torch_errors_are_named():
                                          "value per channel in each task, but each task has "
                                          "one sample of 8 channels"):
         single.meta_loss(sx, sy, qx, qy)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(MAML, {}), (MAML, {"checkpoint_inner": True}),
+                                         (MAML, {"task_chunk": 1}), (FOMAML, {}),
+                                         (MetaSGD, {})],
+                         ids=["maml", "checkpointed", "chunked", "fomaml", "metasgd"])
+def test_parameters_the_loss_never_reaches_get_no_gradient(cls, kwargs):
+    """An unused parameter's .grad stays None, as plain autograd leaves it (a zero .grad is
+    still moved by weight decay and momentum), and the others' gradients are unchanged."""
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.aux, self.b = nn.Linear(3, 4), nn.Linear(3, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    model = WithAux().double()
+    plain = nn.Sequential(model.a, nn.Tanh(), model.b)
+    g = torch.Generator().manual_seed(1)
+    sx, qx = torch.randn(2, 4, 3, generator=g, dtype=DT), torch.randn(2, 3, 3, generator=g, dtype=DT)
+    sy, qy = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]]), torch.tensor([[0, 1, 1], [1, 1, 0]])
+    cls(model, steps=2, **kwargs).meta_loss(sx, sy, qx, qy, 2).backward()
+    assert model.aux.weight.grad is None and model.aux.bias.grad is None
+    got = [p.grad.clone() for p in plain.parameters()]
+    plain.zero_grad(set_to_none=True)
+    cls(plain, steps=2, **kwargs).meta_loss(sx, sy, qx, qy, 2).backward()
+    assert all(torch.allclose(a, p.grad, rtol=1e-12, atol=1e-14) for a, p in zip(got, plain.parameters()))
+
+
+def test_changes_after_construction_are_named():
+    """Learned rates are sized and typed when the learner is built: freezing a layer or
+    converting only the model afterwards gets an error that says so; nothing to adapt too."""
+    sx, qx = torch.randn(2, 4, 3, dtype=DT), torch.randn(2, 3, 3, dtype=DT)
+    sy, qy = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]]), torch.tensor([[0, 1, 1], [1, 1, 0]])
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    learner = MetaSGD(model)
+    model[0].requires_grad_(False)
+    with pytest.raises(ValueError, match="4 learned inner rates for 2 adapting parameters"):
+        learner.meta_loss(sx, sy, qx, qy, 2)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    learner = MAML(model, lslr=True)
+    model.double()
+    with pytest.raises(TypeError, match=r"convert the whole learner \(learner.to\(dtype\)\)"):
+        learner.meta_loss(sx, sy, qx, qy, 2)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter adapts"):
+        MAML(model).meta_loss(sx, sy, qx, qy, 2)
+
+
+def test_numpy_integer_options_are_stored_as_ints():
+    import json
+    import numpy as np
+    learner = MAML(nn.Linear(3, 2), steps=np.int64(2), task_chunk=np.int64(2))
+    assert json.loads(json.dumps(learner.extra_config()))["task_chunk"] == 2

@@ -501,3 +501,12 @@ def test_learned_heads_run_in_a_model_cast_to_half(make):
     half.loss(sx.half(), sy, qx.half(), qy, 2)[0].backward()
     assert all(p.grad is not None and p.grad.dtype == torch.half and p.grad.isfinite().all()
                for p in half.parameters() if p.requires_grad)
+
+
+def test_siamese_lazy_head_takes_the_backbone_dtype():
+    """A float64 backbone with the default (lazy) head: the head becomes float64 too,
+    instead of casting the embeddings down to float32."""
+    learner = Siamese(nn.Linear(3, 4).double())
+    sx, qx = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 3, 3, dtype=torch.float64)
+    logits = learner(sx, torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]]), qx, 2)
+    assert logits.dtype == torch.float64 and learner.scorer.weight.dtype == torch.float64

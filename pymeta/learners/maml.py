@@ -93,8 +93,8 @@ class GradientLearner(FewShotLearner):
             raise ValueError(f"{who}: loss must be one of {LOSSES}, got {loss!r}")
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{who}: the model has no parameters to adapt")
-        self.inner_lr, self.steps = float(inner_lr), steps
-        self.test_steps = steps if test_steps is None else test_steps
+        self.inner_lr, self.steps = float(inner_lr), int(steps)  # int: numpy ints are not JSON
+        self.test_steps = self.steps if test_steps is None else int(test_steps)
         self.bn_mode, self.loss_name = bn_mode, loss
         self.per_task = check_bool(who, "per_task", per_task)
 
@@ -165,6 +165,20 @@ class GradientLearner(FewShotLearner):
         """Inner learning rate(s) of inner step ``step`` (0-based)."""
         return self.inner_lr
 
+    def _check_rates(self, rate: Rate, base: list[Tensor]) -> None:
+        """Learned rates are sized and typed at construction: name a later change."""
+        who = type(self).__name__
+        if not isinstance(rate, list):
+            return
+        if len(rate) != len(base):
+            raise ValueError(f"{who}: {len(rate)} learned inner rates for {len(base)} adapting "
+                             f"parameters: which parameters require grad changed after the "
+                             f"learner was built; build it again")
+        if rate and rate[0].dtype != base[0].dtype:
+            raise TypeError(f"{who}: the learned inner rates are {rate[0].dtype} but the "
+                            f"parameters {base[0].dtype}: convert the whole learner "
+                            f"(learner.to(dtype)), not only its model")
+
     def _split(self) -> Optional[int]:
         """Index of the first top-level child of the head when the model splits into a body
         that runs once and a head that adapts (ANIL); None: the whole model runs each step."""
@@ -203,6 +217,9 @@ class GradientLearner(FewShotLearner):
                     steps: int, mode: str, update_stats: bool,
                     ways: Optional[int]) -> dict[str, Tensor]:
         fast = {n: meta["backbone." + n] for n in self._adapted_names()}
+        if not fast:
+            raise ValueError(f"{type(self).__name__}: no parameter adapts: every parameter it "
+                             f"would adapt is frozen (requires_grad=False)")
         if steps == 0:  # the meta-parameters themselves, task-stacked like adapted ones
             return {n: p.expand(x.shape[0], *p.shape) for n, p in fast.items()}
         for s in range(steps):  # after step 0 the fast weights are ours: eval may update in place
@@ -226,13 +243,23 @@ class GradientLearner(FewShotLearner):
             loss = self._task_losses(out, y, ways, check_labels=s == 0).sum()
             grads = torch.autograd.grad(loss, inputs, create_graph=mode == _SECOND,
                                         allow_unused=True)
-        grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
+        # Weights the loss does not reach keep their value, outside the step: a zero gradient
+        # through sgd_step would give their meta-parameters a zero .grad instead of None,
+        # which weight decay and momentum then act on.
+        used = [i for i, g in enumerate(grads) if g is not None]
+        new = [p.expand(T, *p.shape) if sh else p for p, sh in zip(base, shared)]
         rate = self._rate(meta, s)
+        self._check_rates(rate, base)
+        step_args = ([base[i] for i in used], [grads[i] for i in used],
+                     [rate[i] for i in used] if isinstance(rate, list) else rate)
         if mode != _EVAL:
-            return dict(zip(names, sgd_step(base, grads, rate)))
-        with torch.no_grad():
-            inplace = own and not any(shared)
-            new = (sgd_step_ if inplace else sgd_step)(base, grads, rate)
+            stepped = sgd_step(*step_args)
+        else:
+            with torch.no_grad():
+                inplace = own and not any(shared)
+                stepped = (sgd_step_ if inplace else sgd_step)(*step_args)
+        for i, p in zip(used, stepped):
+            new[i] = p
         return dict(zip(names, new))
 
     def _episode(self, meta: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor,
@@ -393,7 +420,7 @@ class MAML(GradientLearner):
             check_count(type(self).__name__, "task_chunk", task_chunk, ", 'auto' or None")
         who = type(self).__name__
         self.second_order = check_bool(who, "second_order", second_order)
-        self.task_chunk = task_chunk
+        self.task_chunk = task_chunk if task_chunk in (None, "auto") else int(task_chunk)
         self._convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.checkpoint_inner = check_bool(who, "checkpoint_inner", checkpoint_inner)
         self.lslr = check_bool(who, "lslr", lslr)
@@ -718,6 +745,7 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Callable, n_diff: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.run, ctx.n_diff = run, n_diff
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
         ctx.rng = _rng_state(tensors)
         ctx.save_for_backward(*tensors)
         with torch.enable_grad():
@@ -735,7 +763,8 @@ class _Recompute(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(outs, gos) if g is not None and o.requires_grad]
         wanted = [i for i in inputs if i.requires_grad]
         grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                         allow_unused=True) if pairs and wanted else ())
+                                         allow_unused=True) if pairs and wanted
+                     else [None] * len(wanted))
         return (None, None, *(next(grads) if n else None for n in need))
 
 

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .._checks import check_count
 from ..ops import pairwise_distances
@@ -133,7 +134,8 @@ class Siamese(FewShotLearner):
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
             raise ValueError(f"Siamese: margin must be a number >= 0, got {margin!r}")
         self.head, self.pair_loss, self.margin = head, loss, float(margin)
-        self.feature_dim, self.pairs_per_query = feature_dim, pairs_per_query
+        self.feature_dim = None if feature_dim is None else int(feature_dim)  # JSON-friendly
+        self.pairs_per_query = int(pairs_per_query)
         self.scorer = self._make_scorer() if loss == "bce" else None
 
     def _make_scorer(self) -> nn.Module:
@@ -158,6 +160,8 @@ class Siamese(FewShotLearner):
         return self._score(self._distances(zs, zq).unsqueeze(-1))
 
     def _score(self, features: Tensor) -> Tensor:
+        if is_lazy(self.scorer.weight):  # first call: the head takes the backbone's dtype
+            self.scorer.to(next(self.backbone.parameters(), features).dtype)
         return upcast(self.scorer(*in_weight_dtype(self.scorer, features)).squeeze(-1))
 
     def _distances(self, zs: Tensor, zq: Tensor) -> Tensor:
