@@ -510,3 +510,14 @@ def test_siamese_lazy_head_takes_the_backbone_dtype():
     sx, qx = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 3, 3, dtype=torch.float64)
     logits = learner(sx, torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]]), qx, 2)
     assert logits.dtype == torch.float64 and learner.scorer.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("algo", ["protonet", "matching", "siamese", "relation"])
+def test_inputs_of_another_dtype_than_the_model_are_named(algo):
+    learner = build_learner(algo, Conv4(hidden=4, out_channels=4), **(
+        {"feature_channels": 4} if algo == "relation" else {}))
+    sx, qx = torch.rand(1, 2, 1, 28, 28, dtype=torch.float64), torch.rand(1, 2, 1, 28, 28,
+                                                                          dtype=torch.float64)
+    with pytest.raises(ValueError, match="the inputs are torch.float64 but the model's weights "
+                                         "are torch.float32"):
+        learner(sx, torch.tensor([[0, 1]]), qx, 2)

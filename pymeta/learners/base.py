@@ -95,6 +95,15 @@ class FewShotLearner(nn.Module):
     def _check_episode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                        ways: int, query_y: Optional[Tensor] = None) -> None:
         check_episode(type(self).__name__, support_x, support_y, query_x, ways, query_y)
+        check_input_dtype(type(self).__name__, support_x, self.backbone)
+
+
+def check_input_dtype(who: str, x: Tensor, model: nn.Module) -> None:
+    """Inputs in the model's dtype (autocast aside), named here rather than deep inside it."""
+    weight = next(model.parameters(), x).dtype
+    if x.dtype != weight and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{who}: the inputs are {x.dtype} but the model's weights are "
+                         f"{weight}; convert one (x.to({weight}) or model.to({x.dtype}))")
 
 
 # ---- helpers shared by the learners ------------------------------------------------------

@@ -25,7 +25,8 @@ from torch.autograd.function import once_differentiable
 
 from .._checks import check_bool, check_count, check_positive_float
 from ..ops import sgd_step, sgd_step_
-from .base import FewShotLearner, _check_label_tensor, _check_shapes, check_episode, upcast
+from .base import (FewShotLearner, _check_label_tensor, _check_shapes, check_episode,
+                   check_input_dtype, upcast)
 from .functional import BN_MODES, batched_forward
 
 LOSSES = ("cross_entropy", "mse")
@@ -317,11 +318,7 @@ class GradientLearner(FewShotLearner):
 
     def _check_dtype(self, x: Tensor) -> None:
         """The functional layers mix inputs and weights without autocast's casts."""
-        weight = next(self.model.parameters()).dtype
-        if x.dtype != weight and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"{type(self).__name__}: the inputs are {x.dtype} but the model's "
-                             f"weights are {weight}; convert one (x.to({weight}) or "
-                             f"model.to({x.dtype}))")
+        check_input_dtype(type(self).__name__, x, self.model)
 
     def _check(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor],
                ways: Optional[int]) -> None:
