@@ -12,6 +12,7 @@ METRIC_ALGOS = ["protonet", "matching", "siamese", "relation"]
 GRADIENT_ALGOS = ["maml", "fomaml", "metasgd", "anil", "reptile"]
 ALGOS = METRIC_ALGOS + GRADIENT_ALGOS
 DATASETS = ["digits", "omniglot", "folder", "sinusoid"]
+ON_DISK_DATA = ("omniglot", "folder")  # the others are bundled or generated: --root is moot
 BENCH_OPS = ["pairwise_distances", "class_prototypes", "sgd_step", "batch_norm_relu_pool"]
 
 # The accuracy protocol of bench/RESULTS.md, as one preset: Omniglot small1 with rotations
@@ -113,7 +114,7 @@ def _only_applicable(data: str, backbone: str, args) -> None:
              "--protocol": args.protocol is not None, "--no-rotations": args.no_rotations,
              "--root": args.root is not None}
     unused = [] if data == "omniglot" else ["--protocol", "--no-rotations"]
-    if data not in ("omniglot", "folder"):  # bundled or generated: nothing to find on disk
+    if data not in ON_DISK_DATA:
         unused.append("--root")
     if data in REGRESSION_DATA:
         unused += ["--image-size", "--augment"]
@@ -201,24 +202,22 @@ def _print_results(res: dict, out: Path) -> None:
 
 
 def _train(args) -> int:
-    from .engine import train
+    from .engine import held_checkpoints, load_checkpoint, train
     _prepare_process(args.threads)
     if args.out:
         out = Path(args.out)
     else:
         fresh = _config_from_args(args)
         out = Path(f"runs/{fresh.algo}-{fresh.data}")
-    held = [name for name in ("last.pt", "best.pt") if (out / name).exists()]
+    held = held_checkpoints(out)
     if held and not args.resume:
-        raise ValueError(f"{out} already holds a run ({held[0]}); pass --resume to continue it "
-                         f"or choose another --out")
+        raise ValueError(f"{out} already holds a run ({held[0].name}); pass --resume to "
+                         f"continue it or choose another --out")
     if args.resume and not held:  # a job that always passes --resume starts this way
         print(f"pymeta train: --resume: {out} holds no checkpoint yet; starting a new run",
               file=sys.stderr)
-    resumed = None
-    if args.resume and held:  # options not given again keep the run's values
-        from .engine import load_checkpoint
-        resumed = load_checkpoint(out / held[0])["config"]
+    # with --resume, options not given again keep the run's values
+    resumed = load_checkpoint(held[0])["config"] if args.resume and held else None
     cfg = _config_from_args(args, resumed)
     res = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     _print_results(res, out)
@@ -226,14 +225,14 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
-    from .engine import RunConfig, train
+    from .engine import RunConfig, held_checkpoints, train
     _prepare_process(args.threads)
     cfg = RunConfig(algo="protonet", **PRESETS["digits"], device=_device(args))
     out = Path(args.out)
     print("pymeta demo: ProtoNet (conv4) meta-trained on digits 0-4 (scikit-learn's 8x8 "
           "digits, upsampled to 28x28), tested on the unseen digits 5-9")
-    held = any((out / name).exists() for name in ("last.pt", "best.pt"))  # never overwritten
-    res = train(cfg, out, resume=held, progress=not args.no_progress)
+    res = train(cfg, out, resume=bool(held_checkpoints(out)),  # a checkpoint is never overwritten
+                progress=not args.no_progress)
     _print_results(res, out)
     return 0
 
@@ -253,7 +252,7 @@ def _eval(args) -> int:
     cfg.device = str(device)
     _no_ways_for_regression(cfg.data, args.ways)
     if args.root:
-        if cfg.data not in ("omniglot", "folder"):
+        if cfg.data not in ON_DISK_DATA:
             raise ValueError(f"--root does not apply: {args.checkpoint} was trained on "
                              f"{cfg.data}, which is bundled or generated")
         cfg.root = args.root

@@ -37,23 +37,31 @@ int driver_version() {
                            built + "; update the driver");
 }
 
-// What to do about the errors a build/GPU/driver mismatch gives at the first launch.
-std::string hint(cudaError_t err) {
+// The current device's compute capability as CMake writes it ("86"; "?" if unknown).
+std::string device_arch() {
   int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
     (void)cudaGetLastError();
-  const std::string arch = std::to_string(major) + std::to_string(minor);
+    return "?";
+  }
+  return std::to_string(major) + std::to_string(minor);
+}
+
+// What to do about the errors a build/GPU/driver mismatch gives at the first launch.
+std::string hint(cudaError_t err) {
   switch (err) {
     case cudaErrorNoKernelImageForDevice:
-    case cudaErrorInvalidKernelImage:
+    case cudaErrorInvalidKernelImage: {
+      const std::string arch = device_arch();
       return "; pymeta's kernels were built for " + compiled_archs() + ", which this GPU (sm_" +
              arch + ") cannot run: rebuild pymeta for it (CMAKE_ARGS=" +
              "-DCMAKE_CUDA_ARCHITECTURES=" + arch + " pip install .)";
+    }
     case cudaErrorUnsupportedPtxVersion:
-      return "; this GPU (sm_" + arch + ") runs pymeta's PTX, which needs a driver at least as "
-             "new as CUDA " + version_string(runtime_version()) + ": update the driver";
+      return "; this GPU (sm_" + device_arch() + ") runs pymeta's PTX, which needs a driver at "
+             "least as new as CUDA " + version_string(runtime_version()) + ": update the driver";
     default:
       return "";
   }

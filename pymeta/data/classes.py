@@ -1,6 +1,7 @@
 """In-memory labelled images grouped by class: what every few-shot dataset decodes into."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -43,9 +44,8 @@ class ImageClasses:
                 or int(off[-1]) != self.images.shape[0] or bool((off[1:] < off[:-1]).any())):
             raise ValueError("offsets must be non-decreasing [num_classes + 1] from 0 to the "
                              f"number of images ({self.images.shape[0]}), one class per name")
-        if len(set(self.names)) != len(self.names):  # one class could fill two task slots
-            seen = set()
-            twice = next(n for n in self.names if n in seen or seen.add(n))
+        twice = next((n for n, k in Counter(self.names).items() if k > 1), None)
+        if twice is not None:  # one class could fill two task slots
             raise ValueError(f"class names must be unique, but {twice!r} appears more than "
                              f"once (the same class would be sampled under two labels)")
 

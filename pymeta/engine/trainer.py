@@ -39,6 +39,11 @@ _FREE_ON_RESUME = ("workers", "device", "root", "checkpoint_every", "test_episod
                    "eval_steps")
 
 
+def held_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The training checkpoints ``out_dir`` holds, in the order a resume takes them."""
+    return [p for p in (Path(out_dir) / "last.pt", Path(out_dir) / "best.pt") if p.exists()]
+
+
 def check_same_classes(recorded: dict, current: dict, splits, what: str) -> None:
     """Refuses data whose class names in ``splits`` differ from a run's ``recorded``
     preprocessing (their digests; runs from before the record pass): a folder that gained or
@@ -136,14 +141,12 @@ class Trainer:
         """``last.pt``; else ``best.pt``, a whole training state too (a run killed between
         the two writes, or ``last.pt`` deleted), rather than a fresh start that would
         overwrite it; None when the run has no checkpoint yet."""
-        last, best = self.out_dir / "last.pt", self.out_dir / "best.pt"
-        if last.exists():
-            return last
-        if best.exists():
-            warnings.warn(f"{last} is missing: resuming from {best}, whose step may be "
-                          "earlier (the steps after it are trained again)", stacklevel=3)
-            return best
-        return None
+        held = held_checkpoints(self.out_dir)
+        if held and held[0].name == "best.pt":
+            warnings.warn(f"{self.out_dir / 'last.pt'} is missing: resuming from {held[0]}, "
+                          "whose step may be earlier (the steps after it are trained again)",
+                          stacklevel=3)
+        return held[0] if held else None
 
     def save(self, name: str) -> Path:
         path = self.out_dir / name

@@ -221,6 +221,7 @@ class GradientLearner(FewShotLearner):
         if not fast:
             raise ValueError(f"{type(self).__name__}: no parameter adapts: every parameter it "
                              f"would adapt is frozen (requires_grad=False)")
+        self._check_rates(self._rate(meta, 0), list(fast.values()))  # once, not every step
         if steps == 0:  # the meta-parameters themselves, task-stacked like adapted ones
             return {n: p.expand(x.shape[0], *p.shape) for n, p in fast.items()}
         for s in range(steps):  # after step 0 the fast weights are ours: eval may update in place
@@ -248,20 +249,17 @@ class GradientLearner(FewShotLearner):
         # through sgd_step would give their meta-parameters a zero .grad instead of None,
         # which weight decay and momentum then act on.
         used = [i for i, g in enumerate(grads) if g is not None]
-        new = [p.expand(T, *p.shape) if sh else p for p, sh in zip(base, shared)]
         rate = self._rate(meta, s)
-        self._check_rates(rate, base)
         step_args = ([base[i] for i in used], [grads[i] for i in used],
                      [rate[i] for i in used] if isinstance(rate, list) else rate)
         if mode != _EVAL:
-            stepped = sgd_step(*step_args)
+            stepped = iter(sgd_step(*step_args))
         else:
             with torch.no_grad():
                 inplace = own and not any(shared)
-                stepped = (sgd_step_ if inplace else sgd_step)(*step_args)
-        for i, p in zip(used, stepped):
-            new[i] = p
-        return dict(zip(names, new))
+                stepped = iter((sgd_step_ if inplace else sgd_step)(*step_args))
+        return {n: next(stepped) if g is not None else p.expand(T, *p.shape) if sh else p
+                for n, p, g, sh in zip(names, base, grads, shared)}
 
     def _episode(self, meta: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor,
                  qy: Optional[Tensor], steps: int, mode: str, update_stats: bool,
@@ -316,23 +314,19 @@ class GradientLearner(FewShotLearner):
                              f"ways={ways}{more}")
         return out if out.shape[-1] == ways else out[..., :ways]
 
-    def _check_dtype(self, x: Tensor) -> None:
-        """The functional layers mix inputs and weights without autocast's casts."""
-        check_input_dtype(type(self).__name__, x, self.model)
-
     def _check(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor],
                ways: Optional[int]) -> None:
         who = type(self).__name__
         qx_ = sx if qx is None else qx
         if self.loss_name == "cross_entropy" and ways is not None:
             check_episode(who, sx, sy, qx_, ways, qy)
-            self._check_dtype(sx)
+            check_input_dtype(who, sx, self.model)
             return
         for name, t in (("support_x", sx), ("support_y", sy), ("query_x", qx), ("query_y", qy)):
             if t is not None and not isinstance(t, Tensor):
                 raise ValueError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
         T, S, Q = _check_shapes(who, sx, qx_)
-        self._check_dtype(sx)
+        check_input_dtype(who, sx, self.model)
         for name, y, n in (("support_y", sy, S), ("query_y", qy, Q)):
             if y is None:
                 continue

@@ -191,15 +191,15 @@ def _pairwise_distances_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torc
                                     out: Optional[torch.Tensor], metric: str
                                     ) -> tuple[torch.Tensor, torch.Tensor]:
     code = _check_shapes(x, y, metric)
-    expected = (*x.shape[:-1], y.shape[-2])
-    for name, t in (("grad", grad), ("out", out)):
-        if t is not None and tuple(t.shape) != expected:
-            raise ValueError(f"{_OP} backward: {name} has shape {shape_str(t.shape)}, "
-                             f"expected {shape_str(expected)}")
     if out is None and metric in _READS_OUTPUT:
         raise ValueError(f"{_OP} backward: the {metric} metric needs the distances")
-    check_float_tensors(_OP, numpy=False, grad=grad, x=x, y=y, **({} if out is None else
-                                                                 {"out": out}))
+    given = {name: t for name, t in (("grad", grad), ("out", out)) if t is not None}
+    check_float_tensors(_OP, numpy=False, x=x, y=y, **given)
+    expected = (*x.shape[:-1], y.shape[-2])
+    for name, t in given.items():
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{_OP} backward: {name} has shape {shape_str(t.shape)}, "
+                             f"expected {shape_str(expected)}")
     return _backward_kernel(grad, x, y, out, code)
 
 
