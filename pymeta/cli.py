@@ -202,7 +202,7 @@ def _print_results(res: dict, out: Path) -> None:
 
 
 def _train(args) -> int:
-    from .engine import held_checkpoints, load_checkpoint, train
+    from .engine import held_checkpoints, load_checkpoint, process_group, train
     _prepare_process(args.threads)
     if args.out:
         out = Path(args.out)
@@ -219,8 +219,11 @@ def _train(args) -> int:
     # with --resume, options not given again keep the run's values
     resumed = load_checkpoint(held[0])["config"] if args.resume and held else None
     cfg = _config_from_args(args, resumed)
-    res = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    _print_results(res, out)
+    with process_group(cfg.device) as rank:
+        res = train(cfg, out, resume=args.resume, progress=not args.no_progress,
+                    log=print if rank == 0 else lambda *a: None)
+        if rank == 0:
+            _print_results(res, out)
     return 0
 
 

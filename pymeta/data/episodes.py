@@ -56,6 +56,12 @@ class Episode:
         return Episode(move(self.support_x), move(self.support_y), move(self.query_x),
                        move(self.query_y), self.ways, self.classes)
 
+    def task_range(self, start: int, stop: int) -> "Episode":
+        """Tasks ``start..stop-1`` of the meta-batch (views, not copies)."""
+        return Episode(self.support_x[start:stop], self.support_y[start:stop],
+                       self.query_x[start:stop], self.query_y[start:stop], self.ways,
+                       self.classes[start:stop])
+
 
 class EpisodeSampler(Dataset):
     """Seeded N-way K-shot Q-query episodes; ``sampler[i]`` is episode ``i``.

@@ -17,6 +17,7 @@ from ..data.episodes import EpisodeSampler, fixed_episodes
 from ..data.sinusoid import SinusoidTasks, fixed_sinusoid_tasks
 from .checkpoint import load_checkpoint
 from .config import RunConfig
+from .distributed import rank_and_world
 from .evaluate import evaluate, metric_name
 from .trainer import Trainer, check_same_classes
 
@@ -263,17 +264,23 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
           log=print) -> dict:
     """Train, keep the best validation checkpoint, then test it on the fixed test tasks.
 
-    Writes ``results.json`` beside the checkpoints and returns its content.
+    Writes ``results.json`` beside the checkpoints and returns its content. In a process
+    group (``torchrun``) the processes share every meta-batch; process 0 tests and writes,
+    and the others return the training summary only.
     """
     cfg.validate()
     out_dir = Path(out_dir)
     data = build_splits(cfg)
-    log(f"data: {cfg.data}: {data.summary()}")
+    lead = rank_and_world()[0] == 0
+    if lead:
+        log(f"data: {cfg.data}: {data.summary()}")
     learner = build_learner(cfg, data.input_shape)
     val_eps = data.eval_sampler(cfg, "val", cfg.val_episodes)
     trainer = Trainer(learner, cfg, data.train_sampler(cfg), val_eps, out_dir,
                       data.preprocessing, progress)
     fit = trainer.fit(resume=resume)
+    if not lead:  # process 0 tests and writes the results
+        return fit
     if not (out_dir / "best.pt").exists():  # better() never takes a NaN score
         raise ValueError(f"every validation scored NaN, so there is no best checkpoint: the "
                          f"run diverged (try a lower --lr); {out_dir / 'last.pt'} holds its "

@@ -14,6 +14,8 @@ from .._atomic import directory_lock
 from ..data.episodes import Episode, EpisodeSampler, episode_loader
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
+from .distributed import (all_sum, average_buffers, broadcast_module, broadcast_object,
+                          rank_and_world, sum_gradients, task_share)
 from .evaluate import autocast, better, evaluate, metric_name, task_scores
 from .metrics import MetricsLog
 
@@ -64,8 +66,10 @@ class Trainer:
     ``metrics.jsonl`` and ``curves.png``. Step ``s`` trains on episode ``s`` of the sampler,
     so a run resumed from ``last.pt`` at the same thread count continues bit for bit.
 
-    The loop body (:meth:`train_step`) is one forward/backward/step on one episode, the shape
-    a data-parallel wrapper slots into.
+    Data-parallel: inside a ``torch.distributed`` process group (for example under
+    ``torchrun``), each process adapts its share of every meta-batch's tasks and the
+    meta-gradients are summed, which equals one process's step on the whole meta-batch.
+    Process 0 validates, writes ``out_dir`` and hands its checkpoint to the others on resume.
 
     Example:
         >>> import tempfile, torch
@@ -87,12 +91,15 @@ class Trainer:
                  progress: bool = True):
         self.cfg = config.validate()
         _check_matches_config(config, learner, train)
+        self.rank, self.world = rank_and_world()
+        task_share(config.meta_batch, self.rank, self.world)  # enough tasks for every process
+        self.lead = self.rank == 0  # the one process that validates, logs and writes
         self.device = torch.device(config.device)
         self.learner = learner.to(self.device)
         self.train_episodes, self.val_episodes = train, val
         self.out_dir = Path(out_dir)
         self.preprocessing = dict(preprocessing or {})
-        self.progress = progress
+        self.progress = progress and self.lead
         self.opt, self.sched = make_optimizer(learner, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.metric = metric_name(learner)  # "acc" (higher is better) or "mse" (lower)
@@ -135,7 +142,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step, self.best = state["step"], dict(state["best"])
         self._window, self.elapsed = dict(state["window"]), state["elapsed"]
-        self.log = MetricsLog(self.out_dir, state["log"])
+        self.log = MetricsLog(self.out_dir, state["log"]) if self.lead else None
 
     def _resume_from(self) -> Path | None:
         """``last.pt``; else ``best.pt``, a whole training state too (a run killed between
@@ -159,37 +166,56 @@ class Trainer:
         tensors, so that the loop does not wait for the device every step."""
         if not self.learner.training:  # not train() every step: it would un-freeze a
             self.learner.train()        # submodule the user keeps in eval mode
-        ep = ep.to(self.device, non_blocking=True)
+        start, stop = task_share(ep.tasks, self.rank, self.world)
+        weight = (stop - start) / ep.tasks  # this process's part of the meta-batch mean
+        ep = ep.task_range(start, stop).to(self.device, non_blocking=True)
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.amp):
             loss, logits = self.learner.loss(ep.support_x, ep.support_y, ep.query_x,
                                              ep.query_y, ep.ways)
         if getattr(self.learner, "sets_own_grads", False):  # Reptile: .grad is set, unscaled
+            self._sum_over_processes(weight)
             self.opt.step()
         else:
             self.scaler.scale(loss).backward()
+            self._sum_over_processes(weight)
             self.scaler.step(self.opt)
             self.scaler.update()
         self.trained_lr = self.opt.param_groups[0]["lr"]  # the logs report this, not the next
         self.sched.step()
-        score = task_scores(logits.detach(), ep.query_y, self.metric).mean()
-        return loss.detach().double(), score
+        stats = torch.stack([loss.detach().double(),
+                             task_scores(logits.detach(), ep.query_y, self.metric).mean().double()])
+        if self.world > 1:
+            stats = all_sum(stats * weight)
+        return stats[0], stats[1]
+
+    def _sum_over_processes(self, weight: float) -> None:
+        if self.world > 1:
+            sum_gradients(list(self.learner.parameters()), weight)
+            average_buffers(self.learner, weight)
 
     def fit(self, resume: bool = False) -> dict:
         """Train to ``config.steps``; with ``resume``, continue from ``out_dir/last.pt``.
         One run at a time per ``out_dir``: a second one raises at once."""
+        if not self.lead:  # process 0 holds the directory for the group
+            return self._fit(resume)
         with directory_lock(self.out_dir, "a training run"):
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> dict:
-        for torn in self.out_dir.glob(".*.tmp"):  # left by a process killed mid-write
+        for torn in self.out_dir.glob(".*.tmp") if self.lead else ():  # a killed write's
             torn.unlink()
-        start = self._resume_from() if resume else None
-        if start is not None:
-            # to the CPU: RNG states must stay there, the rest moves into device tensors
-            self.load_state_dict(load_checkpoint(start))
-        else:
+        start = self._resume_from() if resume and self.lead else None
+        # to the CPU: RNG states must stay there, the rest moves into device tensors
+        state = load_checkpoint(start) if start is not None else None
+        if self.world > 1:  # process 0's: the others need not see the run directory
+            state = broadcast_object(state)
+        if state is not None:
+            self.load_state_dict(state)
+        elif self.lead:
             self.log = MetricsLog(self.out_dir)
+        if self.world > 1:  # every process starts from process 0's model
+            broadcast_module(self.learner)
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.algo}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
@@ -201,18 +227,25 @@ class Trainer:
             now = time.perf_counter()
             self._accumulate(loss, score, ep.tasks, now - tick)
             tick = now
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                train_text = self._log_train()
-                bar.set_postfix_str(train_text)
-            if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-                bar.set_postfix_str(", ".join(filter(None, [train_text, self._validate()])))
-            elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save("last.pt")
+            if self.lead:
+                train_text = self._log_and_save(bar, train_text)
             bar.update(1)
             tick = time.perf_counter()  # validation and checkpoints are not training time
         bar.close()  # the last step validated, checkpointed and plotted
-        return {"steps": self.step, f"best_{self.metric}": self.best[self.metric],
-                "best_step": self.best["step"], "train_s": self.elapsed}
+        result = {"steps": self.step, f"best_{self.metric}": self.best[self.metric],
+                  "best_step": self.best["step"], "train_s": self.elapsed}
+        return broadcast_object(result) if self.world > 1 else result
+
+    def _log_and_save(self, bar, train_text: str) -> str:
+        cfg = self.cfg
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            train_text = self._log_train()
+            bar.set_postfix_str(train_text)
+        if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+            bar.set_postfix_str(", ".join(filter(None, [train_text, self._validate()])))
+        elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save("last.pt")
+        return train_text
 
     def _plot(self) -> None:
         c = self.cfg

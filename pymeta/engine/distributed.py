@@ -1,0 +1,125 @@
+"""Data-parallel meta-training over processes (``torch.distributed``).
+
+Every process draws the same meta-batch and adapts its own share of the tasks; the weighted
+meta-gradients are summed across processes, so a step equals the single-process step on the
+whole meta-batch (up to the order of float sums). No DDP wrapper is involved: learners call
+their networks functionally, which DDP's forward hooks would not see.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched_world() -> int:
+    """The number of processes a launcher such as ``torchrun`` started (1 if none)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def process_group(device: str):
+    """Joins the process group that a launcher (``torchrun``) describes in the environment
+    for the ``with`` block, and yields this process's rank: gloo for CPU training, NCCL for
+    CUDA with each process on its ``LOCAL_RANK``'s GPU. Without a launcher, yields 0."""
+    if launched_world() == 1 or dist.is_initialized():
+        yield rank_and_world()[0]
+        return
+    if not dist.is_available():
+        raise RuntimeError("several processes were launched, but this torch build has no "
+                           "torch.distributed")
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"the process of LOCAL_RANK {local} has no GPU (torch sees "
+                             f"{torch.cuda.device_count()}): launch one process per GPU")
+        torch.cuda.set_device(local)
+    # process 0 validates while the others wait in the next step's all-reduce
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            timeout=datetime.timedelta(hours=1))
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def task_share(tasks: int, rank: int, world: int) -> tuple[int, int]:
+    """The tasks ``[start, stop)`` of a ``tasks``-task meta-batch that ``rank`` adapts:
+    contiguous, as equal as they can be."""
+    if tasks < world:
+        raise ValueError(f"a meta-batch of {tasks} tasks cannot be shared by {world} "
+                         f"processes: use a meta-batch of at least {world}")
+    return rank * tasks // world, (rank + 1) * tasks // world
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    sizes = [t.numel() for t in like]
+    return [c.view(t.shape) for c, t in zip(flat.split(sizes), like)]
+
+
+def sum_gradients(params: list[torch.Tensor], weight: float) -> None:
+    """Sets each ``.grad`` to the sum over processes of ``weight * .grad``. A parameter that
+    has no gradient in any process keeps none (optimizers then leave it alone)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    if any(p.grad is not None and p.grad.is_sparse for p in params):
+        raise ValueError("data-parallel training supports dense gradients only")
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                       device=params[0].device)
+    dist.all_reduce(has)
+    used = [p for p, n in zip(params, has.tolist()) if n]
+    for dtype in {p.dtype for p in used}:  # one collective per dtype
+        group = [p for p in used if p.dtype == dtype]
+        flat = _flat([p.grad * weight if p.grad is not None else torch.zeros_like(p)
+                      for p in group])
+        dist.all_reduce(flat)
+        for p, g in zip(group, _unflat(flat, group)):
+            p.grad = g
+
+
+def average_buffers(module: torch.nn.Module, weight: float) -> None:
+    """Running statistics (floating buffers) become their ``weight``-weighted sum over
+    processes, as one process would have accumulated them over the whole meta-batch."""
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    for dtype in {b.dtype for b in buffers}:
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = _flat(group) * weight
+        dist.all_reduce(flat)
+        for b, v in zip(group, _unflat(flat, group)):
+            b.copy_(v)
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copies ``src``'s parameters and buffers into every process's ``module``."""
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src)
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of ``values`` over processes (a new tensor)."""
+    values = values.clone()
+    dist.all_reduce(values)
+    return values
+
+
+def broadcast_object(obj, src: int = 0):
+    """``src``'s ``obj`` (picklable), in every process."""
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]

@@ -1,0 +1,134 @@
+"""Data-parallel training: two gloo processes on the CPU take the same steps as one process
+on the whole meta-batch (parameters, BatchNorm statistics, logged metrics, resume)."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pymeta.engine import RunConfig, Trainer, build_learner, build_splits
+from pymeta.engine.distributed import task_share
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
+
+# meta_batch 3: two processes take 1 and 2 tasks, so the shares must be weighted
+SETTINGS = dict(data="digits", ways=2, shots=1, queries=2, meta_batch=3, steps=4, val_every=2,
+                val_episodes=2, checkpoint_every=1, log_every=1, seed=3, optimizer="sgd", lr=0.1)
+# SGD, not Adam: Adam moves a weight whose gradient is ~0 by ~lr * sign(gradient), so the
+# order of float sums alone would decide some updates
+
+
+def make_trainer(algo: str, out) -> Trainer:
+    # Metric learners normalise each process's share of the tasks, as DDP without
+    # SyncBatchNorm does, so they match one process exactly only without BatchNorm
+    backbone = {"protonet": "mlp"}.get(algo, "conv4")
+    cfg = RunConfig(algo=algo, backbone=backbone, **SETTINGS)
+    data = build_splits(cfg)
+    learner = build_learner(cfg, data.input_shape)
+    return Trainer(learner, cfg, data.train_sampler(cfg), data.eval_sampler(cfg, "val", 2),
+                   out, data.preprocessing, progress=False)
+
+
+def _interrupt_at(trainer: Trainer, step: int) -> None:
+    train_step = trainer.train_step
+
+    def step_or_stop(ep):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return train_step(ep)
+    trainer.train_step = step_or_stop
+
+
+def _worker(rank: int, world: int, init: str, out: str, algo: str, interrupt: int | None):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    # the others get run directories of their own, as on nodes without a shared disk
+    run_dir = out if rank == 0 else f"{out}-rank{rank}"
+    try:
+        trainer = make_trainer(algo, run_dir)
+        if interrupt is not None:
+            _interrupt_at(trainer, interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                trainer.fit()
+            trainer = make_trainer(algo, run_dir)
+        result = trainer.fit(resume=interrupt is not None)
+        torch.save({"state": trainer.learner.state_dict(), "result": result},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def train_in_processes(tmp_path, algo: str, world: int = 2, interrupt: int | None = None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / f"{algo}-{world}"
+    mp.spawn(_worker, args=(world, str(tmp_path / f"init-{algo}"), str(out), algo, interrupt),
+             nprocs=world)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def logged(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["split"], r["loss"], r["acc"]) for r in rows]
+
+
+def assert_same_state(got: dict, want: dict):
+    """Equal up to float rounding: max |difference| <= 1e-4 max |reference| per tensor
+    (float32 sums in another order; a wrongly weighted share is off by percents)."""
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        if not w.is_floating_point():
+            assert torch.equal(got[k], w), k
+        elif w.numel():
+            err = float((got[k] - w).abs().max() / w.abs().max().clamp_min(1e-30))
+            assert err <= 1e-4, f"{k}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile", "protonet"])
+def test_two_processes_take_the_single_process_steps(tmp_path, algo):
+    torch.set_num_threads(1)
+    single = make_trainer(algo, tmp_path / "single")
+    single.fit()
+    out, ranks = train_in_processes(tmp_path, algo)
+    for r in ranks:  # BatchNorm's running statistics included
+        assert_same_state(r["state"], single.learner.state_dict())
+    assert ranks[0]["result"] == ranks[1]["result"]
+    assert not list(tmp_path.glob(f"{algo}-2-rank1/*"))  # process 0 alone writes
+    got, want = logged(out), logged(tmp_path / "single")
+    assert [r[:2] for r in got] == [r[:2] for r in want]
+    torch.testing.assert_close([r[2:] for r in got], [r[2:] for r in want], rtol=1e-4, atol=0)
+
+
+def test_interrupted_data_parallel_run_resumes(tmp_path):
+    out, straight = train_in_processes(tmp_path, "maml")
+    resumed_out, resumed = train_in_processes(tmp_path / "again", "maml", interrupt=3)
+    assert_same_state(resumed[0]["state"], straight[0]["state"])
+    assert logged(resumed_out) == logged(out)
+
+
+def test_task_shares_cover_the_meta_batch():
+    for tasks, world in [(3, 2), (32, 3), (5, 5), (8, 1)]:
+        shares = [task_share(tasks, r, world) for r in range(world)]
+        assert shares[0][0] == 0 and shares[-1][1] == tasks
+        assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+        assert max(b - a for a, b in shares) - min(b - a for a, b in shares) <= 1
+    with pytest.raises(ValueError, match="meta-batch of 2 tasks cannot be shared by 3"):
+        task_share(2, 0, 3)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_cli(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "pymeta", "train",
+         "--data", "digits", "--ways", "2", "--shots", "1", "--queries", "2",
+         "--meta-batch", "2", "--steps", "2", "--val-every", "2", "--val-episodes", "2",
+         "--test-episodes", "2", "--no-progress", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("test 2-way 1-shot") == 1  # process 0 alone tests and reports
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
