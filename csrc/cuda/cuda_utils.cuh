@@ -61,8 +61,12 @@ class Scratch {
   bool synchronous_ = false;  // cudaMalloc'd: the device has no memory pools
 };
 
-// Grid-stride loops cover any amount of work, so grids are capped well below the hardware limit.
-constexpr i64 kMaxBlocks = i64(1) << 20;
+// Grid-stride loops cover any amount of work, so grids are capped well below the hardware limit
+// (tests/cuda_emulator builds with a cap of a few blocks, so that the loops wrap).
+#ifndef PYMETA_CUDA_MAX_BLOCKS
+#define PYMETA_CUDA_MAX_BLOCKS (i64(1) << 20)
+#endif
+constexpr i64 kMaxBlocks = PYMETA_CUDA_MAX_BLOCKS;
 inline unsigned grid_for(i64 blocks) { return unsigned(std::clamp<i64>(blocks, 1, kMaxBlocks)); }
 // Threads for a block whose threads stride over a row of D elements.
 inline unsigned threads_for(i64 D) {
