@@ -50,6 +50,62 @@ def covering_labels(lead, S, C, g=None) -> torch.Tensor:
     return (torch.stack(rows) if rows else base.new_empty(0, S)).reshape(*lead, S)
 
 
+# ---- edge cases on which the CUDA kernels (real or emulated) must match the CPU kernels ----
+
+def with_non_finite(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[::7] = float("nan")
+    t.view(-1)[3::11] = float("inf")
+    t.view(-1)[5::13] = -float("inf")
+    return t
+
+
+def pairwise_edge_cases(dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = gen(11)
+    x, y = rand(2, 6, 9, dtype=dtype, gen=g), rand(2, 4, 9, dtype=dtype, gen=g)
+    zero_rows = x.clone()
+    zero_rows[:, 0] = 0                   # cosine's eps, Euclidean's zero distance
+    zero_rows[:, 1] = 1e-12
+    return [(with_non_finite(x), y), (x, with_non_finite(y)), (zero_rows, zero_rows[:, :4]),
+            (rand(2, 0, 9, dtype=dtype), y), (x, rand(2, 0, 9, dtype=dtype)),
+            (rand(2, 6, 0, dtype=dtype), rand(2, 4, 0, dtype=dtype)),
+            (x * 1e18, y * 1e18), (x * 1e-20, y * 0)]   # no fast-math overflow or flush
+
+
+# out-of-range labels and classes without samples, for unvalidated class_prototypes (C = 5)
+WILD_LABELS = torch.tensor([[0, 1, 2, 3, -1, 4, 100, 2], [0, 0, 0, 0, 0, 0, 0, 0],
+                            [4, 3, 2, 1, 0, 5, -7, 1]])
+
+
+def sgd_edge_inputs(dtype) -> tuple[torch.Tensor, ...]:
+    """(p0, p1, g0, g1): a subnormal (no flush to zero), NaN and inf, an empty task batch."""
+    tiny = torch.finfo(dtype).tiny / 4
+    return (torch.tensor([tiny, 1.0, float("nan"), float("inf")], dtype=dtype),
+            rand(4, 3, dtype=dtype), torch.tensor([0.0, float("inf"), 1.0, 1.0], dtype=dtype),
+            rand(0, 4, 3, dtype=dtype))
+
+
+def outputs_and_grads(fn, inputs, dtype) -> list[torch.Tensor]:
+    """fn's output and the gradients of every floating input for a fixed upstream gradient
+    (zeros for an input the output does not reach)."""
+    ts = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*ts)
+    leaves = [t for t in ts if t.requires_grad]
+    go = torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape).to(out.device)
+    grads = torch.autograd.grad(out, leaves, go, allow_unused=True)
+    return [out, *(torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves))]
+
+
+def assert_same_as_cpu(got: list, cpu: list, dtype) -> None:
+    """NaN where the CPU kernels have NaN, inf where inf; atol relative to each tensor's scale
+    (sums that cancel: 1e18-sized inputs differ by 1.4e-5 in float32 between the kernels)."""
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    for g, c in zip(got, cpu):
+        scale = float(c.detach().nan_to_num(0, 0, 0).abs().max()) if c.numel() else 0.0
+        torch.testing.assert_close(g.detach().cpu(), c.detach(), equal_nan=True, rtol=rtol,
+                                   atol=rtol * max(scale, 1))
+
+
 def vjp(fn, inputs, grad_out=None):
     """(output, grads of <output, grad_out> w.r.t. every input); unused inputs get zeros."""
     out = fn(*inputs)

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from conftest import METRICS, assert_close, covering_labels, gen, rand, ref_sgd, requires_cuda, vjp
+from conftest import (METRICS, WILD_LABELS, assert_close, assert_same_as_cpu, covering_labels, gen,
+                      outputs_and_grads, pairwise_edge_cases, rand, ref_sgd, requires_cuda,
+                      sgd_edge_inputs, vjp, with_non_finite)
 from pymeta import ops
 from pymeta.ops import reference
 
@@ -205,56 +207,25 @@ def test_batch_norm_relu_pool_refuses_cuda():
 
 # ---- the CUDA kernels against the CPU kernels on edge cases ------------------------------
 
-def _same_as_cpu(fn, inputs, dtype, grad=True):
-    """fn's output (and gradients of a fixed upstream grad) on CUDA equal those of the CPU
-    kernels on the same inputs: NaN where the CPU has NaN, inf where it has inf."""
-    cpu = [t.detach().cpu().requires_grad_(grad and t.is_floating_point()) for t in inputs]
-    gpu = [t.detach().cuda().requires_grad_(grad and t.is_floating_point()) for t in inputs]
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    outs = []
-    for ts in (cpu, gpu):
-        out = fn(*ts)
-        leaves = [t for t in ts if t.requires_grad]
-        go = torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape).to(out.device)
-        grads = torch.autograd.grad(out, leaves, go, allow_unused=True) if grad and leaves else []
-        outs.append([out, *(g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves))])
-    for c, g in zip(*outs):
-        torch.testing.assert_close(g.cpu(), c, equal_nan=True, **tol)
-
-
-def _with_non_finite(t):
-    t = t.clone()
-    t.view(-1)[::7] = float("nan")
-    t.view(-1)[3::11] = float("inf")
-    t.view(-1)[5::13] = -float("inf")
-    return t
+def _same_as_cpu(fn, inputs, dtype):
+    """fn's output and input gradients on CUDA equal those of the CPU kernels."""
+    cpu = outputs_and_grads(fn, inputs, dtype)
+    assert_same_as_cpu(outputs_and_grads(fn, [t.cuda() for t in inputs], dtype), cpu, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("metric", METRICS)
 def test_pairwise_distances_edge_cases_match_cpu(metric, dtype):
-    g = gen(11)
-    x, y = rand(2, 6, 9, dtype=dtype, gen=g), rand(2, 4, 9, dtype=dtype, gen=g)
-    zero_rows = x.clone()
-    zero_rows[:, 0] = 0                   # cosine's eps, euclidean's zero distance
-    zero_rows[:, 1] = 1e-12
-    cases = [(_with_non_finite(x), y), (x, _with_non_finite(y)), (zero_rows, zero_rows[:, :4]),
-             (rand(2, 0, 9, dtype=dtype), y), (x, rand(2, 0, 9, dtype=dtype)),
-             (rand(2, 6, 0, dtype=dtype), rand(2, 4, 0, dtype=dtype)),
-             (x * 1e18, y * 1e18), (x * 1e-20, y * 0)]   # no fast-math overflow or flush
-    for a, b in cases:
+    for a, b in pairwise_edge_cases(dtype):
         _same_as_cpu(lambda a, b: pd(a, b, metric), (a, b), dtype)
         _same_as_cpu(lambda a, b: pd(a, b.detach(), metric), (a, b), dtype)  # grad of x only
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_class_prototypes_edge_cases_match_cpu(dtype):
-    g = gen(12)
-    z = rand(3, 8, 5, dtype=dtype, gen=g)
-    wild = torch.tensor([[0, 1, 2, 3, -1, 4, 100, 2], [0, 0, 0, 0, 0, 0, 0, 0],
-                         [4, 3, 2, 1, 0, 5, -7, 1]])        # out of range, empty classes
-    for zz in (z, _with_non_finite(z)):
-        _same_as_cpu(lambda a, lab: cp(a, lab, 5, validate=False), (zz, wild), dtype)
+    z = rand(3, 8, 5, dtype=dtype, gen=gen(12))
+    for zz in (z, with_non_finite(z)):
+        _same_as_cpu(lambda a, lab: cp(a, lab, 5, validate=False), (zz, WILD_LABELS), dtype)
     for shape, C in (((3, 0, 5), 4), ((3, 8, 0), 5), ((0, 8, 5), 5)):
         labels = torch.arange(shape[1]).remainder(max(C, 1)).expand(*shape[:-1])
         _same_as_cpu(lambda a, lab: cp(a, lab, C, validate=False), (rand(*shape, dtype=dtype), labels), dtype)
@@ -271,11 +242,8 @@ def test_grid_stride_loops_cover_large_work():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sgd_step_edge_cases_match_cpu(dtype):
-    tiny = torch.finfo(dtype).tiny / 4                      # a denormal: no flush to zero
-    p = [torch.tensor([tiny, 1.0, float("nan"), float("inf")], dtype=dtype), rand(4, 3, dtype=dtype)]
-    gr = [torch.tensor([0.0, float("inf"), 1.0, 1.0], dtype=dtype), rand(0, 4, 3, dtype=dtype)]
     _same_as_cpu(lambda *t: torch.cat([o.flatten() for o in ops.sgd_step(list(t[:2]), list(t[2:]), 0.5)]),
-                 (*p, *gr), dtype)
+                 sgd_edge_inputs(dtype), dtype)
 
 
 # ---- the gradient learners and the engine on CUDA ---------------------------------------

@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import (METRICS, WILD_LABELS, assert_same_as_cpu, covering_labels, gen,
+                      outputs_and_grads,
+                      pairwise_edge_cases, rand, sgd_edge_inputs, with_non_finite)
 from pymeta.ops import class_prototypes, pairwise_distances, reference, sgd_step, sgd_step_
+from pymeta.ops._kernels import DTYPE_CODES
 
 sys.path.insert(0, str(Path(__file__).parent / "cuda_emulator"))
 import build_emulated_core as cuda_emulator  # noqa: E402
 
 OP_MODULES = [importlib.import_module(f"pymeta.ops.{m}")
               for m in ("pairwise_distances", "class_prototypes", "sgd_step")]
-METRICS = ["sqeuclidean", "euclidean", "cosine", "dot"]
-CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 # Set by test_kernels_stay_in_bounds, which reruns this module under AddressSanitizer
 SANITIZED = os.environ.get("PYMETA_CUDA_EMULATOR_ASAN") == "1"
 
@@ -34,13 +36,17 @@ def emulated():
     return cuda_emulator.load(cuda_emulator.build(sanitize=SANITIZED))
 
 
-@pytest.fixture
-def on_emulated_cuda(emulated, monkeypatch):
+def route_to(monkeypatch, emulated) -> None:
     """The ops' Python layer as on CUDA tensors: every kernel call goes to device 0 of the
     emulated core (CPU tensors, so the CPU-side checks still apply)."""
     for module in OP_MODULES:
         monkeypatch.setattr(module, "_C", emulated)
         monkeypatch.setattr(module, "launch", lambda t: (0, 0, 1))
+
+
+@pytest.fixture
+def on_emulated_cuda(emulated, monkeypatch):
+    route_to(monkeypatch, emulated)
     return emulated
 
 
@@ -94,7 +100,7 @@ def test_half_types_accumulate_in_float(emulated, dtype, metric):
     grad = torch.randn(B, Q, N, generator=g).to(dtype)
     out = torch.empty(B, Q, N, dtype=dtype)
     gx, gy = torch.empty_like(x), torch.empty_like(y)
-    code, m = CODES[dtype], METRICS.index(metric)
+    code, m = DTYPE_CODES[dtype], OP_MODULES[0].METRICS[metric]
     emulated.pairwise_distances_forward(0, 0, 1, code, m, B, Q, N, D, x.data_ptr(), y.data_ptr(),
                                         out.data_ptr())
     emulated.pairwise_distances_backward(0, 0, 1, code, m, B, Q, N, D, grad.data_ptr(),
@@ -112,10 +118,9 @@ def test_half_types_accumulate_in_float(emulated, dtype, metric):
 @pytest.mark.parametrize("shape", [(3, 7, 4, 33), (2, 25, 5, 600), (1, 1, 1, 1)])
 def test_class_prototypes_and_gradient(on_emulated_cuda, shape):
     B, S, C, D = shape
-    g = torch.Generator().manual_seed(S)
-    labels = torch.stack([torch.cat([torch.arange(C), torch.randint(0, C, (S - C,), generator=g)])
-                          [torch.randperm(S, generator=g)] for _ in range(B)])
-    z = torch.randn(B, S, D, generator=g, dtype=torch.float64, requires_grad=True)
+    g = gen(S)
+    labels = covering_labels((B,), S, C, g)
+    z = rand(B, S, D, gen=g, requires_grad=True)
     got = class_prototypes(z, labels, C)
     want = reference.class_prototypes(z, labels, C)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -202,3 +207,41 @@ def test_kernels_stay_in_bounds(emulated):
                          timeout=1200, cwd=Path(__file__).parent)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert " passed" in res.stdout
+
+
+# ---- the CUDA kernels against the CPU kernels on edge cases (as tests/test_cuda.py does) --
+
+def same_as_cpu_kernels(monkeypatch, emulated, fn, inputs, dtype):
+    """fn's output and input gradients through the emulated CUDA kernels equal those through
+    the CPU kernels."""
+    cpu = outputs_and_grads(fn, inputs, dtype)
+    with monkeypatch.context() as m:
+        route_to(m, emulated)
+        assert_same_as_cpu(outputs_and_grads(fn, inputs, dtype), cpu, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", METRICS)
+def test_pairwise_distances_edge_cases_match_the_cpu(emulated, monkeypatch, metric, dtype):
+    for a, b in pairwise_edge_cases(dtype):
+        same_as_cpu_kernels(monkeypatch, emulated, lambda a, b: pairwise_distances(a, b, metric),
+                            (a, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unvalidated_wild_labels_match_the_cpu(emulated, monkeypatch, dtype):
+    """Labels out of range and classes without samples, unvalidated: the same NaN rows and
+    zero gradients (and no out-of-bounds access: the sanitized run checks that)."""
+    z = rand(3, 8, 5, dtype=dtype, gen=gen(12))
+    for zz in (z, with_non_finite(z)):
+        same_as_cpu_kernels(monkeypatch, emulated,
+                            lambda a, lab: class_prototypes(a, lab, 5, validate=False),
+                            (zz, WILD_LABELS), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sgd_step_edge_cases_match_the_cpu(emulated, monkeypatch, dtype):
+    same_as_cpu_kernels(
+        monkeypatch, emulated,
+        lambda *t: torch.cat([o.flatten() for o in sgd_step(list(t[:2]), list(t[2:]), 0.5)]),
+        sgd_edge_inputs(dtype), dtype)
