@@ -12,12 +12,13 @@ import torch.multiprocessing as mp
 
 from pymeta.engine import RunConfig, Trainer, build_learner, build_splits
 from pymeta.engine.distributed import task_share
+from pymeta.engine.evaluate import episode_scores
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 
 # meta_batch 3: two processes take 1 and 2 tasks, so the shares must be weighted
 SETTINGS = dict(data="digits", ways=2, shots=1, queries=2, meta_batch=3, steps=4, val_every=2,
-                val_episodes=2, checkpoint_every=1, log_every=1, seed=3, optimizer="sgd", lr=0.1)
+                val_episodes=5, checkpoint_every=1, log_every=1, seed=3, optimizer="sgd", lr=0.1)
 # SGD, not Adam: Adam moves a weight whose gradient is ~0 by ~lr * sign(gradient), so the
 # order of float sums alone would decide some updates
 
@@ -29,7 +30,7 @@ def make_trainer(algo: str, out) -> Trainer:
     cfg = RunConfig(algo=algo, backbone=backbone, **SETTINGS)
     data = build_splits(cfg)
     learner = build_learner(cfg, data.input_shape)
-    return Trainer(learner, cfg, data.train_sampler(cfg), data.eval_sampler(cfg, "val", 2),
+    return Trainer(learner, cfg, data.train_sampler(cfg), data.eval_sampler(cfg, "val", cfg.val_episodes),
                    out, data.preprocessing, progress=False)
 
 
@@ -56,7 +57,10 @@ def _worker(rank: int, world: int, init: str, out: str, algo: str, interrupt: in
                 trainer.fit()
             trainer = make_trainer(algo, run_dir)
         result = trainer.fit(resume=interrupt is not None)
-        torch.save({"state": trainer.learner.state_dict(), "result": result},
+        # the 5 validation episodes one per batch: 3 for process 0, 2 for process 1
+        scores = [episode_scores(trainer.learner, trainer.val_episodes, batch=1, shard=shard)
+                  for shard in (True, False)]
+        torch.save({"state": trainer.learner.state_dict(), "result": result, "scores": scores},
                    f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -96,6 +100,8 @@ def test_two_processes_take_the_single_process_steps(tmp_path, algo):
     for r in ranks:  # BatchNorm's running statistics included
         assert_same_state(r["state"], single.learner.state_dict())
     assert ranks[0]["result"] == ranks[1]["result"]
+    for r in ranks:  # shared evaluation: the scores of one process, in episode order
+        assert torch.equal(r["scores"][0], r["scores"][1])
     assert not list(tmp_path.glob(f"{algo}-2-rank1/*"))  # process 0 alone writes
     got, want = logged(out), logged(tmp_path / "single")
     assert [r[:2] for r in got] == [r[:2] for r in want]

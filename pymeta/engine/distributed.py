@@ -44,7 +44,7 @@ def process_group(device: str):
             raise ValueError(f"the process of LOCAL_RANK {local} has no GPU (torch sees "
                              f"{torch.cuda.device_count()}): launch one process per GPU")
         torch.cuda.set_device(local)
-    # process 0 validates while the others wait in the next step's all-reduce
+    # process 0 writes checkpoints and tests while the others wait
     dist.init_process_group("nccl" if device == "cuda" else "gloo",
                             timeout=datetime.timedelta(hours=1))
     try:
@@ -116,6 +116,13 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's ``obj`` (picklable), in rank order, in every process."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

@@ -12,6 +12,7 @@ from .._checks import check_count
 from ..data.classes import ImageClasses
 from ..data.episodes import Episode
 from ..nn import evaluating
+from .distributed import all_gather_objects, rank_and_world
 from .metrics import mean_ci95
 
 
@@ -48,28 +49,36 @@ def task_scores(out: torch.Tensor, query_y: torch.Tensor, metric: str) -> torch.
     return acc.masked_fill(out.isnan().flatten(1).any(1), math.nan)
 
 
-def _batches(sampler, batch: int | None):
+def _batch_ranges(sampler, batch: int | None) -> list[range]:
+    """The episodes of each evaluation batch."""
     if sampler.ways is None:  # regression: every item already holds many tasks
-        yield from (sampler[i] for i in range(len(sampler)))
-        return
+        return [range(i, i + 1) for i in range(len(sampler))]
     # One-task evaluation episodes are stacked into multi-task batches: with BatchNorm in
     # eval mode the tasks do not interact, so the scores are those of one episode at a time.
     # About 640 images a batch: bigger activations fall out of cache and cost page faults.
     per_episode = sampler.ways * (sampler.shots + sampler.queries)
     batch = batch or max(1, 640 // per_episode)
-    for start in range(0, len(sampler), batch):
-        eps = [sampler[i] for i in range(start, min(start + batch, len(sampler)))]
-        yield Episode(*(torch.cat([getattr(e, f) for e in eps]) for f in
-                        ("support_x", "support_y", "query_x", "query_y")), eps[0].ways,
-                      torch.cat([e.classes for e in eps]))
+    return [range(i, min(i + batch, len(sampler))) for i in range(0, len(sampler), batch)]
+
+
+def _assemble(sampler, episodes: range) -> Episode:
+    eps = [sampler[i] for i in episodes]
+    if len(eps) == 1:
+        return eps[0]
+    return Episode(*(torch.cat([getattr(e, f) for e in eps]) for f in
+                     ("support_x", "support_y", "query_x", "query_y")), eps[0].ways,
+                   torch.cat([e.classes for e in eps]))
 
 
 @torch.no_grad()
 def episode_scores(learner, sampler, device="cpu", amp=None, batch: int | None = None,
-                   progress: bool = False, steps: int | None = None) -> torch.Tensor:
+                   progress: bool = False, steps: int | None = None,
+                   shard: bool = False) -> torch.Tensor:
     """Per-task query accuracy (or MSE for regression), float64 ``[tasks]``.
 
     ``steps``: inner steps at test time for gradient-based learners (default: theirs).
+    ``shard``: in a ``torch.distributed`` process group, each process scores its share of
+    the batches and every process returns all the scores (the same as one process's).
     """
     if len(sampler) == 0:
         raise ValueError("no episodes to evaluate: the sampler is empty")
@@ -81,25 +90,30 @@ def episode_scores(learner, sampler, device="cpu", amp=None, batch: int | None =
     device = torch.device(device)
     metric = metric_name(learner)
     kwargs = {} if steps is None else {"steps": steps}
+    rank, world = rank_and_world() if shard else (0, 1)
+    ranges = _batch_ranges(sampler, batch)[rank::world]
     scores = []
     with evaluating(learner):
-        bar = tqdm(total=len(sampler) * sampler.tasks, desc="eval", unit="task",
+        bar = tqdm(total=sum(map(len, ranges)) * sampler.tasks, desc="eval", unit="task",
                    disable=not progress, leave=False)
-        for ep in _batches(sampler, batch):
-            ep = ep.to(device)
+        for episodes in ranges:
+            ep = _assemble(sampler, episodes).to(device)
             with autocast(device, amp):
                 out = learner(ep.support_x, ep.support_y, ep.query_x, ep.ways, **kwargs)
             scores.append(task_scores(out, ep.query_y, metric).cpu())
             bar.update(ep.tasks)
         bar.close()
+    if world > 1:  # batch j was scored by process j % world, as its (j // world)-th
+        shares = all_gather_objects(scores)
+        scores = [shares[j % world][j // world] for j in range(sum(map(len, shares)))]
     return torch.cat(scores)
 
 
 def evaluate(learner, sampler, device="cpu", amp=None, batch: int | None = None,
-             progress: bool = False, steps: int | None = None) -> dict:
+             progress: bool = False, steps: int | None = None, shard: bool = False) -> dict:
     """Mean query accuracy (key ``"acc"``) or MSE (``"mse"``, regression) ± 95% CI over the
-    sampler's tasks; ``steps`` as in :func:`episode_scores`."""
-    scores = episode_scores(learner, sampler, device, amp, batch, progress, steps)
+    sampler's tasks; ``steps`` and ``shard`` as in :func:`episode_scores`."""
+    scores = episode_scores(learner, sampler, device, amp, batch, progress, steps, shard)
     mean, ci = mean_ci95(scores)
     return {metric_name(learner): mean, "ci95": ci, "episodes": scores.numel()}
 

@@ -17,7 +17,7 @@ from ..data.episodes import EpisodeSampler, fixed_episodes
 from ..data.sinusoid import SinusoidTasks, fixed_sinusoid_tasks
 from .checkpoint import load_checkpoint
 from .config import RunConfig
-from .distributed import rank_and_world
+from .distributed import broadcast_object, rank_and_world
 from .evaluate import evaluate, metric_name
 from .trainer import Trainer, check_same_classes
 
@@ -265,8 +265,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     """Train, keep the best validation checkpoint, then test it on the fixed test tasks.
 
     Writes ``results.json`` beside the checkpoints and returns its content. In a process
-    group (``torchrun``) the processes share every meta-batch; process 0 tests and writes,
-    and the others return the training summary only.
+    group (``torchrun``) the processes share every meta-batch and the evaluation episodes;
+    process 0 writes.
     """
     cfg.validate()
     out_dir = Path(out_dir)
@@ -279,32 +279,44 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     trainer = Trainer(learner, cfg, data.train_sampler(cfg), val_eps, out_dir,
                       data.preprocessing, progress)
     fit = trainer.fit(resume=resume)
-    if not lead:  # process 0 tests and writes the results
-        return fit
-    if not (out_dir / "best.pt").exists():  # better() never takes a NaN score
-        raise ValueError(f"every validation scored NaN, so there is no best checkpoint: the "
-                         f"run diverged (try a lower --lr); {out_dir / 'last.pt'} holds its "
-                         f"last state")
-    best = load(out_dir / "best.pt", cfg.device)
-    tests = [evaluate_split(best, cfg, data, ways, shots, steps, progress)
+    best = _best_learner(out_dir, cfg.device, lead, trainer.world > 1)
+    tests = [evaluate_split(best, cfg, data, ways, shots, steps, progress and lead,
+                            shard=trainer.world > 1)
              for ways, shots in cfg.test_grid() for steps in cfg.eval_steps or [None]]
     results = {**fit, "metric": metric_name(best), "tests": tests,
                "tasks_seen": fit["steps"] * cfg.meta_batch, "config": cfg.to_dict(),
                "plot": str(out_dir / "curves.png")}
-    write_json(out_dir / "results.json", results)
+    if lead:
+        write_json(out_dir / "results.json", results)
     return results
+
+
+def _best_learner(out_dir: Path, device, lead: bool, shared: bool):
+    """The run's best checkpoint, read by process 0 and handed to the others if ``shared``."""
+    state = None
+    if lead:
+        if not (out_dir / "best.pt").exists():  # better() never takes a NaN score
+            raise ValueError(f"every validation scored NaN, so there is no best checkpoint: "
+                             f"the run diverged (try a lower --lr); {out_dir / 'last.pt'} "
+                             f"holds its last state")
+        state = load_checkpoint(out_dir / "best.pt")
+    if shared:
+        state = broadcast_object(state)
+    return learner_from_checkpoint(state, torch.device(device), out_dir / "best.pt")
 
 
 def evaluate_split(learner, cfg: RunConfig, data, ways: int | None = None,
                    shots: int | None = None, steps: int | None = None, progress: bool = False,
                    split: str = "test", episodes: int | None = None,
-                   queries: int | None = None) -> dict:
+                   queries: int | None = None, shard: bool = False) -> dict:
     """Score ``learner`` on the fixed ``split`` tasks of ``data`` (from :func:`build_splits`);
-    gradient-based learners adapt with ``steps`` inner steps (default: their ``test_steps``)."""
+    gradient-based learners adapt with ``steps`` inner steps (default: their ``test_steps``);
+    ``shard`` as in :func:`pymeta.engine.evaluate.episode_scores`."""
     check_same_classes(getattr(learner, "preprocessing", {}), data.preprocessing, [split],
                        f"cannot evaluate on the {split} split")
     sampler = data.eval_sampler(cfg, split, _or(episodes, cfg.test_episodes), ways, shots, queries)
-    res = evaluate(learner, sampler, cfg.device, cfg.amp, progress=progress, steps=steps)
+    res = evaluate(learner, sampler, cfg.device, cfg.amp, progress=progress, steps=steps,
+                   shard=shard)
     setting = {"ways": sampler.ways, "shots": sampler.shots, "queries": sampler.queries}
     if hasattr(learner, "test_steps"):
         setting["steps"] = _or(steps, learner.test_steps)
@@ -338,7 +350,12 @@ def load(path: str | Path, map_location="cpu"):
     device = torch.device(map_location)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"cannot load {path} onto {device}: torch sees no CUDA device")
-    state = load_checkpoint(path)  # to the CPU; the learner moves as a whole below
+    # to the CPU; the learner moves as a whole below
+    return learner_from_checkpoint(load_checkpoint(path), device, path)
+
+
+def learner_from_checkpoint(state: dict, device, path="the checkpoint"):
+    """:func:`load` for a checkpoint already read (``path`` names it in errors)."""
     missing = [k for k in _TRAINING_STATE if k not in state]
     if missing:
         raise ValueError(f"{path} is not a training checkpoint: it has no {missing}")

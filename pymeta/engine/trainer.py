@@ -69,7 +69,8 @@ class Trainer:
     Data-parallel: inside a ``torch.distributed`` process group (for example under
     ``torchrun``), each process adapts its share of every meta-batch's tasks and the
     meta-gradients are summed, which equals one process's step on the whole meta-batch.
-    Process 0 validates, writes ``out_dir`` and hands its checkpoint to the others on resume.
+    They share the validation episodes too; process 0 writes ``out_dir`` and hands its
+    checkpoint to the others on resume.
 
     Example:
         >>> import tempfile, torch
@@ -227,8 +228,10 @@ class Trainer:
             now = time.perf_counter()
             self._accumulate(loss, score, ep.tasks, now - tick)
             tick = now
+            validating = self.step % cfg.val_every == 0 or self.step == cfg.steps
+            val = self._evaluate_val() if validating else None  # every process takes a share
             if self.lead:
-                train_text = self._log_and_save(bar, train_text)
+                train_text = self._log_and_save(bar, train_text, validating, val)
             bar.update(1)
             tick = time.perf_counter()  # validation and checkpoints are not training time
         bar.close()  # the last step validated, checkpointed and plotted
@@ -236,13 +239,13 @@ class Trainer:
                   "best_step": self.best["step"], "train_s": self.elapsed}
         return broadcast_object(result) if self.world > 1 else result
 
-    def _log_and_save(self, bar, train_text: str) -> str:
+    def _log_and_save(self, bar, train_text: str, validating: bool, val: dict | None) -> str:
         cfg = self.cfg
         if self.step % cfg.log_every == 0 or self.step == cfg.steps:
             train_text = self._log_train()
             bar.set_postfix_str(train_text)
-        if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-            bar.set_postfix_str(", ".join(filter(None, [train_text, self._validate()])))
+        if validating:
+            bar.set_postfix_str(", ".join(filter(None, [train_text, self._validate(val)])))
         elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
             self.save("last.pt")
         return train_text
@@ -275,12 +278,17 @@ class Trainer:
         self._window = _empty_window()
         return f"loss={row['loss']:.3f}, {m}={row[m]:.3f}, tasks/s={row['tasks_per_s']:.1f}"
 
-    def _validate(self) -> str:
-        """Validates and checkpoints; returns the validation's text for the progress bar."""
+    def _evaluate_val(self) -> dict | None:
+        if self.val_episodes is None:
+            return None
+        return evaluate(self.learner, self.val_episodes, self.device, self.cfg.amp,
+                        shard=self.world > 1)
+
+    def _validate(self, res: dict | None) -> str:
+        """Records validation ``res`` and checkpoints; returns the text for the progress bar."""
         msg = ""
-        if self.val_episodes is not None:
+        if res is not None:
             m = self.metric
-            res = evaluate(self.learner, self.val_episodes, self.device, self.cfg.amp)
             self.log.append({"step": self.step, "split": "val", "loss": None, m: res[m],
                              "ci95": res["ci95"], "lr": self.trained_lr,
                              "tasks_per_s": None, "elapsed_s": self.elapsed})
