@@ -202,8 +202,32 @@ def _print_results(res: dict, out: Path) -> None:
 
 
 def _train(args) -> int:
-    from .engine import held_checkpoints, load_checkpoint, process_group, train
+    from .engine import process_group, train
+    from .engine.distributed import broadcast_object, check_device, rank_and_world
     _prepare_process(args.threads)
+    with process_group() as rank:
+        # process 0 reads the run directory (the others may not see it) and tells the others
+        try:
+            plan = _run_plan(args) if rank == 0 else None
+        except ValueError as e:
+            plan = e
+        if rank_and_world()[1] > 1:
+            plan = broadcast_object(plan)
+        if isinstance(plan, ValueError):
+            raise plan
+        out, resumed = plan
+        cfg = _config_from_args(args, resumed)
+        check_device(cfg.device)
+        res = train(cfg, out, resume=args.resume, progress=not args.no_progress,
+                    log=print if rank == 0 else lambda *a: None)
+        if rank == 0:
+            _print_results(res, out)
+    return 0
+
+
+def _run_plan(args) -> tuple[Path, dict | None]:
+    """(the run directory, the config of the run to resume or None)."""
+    from .engine import held_checkpoints, load_checkpoint
     if args.out:
         out = Path(args.out)
     else:
@@ -217,14 +241,7 @@ def _train(args) -> int:
         print(f"pymeta train: --resume: {out} holds no checkpoint yet; starting a new run",
               file=sys.stderr)
     # with --resume, options not given again keep the run's values
-    resumed = load_checkpoint(held[0])["config"] if args.resume and held else None
-    cfg = _config_from_args(args, resumed)
-    with process_group(cfg.device) as rank:
-        res = train(cfg, out, resume=args.resume, progress=not args.no_progress,
-                    log=print if rank == 0 else lambda *a: None)
-        if rank == 0:
-            _print_results(res, out)
-    return 0
+    return out, load_checkpoint(held[0])["config"] if args.resume and held else None
 
 
 def _demo(args) -> int:
@@ -289,6 +306,13 @@ def _eval_runs(args) -> int:
         from ._atomic import write_json
         write_json(args.json, res)
     return 0
+
+
+def _one_process_unless_training(command: str) -> None:
+    from .engine.distributed import launched_world
+    if command != "train" and launched_world() > 1:
+        raise ValueError(f"pymeta {command} runs in one process; of the commands, only "
+                         f"train shares its work among processes (torchrun)")
 
 
 def _prepare_process(n: int | None) -> None:
@@ -450,6 +474,7 @@ def _add_bench(sub) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _one_process_unless_training(args.command)
         return args.func(args)
     except (ValueError, RuntimeError, OSError, KeyError, IndexError) as e:
         msg = " ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__

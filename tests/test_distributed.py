@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pymeta.engine import RunConfig, Trainer, build_learner, build_splits
-from pymeta.engine.distributed import task_share
+from pymeta.engine.distributed import sum_gradients, task_share
 from pymeta.engine.evaluate import episode_scores
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
@@ -26,8 +26,9 @@ SETTINGS = dict(data="digits", ways=2, shots=1, queries=2, meta_batch=3, steps=4
 def make_trainer(algo: str, out) -> Trainer:
     # Metric learners normalise each process's share of the tasks, as DDP without
     # SyncBatchNorm does, so they match one process exactly only without BatchNorm
-    backbone = {"protonet": "mlp"}.get(algo, "conv4")
-    cfg = RunConfig(algo=algo, backbone=backbone, **SETTINGS)
+    gradient = algo in ("maml", "reptile")
+    cfg = RunConfig(algo=algo, backbone="conv4" if gradient else "mlp",
+                    backbone_kwargs={} if gradient else {"out_features": 16}, **SETTINGS)
     data = build_splits(cfg)
     learner = build_learner(cfg, data.input_shape)
     return Trainer(learner, cfg, data.train_sampler(cfg), data.eval_sampler(cfg, "val", cfg.val_episodes),
@@ -51,6 +52,10 @@ def _worker(rank: int, world: int, init: str, out: str, algo: str, interrupt: in
     run_dir = out if rank == 0 else f"{out}-rank{rank}"
     try:
         trainer = make_trainer(algo, run_dir)
+        if rank:  # a model of its own: fit starts every process from process 0's
+            with torch.no_grad():
+                for p in trainer.learner.parameters():
+                    p.add_(1.0)
         if interrupt is not None:
             _interrupt_at(trainer, interrupt)
             with pytest.raises(KeyboardInterrupt):
@@ -108,11 +113,37 @@ def test_two_processes_take_the_single_process_steps(tmp_path, algo):
     torch.testing.assert_close([r[2:] for r in got], [r[2:] for r in want], rtol=1e-4, atol=0)
 
 
-def test_interrupted_data_parallel_run_resumes(tmp_path):
-    out, straight = train_in_processes(tmp_path, "maml")
-    resumed_out, resumed = train_in_processes(tmp_path / "again", "maml", interrupt=3)
-    assert_same_state(resumed[0]["state"], straight[0]["state"])
+@pytest.mark.parametrize("algo", ["maml", "siamese"])  # Siamese draws its pairs at random
+def test_interrupted_data_parallel_run_resumes(tmp_path, algo):
+    """Each process resumes its own random-number stream: the run continues bit for bit."""
+    out, straight = train_in_processes(tmp_path, algo)
+    resumed_out, resumed = train_in_processes(tmp_path / "again", algo, interrupt=3)
+    for r in range(2):
+        assert_same_state(resumed[r]["state"], straight[r]["state"])
     assert logged(resumed_out) == logged(out)
+
+
+def _sum_mixed_dtypes(rank: int, world: int, init: str, out: str):
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        params = [torch.zeros(3, dtype=d, requires_grad=True)
+                  for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16) * 3]
+        for i, p in enumerate(params):
+            p.grad = torch.full_like(p, float(i + 10 * rank))
+        sum_gradients(params, 0.5)
+        torch.save([p.grad for p in params], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_of_several_dtypes_are_summed_in_one_order(tmp_path):
+    """Processes issue one all-reduce per dtype, in the same order in every process."""
+    mp.spawn(_sum_mixed_dtypes, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for r in range(2):
+        grads = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for i, g in enumerate(grads):
+            assert g.dtype == (torch.float64, torch.float32, torch.float16, torch.bfloat16)[i % 4]
+            assert torch.equal(g.double(), torch.full((3,), 0.5 * (2 * i + 10.0)))
 
 
 def test_task_shares_cover_the_meta_batch():

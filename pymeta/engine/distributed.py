@@ -27,30 +27,39 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 @contextlib.contextmanager
-def process_group(device: str):
+def process_group():
     """Joins the process group that a launcher (``torchrun``) describes in the environment
-    for the ``with`` block, and yields this process's rank: gloo for CPU training, NCCL for
-    CUDA with each process on its ``LOCAL_RANK``'s GPU. Without a launcher, yields 0."""
+    for the ``with`` block, and yields this process's rank: gloo for CPU tensors and, where
+    CUDA is available, NCCL for CUDA ones, each process on its ``LOCAL_RANK``'s GPU. Without
+    a launcher, yields 0."""
     if launched_world() == 1 or dist.is_initialized():
         yield rank_and_world()[0]
         return
     if not dist.is_available():
         raise RuntimeError("several processes were launched, but this torch build has no "
                            "torch.distributed")
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise ValueError(f"the process of LOCAL_RANK {local} has no GPU (torch sees "
-                             f"{torch.cuda.device_count()}): launch one process per GPU")
-        torch.cuda.set_device(local)
-    # process 0 writes checkpoints and tests while the others wait
-    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+    cuda = torch.cuda.is_available()
+    if cuda and local_rank() < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank())
+    # process 0 writes checkpoints while the others wait
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
                             timeout=datetime.timedelta(hours=1))
     try:
         yield dist.get_rank()
     finally:
         dist.destroy_process_group()
+
+
+def check_device(device: str) -> None:
+    """One GPU per process: training on CUDA needs a GPU for this process's ``LOCAL_RANK``."""
+    if rank_and_world()[1] > 1 and device == "cuda" and local_rank() >= torch.cuda.device_count():
+        raise ValueError(f"the process of LOCAL_RANK {local_rank()} has no GPU (torch sees "
+                         f"{torch.cuda.device_count()}): launch one process per GPU")
 
 
 def task_share(tasks: int, rank: int, world: int) -> tuple[int, int]:
@@ -71,6 +80,13 @@ def _unflat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return [c.view(t.shape) for c, t in zip(flat.split(sizes), like)]
 
 
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Groups in a fixed dtype order: every process must issue the same collectives in the
+    same order (a set of dtypes iterates in an order that differs between processes)."""
+    dtypes = sorted({t.dtype for t in tensors}, key=str)
+    return [[t for t in tensors if t.dtype == d] for d in dtypes]
+
+
 def sum_gradients(params: list[torch.Tensor], weight: float) -> None:
     """Sets each ``.grad`` to the sum over processes of ``weight * .grad``. A parameter that
     has no gradient in any process keeps none (optimizers then leave it alone)."""
@@ -82,9 +98,7 @@ def sum_gradients(params: list[torch.Tensor], weight: float) -> None:
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
                        device=params[0].device)
     dist.all_reduce(has)
-    used = [p for p, n in zip(params, has.tolist()) if n]
-    for dtype in {p.dtype for p in used}:  # one collective per dtype
-        group = [p for p in used if p.dtype == dtype]
+    for group in _by_dtype([p for p, n in zip(params, has.tolist()) if n]):
         flat = _flat([p.grad * weight if p.grad is not None else torch.zeros_like(p)
                       for p in group])
         dist.all_reduce(flat)
@@ -92,16 +106,23 @@ def sum_gradients(params: list[torch.Tensor], weight: float) -> None:
             p.grad = g
 
 
-def average_buffers(module: torch.nn.Module, weight: float) -> None:
-    """Running statistics (floating buffers) become their ``weight``-weighted sum over
-    processes, as one process would have accumulated them over the whole meta-batch."""
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    for dtype in {b.dtype for b in buffers}:
-        group = [b for b in buffers if b.dtype == dtype]
-        flat = _flat(group) * weight
+def floating_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [b for b in module.buffers() if b.is_floating_point()]
+
+
+def sum_buffer_changes(module: torch.nn.Module, before: list[torch.Tensor],
+                       weight: float) -> None:
+    """Floating buffers (running statistics) become ``before`` plus the ``weight``-weighted
+    sum over processes of their changes since: what one process accumulates over the whole
+    meta-batch, and exactly ``before`` for buffers no process changed."""
+    buffers = floating_buffers(module)
+    old = dict(zip(map(id, buffers), before))
+    for group in _by_dtype(buffers):
+        start = [old[id(b)] for b in group]
+        flat = (_flat(group) - _flat(start)) * weight
         dist.all_reduce(flat)
-        for b, v in zip(group, _unflat(flat, group)):
-            b.copy_(v)
+        for b, s, d in zip(group, start, _unflat(flat, group)):
+            b.copy_(s + d)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

@@ -14,8 +14,9 @@ from .._atomic import directory_lock
 from ..data.episodes import Episode, EpisodeSampler, episode_loader
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .distributed import (all_sum, average_buffers, broadcast_module, broadcast_object,
-                          rank_and_world, sum_gradients, task_share)
+from .distributed import (all_gather_objects, all_sum, broadcast_module, broadcast_object,
+                          floating_buffers, rank_and_world, sum_buffer_changes, sum_gradients,
+                          task_share)
 from .evaluate import autocast, better, evaluate, metric_name, task_scores
 from .metrics import MetricsLog
 
@@ -94,7 +95,8 @@ class Trainer:
         _check_matches_config(config, learner, train)
         self.rank, self.world = rank_and_world()
         task_share(config.meta_batch, self.rank, self.world)  # enough tasks for every process
-        self.lead = self.rank == 0  # the one process that validates, logs and writes
+        self.lead = self.rank == 0  # the one process that logs and writes
+        self._rng_processes = None
         self.device = torch.device(config.device)
         self.learner = learner.to(self.device)
         self.train_episodes, self.val_episodes = train, val
@@ -112,10 +114,21 @@ class Trainer:
         self.log = None
 
     # -- state -----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def _rng_state(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _set_rng_state(self, rng: dict) -> None:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def state_dict(self) -> dict:
+        rng = self._rng_state()
+        if self.world > 1:  # each process's (gathered at the step), process 0's first
+            rng = {**rng, "processes": self._rng_processes}
         return {"config": self.cfg.to_dict(), "preprocessing": self.preprocessing,
                 "step": self.step, "model": self.learner.state_dict(),
                 "learner_config": learner_config(self.learner),
@@ -138,9 +151,14 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        rng = state["rng"]
+        per_process = rng.get("processes") or []
+        if len(per_process) == self.world:
+            self._set_rng_state(per_process[self.rank])
+        else:  # another number of processes: process 0's stream, offset per process
+            self._set_rng_state(rng)
+            if self.rank:
+                torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank + self.step)
         self.step, self.best = state["step"], dict(state["best"])
         self._window, self.elapsed = dict(state["window"]), state["elapsed"]
         self.log = MetricsLog(self.out_dir, state["log"]) if self.lead else None
@@ -170,16 +188,17 @@ class Trainer:
         start, stop = task_share(ep.tasks, self.rank, self.world)
         weight = (stop - start) / ep.tasks  # this process's part of the meta-batch mean
         ep = ep.task_range(start, stop).to(self.device, non_blocking=True)
+        before = [b.clone() for b in floating_buffers(self.learner)] if self.world > 1 else []
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.amp):
             loss, logits = self.learner.loss(ep.support_x, ep.support_y, ep.query_x,
                                              ep.query_y, ep.ways)
         if getattr(self.learner, "sets_own_grads", False):  # Reptile: .grad is set, unscaled
-            self._sum_over_processes(weight)
+            self._sum_over_processes(weight, before)
             self.opt.step()
         else:
             self.scaler.scale(loss).backward()
-            self._sum_over_processes(weight)
+            self._sum_over_processes(weight, before)
             self.scaler.step(self.opt)
             self.scaler.update()
         self.trained_lr = self.opt.param_groups[0]["lr"]  # the logs report this, not the next
@@ -190,14 +209,17 @@ class Trainer:
             stats = all_sum(stats * weight)
         return stats[0], stats[1]
 
-    def _sum_over_processes(self, weight: float) -> None:
+    def _sum_over_processes(self, weight: float, buffers_before: list) -> None:
         if self.world > 1:
             sum_gradients(list(self.learner.parameters()), weight)
-            average_buffers(self.learner, weight)
+            sum_buffer_changes(self.learner, buffers_before, weight)
 
     def fit(self, resume: bool = False) -> dict:
         """Train to ``config.steps``; with ``resume``, continue from ``out_dir/last.pt``.
         One run at a time per ``out_dir``: a second one raises at once."""
+        if rank_and_world() != (self.rank, self.world):
+            raise RuntimeError("the Trainer was built outside the process group it trains in: "
+                               "build it after torch.distributed.init_process_group")
         if not self.lead:  # process 0 holds the directory for the group
             return self._fit(resume)
         with directory_lock(self.out_dir, "a training run"):
@@ -217,6 +239,8 @@ class Trainer:
             self.log = MetricsLog(self.out_dir)
         if self.world > 1:  # every process starts from process 0's model
             broadcast_module(self.learner)
+            if state is None and self.rank:  # and draws random numbers of its own
+                torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank)
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.algo}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
@@ -230,6 +254,9 @@ class Trainer:
             tick = now
             validating = self.step % cfg.val_every == 0 or self.step == cfg.steps
             val = self._evaluate_val() if validating else None  # every process takes a share
+            saving = validating or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+            if saving and self.world > 1:
+                self._rng_processes = all_gather_objects(self._rng_state())
             if self.lead:
                 train_text = self._log_and_save(bar, train_text, validating, val)
             bar.update(1)
