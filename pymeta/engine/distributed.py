@@ -139,6 +139,10 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def barrier() -> None:
+    dist.barrier()
+
+
 def all_gather_objects(obj) -> list:
     """Every process's ``obj`` (picklable), in rank order, in every process."""
     out = [None] * dist.get_world_size()

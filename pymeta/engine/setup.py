@@ -17,7 +17,7 @@ from ..data.episodes import EpisodeSampler, fixed_episodes
 from ..data.sinusoid import SinusoidTasks, fixed_sinusoid_tasks
 from .checkpoint import load_checkpoint
 from .config import RunConfig
-from .distributed import broadcast_object, rank_and_world
+from .distributed import barrier, broadcast_object, local_rank, rank_and_world
 from .evaluate import evaluate, metric_name
 from .trainer import Trainer, check_same_classes
 
@@ -270,7 +270,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     """
     cfg.validate()
     out_dir = Path(out_dir)
-    data = build_splits(cfg)
+    data = build_splits_once_per_node(cfg)
     lead = rank_and_world()[0] == 0
     if lead:
         log(f"data: {cfg.data}: {data.summary()}")
@@ -303,6 +303,16 @@ def _best_learner(out_dir: Path, device, lead: bool, shared: bool):
     if shared:
         state = broadcast_object(state)
     return learner_from_checkpoint(state, torch.device(device), out_dir / "best.pt")
+
+
+def build_splits_once_per_node(cfg: RunConfig) -> Splits:
+    """:func:`build_splits`; in a process group, the first process of each node builds
+    (downloads, decodes, caches) before the others, which then read its files."""
+    if rank_and_world()[1] == 1:
+        return build_splits(cfg)
+    data = build_splits(cfg) if local_rank() == 0 else None
+    barrier()
+    return build_splits(cfg) if data is None else data
 
 
 def evaluate_split(learner, cfg: RunConfig, data, ways: int | None = None,
