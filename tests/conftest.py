@@ -106,6 +106,19 @@ def assert_same_as_cpu(got: list, cpu: list, dtype) -> None:
                                    atol=rtol * max(scale, 1))
 
 
+def interrupt_fit_after(trainer, step: int) -> None:
+    """Runs ``trainer.fit()`` until a KeyboardInterrupt stops it after ``step`` steps."""
+    train_step = trainer.train_step
+
+    def interrupted(ep):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return train_step(ep)
+    trainer.train_step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
 def vjp(fn, inputs, grad_out=None):
     """(output, grads of <output, grad_out> w.r.t. every input); unused inputs get zeros."""
     out = fn(*inputs)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import interrupt_fit_after
 from pymeta.engine import RunConfig, Trainer, build_learner, build_splits
 from pymeta.engine.distributed import sum_gradients, task_share
 from pymeta.engine.evaluate import episode_scores
@@ -35,16 +36,6 @@ def make_trainer(algo: str, out) -> Trainer:
                    out, data.preprocessing, progress=False)
 
 
-def _interrupt_at(trainer: Trainer, step: int) -> None:
-    train_step = trainer.train_step
-
-    def step_or_stop(ep):
-        if trainer.step == step:
-            raise KeyboardInterrupt
-        return train_step(ep)
-    trainer.train_step = step_or_stop
-
-
 def _worker(rank: int, world: int, init: str, out: str, algo: str, interrupt: int | None):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
@@ -57,9 +48,7 @@ def _worker(rank: int, world: int, init: str, out: str, algo: str, interrupt: in
                 for p in trainer.learner.parameters():
                     p.add_(1.0)
         if interrupt is not None:
-            _interrupt_at(trainer, interrupt)
-            with pytest.raises(KeyboardInterrupt):
-                trainer.fit()
+            interrupt_fit_after(trainer, interrupt)
             trainer = make_trainer(algo, run_dir)
         result = trainer.fit(resume=interrupt is not None)
         # the 5 validation episodes one per batch: 3 for process 0, 2 for process 1

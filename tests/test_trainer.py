@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pymeta
+from conftest import interrupt_fit_after
 from pymeta.data.episodes import EpisodeSampler, fixed_episodes
 from pymeta.engine import RunConfig, Trainer, build_splits, evaluate, load_checkpoint
 from pymeta.learners import ProtoNet, Siamese
@@ -155,25 +156,13 @@ def _tiny_trainer(out, steps=6, learner=ProtoNet, algo="protonet"):
                    fixed_episodes(splits.val, 3, 1, 2, n=2), out, progress=False)
 
 
-def _interrupt_after(trainer, step):
-    train_step = trainer.train_step
-
-    def interrupted(ep):
-        if trainer.step == step:
-            raise KeyboardInterrupt
-        return train_step(ep)
-    trainer.train_step = interrupted
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-
-
 def test_resume_is_bit_for_bit_for_a_learner_drawing_random_numbers(tmp_path):
     """Siamese draws its training pairs from torch's global generator, which the checkpoint
     saves; starting the episode loader must not draw from it (a resumed run would then be
     one draw off)."""
     ref = _tiny_trainer(tmp_path / "ref", learner=Siamese, algo="siamese")
     ref.fit()
-    _interrupt_after(_tiny_trainer(tmp_path / "cut", learner=Siamese, algo="siamese"), 3)
+    interrupt_fit_after(_tiny_trainer(tmp_path / "cut", learner=Siamese, algo="siamese"), 3)
     resumed = _tiny_trainer(tmp_path / "cut", learner=Siamese, algo="siamese")
     resumed.fit(resume=True)
     for a, b in zip(ref.learner.parameters(), resumed.learner.parameters()):
@@ -186,7 +175,7 @@ def test_resume_without_last_pt_continues_from_best_pt(tmp_path):
     from best.pt, a whole training state, instead of restarting over it."""
     ref = _tiny_trainer(tmp_path / "ref")
     ref.fit()
-    _interrupt_after(_tiny_trainer(tmp_path / "cut"), 4)
+    interrupt_fit_after(_tiny_trainer(tmp_path / "cut"), 4)
     (tmp_path / "cut" / "last.pt").unlink()
     best_step = load_checkpoint(tmp_path / "cut" / "best.pt")["step"]
     resumed = _tiny_trainer(tmp_path / "cut")
@@ -333,7 +322,7 @@ def test_resume_accepts_changes_that_do_not_touch_training(tmp_path):
     """The data may move (root) and the final test may change; training must not."""
     ref = _tiny_trainer(tmp_path / "ref")
     ref.fit()
-    _interrupt_after(_tiny_trainer(tmp_path / "cut"), 3)
+    interrupt_fit_after(_tiny_trainer(tmp_path / "cut"), 3)
     resumed = _tiny_trainer(tmp_path / "cut")
     resumed.cfg.root, resumed.cfg.test_episodes, resumed.cfg.eval_steps = "/moved", 7, [0]
     resumed.fit(resume=True)
