@@ -226,6 +226,27 @@ class Trainer:
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> dict:
+        self._start(resume)
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.algo}", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        loader = episode_loader(self.train_episodes, self.step, cfg.steps, cfg.workers)
+        tick, train_text = time.perf_counter(), ""
+        for ep in loader:
+            loss, score = self.train_step(ep)
+            self.step += 1
+            now = time.perf_counter()
+            self._accumulate(loss, score, ep.tasks, now - tick)
+            train_text = self._after_step(bar, train_text)
+            bar.update(1)
+            tick = time.perf_counter()  # validation and checkpoints are not training time
+        bar.close()  # the last step validated, checkpointed and plotted
+        result = {"steps": self.step, f"best_{self.metric}": self.best[self.metric],
+                  "best_step": self.best["step"], "train_s": self.elapsed}
+        return broadcast_object(result) if self.world > 1 else result
+
+    def _start(self, resume: bool) -> None:
+        """Fresh, or from process 0's checkpoint; every process with process 0's model."""
         for torn in self.out_dir.glob(".*.tmp") if self.lead else ():  # a killed write's
             torn.unlink()
         start = self._resume_from() if resume and self.lead else None
@@ -241,30 +262,16 @@ class Trainer:
             broadcast_module(self.learner)
             if state is None and self.rank:  # and draws random numbers of its own
                 torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank)
+
+    def _after_step(self, bar, train_text: str) -> str:
+        """Validation (shared by the processes), then process 0 logs and checkpoints."""
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.algo}", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
-        loader = episode_loader(self.train_episodes, self.step, cfg.steps, cfg.workers)
-        tick, train_text = time.perf_counter(), ""
-        for ep in loader:
-            loss, score = self.train_step(ep)
-            self.step += 1
-            now = time.perf_counter()
-            self._accumulate(loss, score, ep.tasks, now - tick)
-            tick = now
-            validating = self.step % cfg.val_every == 0 or self.step == cfg.steps
-            val = self._evaluate_val() if validating else None  # every process takes a share
-            saving = validating or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-            if saving and self.world > 1:
-                self._rng_processes = all_gather_objects(self._rng_state())
-            if self.lead:
-                train_text = self._log_and_save(bar, train_text, validating, val)
-            bar.update(1)
-            tick = time.perf_counter()  # validation and checkpoints are not training time
-        bar.close()  # the last step validated, checkpointed and plotted
-        result = {"steps": self.step, f"best_{self.metric}": self.best[self.metric],
-                  "best_step": self.best["step"], "train_s": self.elapsed}
-        return broadcast_object(result) if self.world > 1 else result
+        validating = self.step % cfg.val_every == 0 or self.step == cfg.steps
+        val = self._evaluate_val() if validating else None
+        saving = validating or cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+        if saving and self.world > 1:
+            self._rng_processes = all_gather_objects(self._rng_state())
+        return self._log_and_save(bar, train_text, validating, val) if self.lead else train_text
 
     def _log_and_save(self, bar, train_text: str, validating: bool, val: dict | None) -> str:
         cfg = self.cfg
