@@ -273,6 +273,7 @@ TARGETS = {
     ("sgd_step", (1, "single"), "fwd"): (_ratio(5.0, "loop"),),
 }
 
+TARGET_OPS = sorted({op for op, _, _ in TARGETS})
 
 GRIDS = {"pairwise_distances": ((1, 32), (75, 100), (5, 20, 100), (64, 1600)),
          "class_prototypes": ((1, 32), (5, 20, 100), (1, 5), (64, 1600))}
@@ -291,7 +292,7 @@ def _full_cases(op: str) -> list[tuple]:
 def _cases(suite: str, op_names, device: str = "cpu") -> list[tuple]:
     op_names = [op for op in op_names if device == "cpu" or op not in CPU_ONLY_OPS]
     if suite == "targets":
-        untargeted = sorted(set(op_names) - {op for op, _, _ in TARGETS})
+        untargeted = sorted(set(op_names) - set(TARGET_OPS))
         if untargeted:  # measuring nothing and saying "done" would mislead
             raise ValueError(f"the targets suite has no case for {', '.join(untargeted)}; "
                              f"time it with --suite full")
@@ -406,7 +407,7 @@ def run(suite: str = "targets", ops=None, device: str = "cpu", min_time: float =
     memory is kept for reuse (:func:`retain_freed_memory`) for the rest of the process.
     """
     if ops is None:
-        ops = sorted({op for op, _, _ in TARGETS}) if suite == "targets" else OPS
+        ops = TARGET_OPS if suite == "targets" else OPS
     _check_args(suite, ops, device, min_time)
     cases = _cases(suite, ops, device)
     malloc = "default" if fresh_pages else retain_freed_memory()

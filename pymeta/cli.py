@@ -203,19 +203,11 @@ def _print_results(res: dict, out: Path) -> None:
 
 def _train(args) -> int:
     from .engine import process_group, train
-    from .engine.distributed import broadcast_object, check_device, rank_and_world
+    from .engine.distributed import check_device, from_process_0
     _prepare_process(args.threads)
     with process_group() as rank:
         # process 0 reads the run directory (the others may not see it) and tells the others
-        try:
-            plan = _run_plan(args) if rank == 0 else None
-        except ValueError as e:
-            plan = e
-        if rank_and_world()[1] > 1:
-            plan = broadcast_object(plan)
-        if isinstance(plan, ValueError):
-            raise plan
-        out, resumed = plan
+        out, resumed = from_process_0(lambda: _run_plan(args))
         cfg = _config_from_args(args, resumed)
         check_device(cfg.device)
         res = train(cfg, out, resume=args.resume, progress=not args.no_progress,

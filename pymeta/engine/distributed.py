@@ -80,11 +80,11 @@ def _unflat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return [c.view(t.shape) for c, t in zip(flat.split(sizes), like)]
 
 
-def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def _by_dtype(items: list, dtype=lambda t: t.dtype) -> list[list]:
     """Groups in a fixed dtype order: every process must issue the same collectives in the
     same order (a set of dtypes iterates in an order that differs between processes)."""
-    dtypes = sorted({t.dtype for t in tensors}, key=str)
-    return [[t for t in tensors if t.dtype == d] for d in dtypes]
+    dtypes = sorted({dtype(t) for t in items}, key=str)
+    return [[t for t in items if dtype(t) == d] for d in dtypes]
 
 
 def sum_gradients(params: list[torch.Tensor], weight: float) -> None:
@@ -106,22 +106,21 @@ def sum_gradients(params: list[torch.Tensor], weight: float) -> None:
             p.grad = g
 
 
-def floating_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [b for b in module.buffers() if b.is_floating_point()]
+def buffer_snapshot(module: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy of its value) for each floating buffer (running statistics)."""
+    return [(b, b.clone()) for b in module.buffers() if b.is_floating_point()]
 
 
-def sum_buffer_changes(module: torch.nn.Module, before: list[torch.Tensor],
+def sum_buffer_changes(snapshot: list[tuple[torch.Tensor, torch.Tensor]],
                        weight: float) -> None:
-    """Floating buffers (running statistics) become ``before`` plus the ``weight``-weighted
-    sum over processes of their changes since: what one process accumulates over the whole
-    meta-batch, and exactly ``before`` for buffers no process changed."""
-    buffers = floating_buffers(module)
-    old = dict(zip(map(id, buffers), before))
-    for group in _by_dtype(buffers):
-        start = [old[id(b)] for b in group]
-        flat = (_flat(group) - _flat(start)) * weight
+    """Each buffer of ``snapshot`` becomes its copy plus the ``weight``-weighted sum over
+    processes of its change since: what one process accumulates over the whole meta-batch,
+    and exactly the copy for buffers no process changed."""
+    for group in _by_dtype(snapshot, dtype=lambda pair: pair[0].dtype):
+        buffers, start = [b for b, _ in group], [s for _, s in group]
+        flat = (_flat(buffers) - _flat(start)) * weight
         dist.all_reduce(flat)
-        for b, s, d in zip(group, start, _unflat(flat, group)):
+        for b, s, d in zip(buffers, start, _unflat(flat, buffers)):
             b.copy_(s + d)
 
 
@@ -150,8 +149,19 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    """``src``'s ``obj`` (picklable), in every process."""
-    box = [obj]
-    dist.broadcast_object_list(box, src)
-    return box[0]
+def from_process_0(compute):
+    """``compute()`` as process 0 returns it (picklable), in every process; only process 0
+    calls it. A ValueError it raises is raised in every process, so that none waits for a
+    result that will not come. Without a process group: ``compute()``."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return compute()
+    try:
+        box = [("ok", compute()) if rank == 0 else None]
+    except ValueError as e:
+        box = [("error", e)]
+    dist.broadcast_object_list(box, 0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value

@@ -17,7 +17,7 @@ from ..data.episodes import EpisodeSampler, fixed_episodes
 from ..data.sinusoid import SinusoidTasks, fixed_sinusoid_tasks
 from .checkpoint import load_checkpoint
 from .config import RunConfig
-from .distributed import barrier, broadcast_object, local_rank, rank_and_world
+from .distributed import barrier, from_process_0, local_rank, rank_and_world
 from .evaluate import evaluate, metric_name
 from .trainer import Trainer, check_same_classes
 
@@ -279,7 +279,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     trainer = Trainer(learner, cfg, data.train_sampler(cfg), val_eps, out_dir,
                       data.preprocessing, progress)
     fit = trainer.fit(resume=resume)
-    best = _best_learner(out_dir, cfg.device, lead, trainer.world > 1)
+    best = learner_from_checkpoint(from_process_0(lambda: _best_checkpoint(out_dir)),
+                                   torch.device(cfg.device), out_dir / "best.pt")
     tests = [evaluate_split(best, cfg, data, ways, shots, steps, progress and lead,
                             shard=trainer.world > 1)
              for ways, shots in cfg.test_grid() for steps in cfg.eval_steps or [None]]
@@ -291,18 +292,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     return results
 
 
-def _best_learner(out_dir: Path, device, lead: bool, shared: bool):
-    """The run's best checkpoint, read by process 0 and handed to the others if ``shared``."""
-    state = None
-    if lead:
-        if not (out_dir / "best.pt").exists():  # better() never takes a NaN score
-            raise ValueError(f"every validation scored NaN, so there is no best checkpoint: "
-                             f"the run diverged (try a lower --lr); {out_dir / 'last.pt'} "
-                             f"holds its last state")
-        state = load_checkpoint(out_dir / "best.pt")
-    if shared:
-        state = broadcast_object(state)
-    return learner_from_checkpoint(state, torch.device(device), out_dir / "best.pt")
+def _best_checkpoint(out_dir: Path) -> dict:
+    if not (out_dir / "best.pt").exists():  # better() never takes a NaN score
+        raise ValueError(f"every validation scored NaN, so there is no best checkpoint: the "
+                         f"run diverged (try a lower --lr); {out_dir / 'last.pt'} holds its "
+                         f"last state")
+    return load_checkpoint(out_dir / "best.pt")
 
 
 def build_splits_once_per_node(cfg: RunConfig) -> Splits:

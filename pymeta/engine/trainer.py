@@ -14,8 +14,8 @@ from .._atomic import directory_lock
 from ..data.episodes import Episode, EpisodeSampler, episode_loader
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .distributed import (all_gather_objects, all_sum, broadcast_module, broadcast_object,
-                          floating_buffers, rank_and_world, sum_buffer_changes, sum_gradients,
+from .distributed import (all_gather_objects, all_sum, broadcast_module, buffer_snapshot,
+                          from_process_0, rank_and_world, sum_buffer_changes, sum_gradients,
                           task_share)
 from .evaluate import autocast, better, evaluate, metric_name, task_scores
 from .metrics import MetricsLog
@@ -155,13 +155,22 @@ class Trainer:
         per_process = rng.get("processes") or []
         if len(per_process) == self.world:
             self._set_rng_state(per_process[self.rank])
-        else:  # another number of processes: process 0's stream, offset per process
+        else:  # another number of processes: process 0's stream, the others' of their own
             self._set_rng_state(rng)
-            if self.rank:
-                torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank + self.step)
+            self._seed_own_stream(state["step"])
         self.step, self.best = state["step"], dict(state["best"])
         self._window, self.elapsed = dict(state["window"]), state["elapsed"]
         self.log = MetricsLog(self.out_dir, state["log"]) if self.lead else None
+
+    def _seed_own_stream(self, step: int) -> None:
+        """Processes other than 0 draw random numbers of their own (pairs, dropout)."""
+        if self.rank:
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank + step)
+
+    def _checkpoint_to_resume(self, resume: bool) -> dict | None:
+        # to the CPU: RNG states must stay there, the rest moves into device tensors
+        start = self._resume_from() if resume else None
+        return None if start is None else load_checkpoint(start)
 
     def _resume_from(self) -> Path | None:
         """``last.pt``; else ``best.pt``, a whole training state too (a run killed between
@@ -188,17 +197,17 @@ class Trainer:
         start, stop = task_share(ep.tasks, self.rank, self.world)
         weight = (stop - start) / ep.tasks  # this process's part of the meta-batch mean
         ep = ep.task_range(start, stop).to(self.device, non_blocking=True)
-        before = [b.clone() for b in floating_buffers(self.learner)] if self.world > 1 else []
+        buffers = buffer_snapshot(self.learner) if self.world > 1 else []
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.amp):
             loss, logits = self.learner.loss(ep.support_x, ep.support_y, ep.query_x,
                                              ep.query_y, ep.ways)
         if getattr(self.learner, "sets_own_grads", False):  # Reptile: .grad is set, unscaled
-            self._sum_over_processes(weight, before)
+            self._sum_over_processes(weight, buffers)
             self.opt.step()
         else:
             self.scaler.scale(loss).backward()
-            self._sum_over_processes(weight, before)
+            self._sum_over_processes(weight, buffers)
             self.scaler.step(self.opt)
             self.scaler.update()
         self.trained_lr = self.opt.param_groups[0]["lr"]  # the logs report this, not the next
@@ -209,10 +218,10 @@ class Trainer:
             stats = all_sum(stats * weight)
         return stats[0], stats[1]
 
-    def _sum_over_processes(self, weight: float, buffers_before: list) -> None:
+    def _sum_over_processes(self, weight: float, buffers: list) -> None:
         if self.world > 1:
             sum_gradients(list(self.learner.parameters()), weight)
-            sum_buffer_changes(self.learner, buffers_before, weight)
+            sum_buffer_changes(buffers, weight)
 
     def fit(self, resume: bool = False) -> dict:
         """Train to ``config.steps``; with ``resume``, continue from ``out_dir/last.pt``.
@@ -243,25 +252,22 @@ class Trainer:
         bar.close()  # the last step validated, checkpointed and plotted
         result = {"steps": self.step, f"best_{self.metric}": self.best[self.metric],
                   "best_step": self.best["step"], "train_s": self.elapsed}
-        return broadcast_object(result) if self.world > 1 else result
+        return from_process_0(lambda: result)  # process 0 holds the best
 
     def _start(self, resume: bool) -> None:
         """Fresh, or from process 0's checkpoint; every process with process 0's model."""
         for torn in self.out_dir.glob(".*.tmp") if self.lead else ():  # a killed write's
             torn.unlink()
-        start = self._resume_from() if resume and self.lead else None
-        # to the CPU: RNG states must stay there, the rest moves into device tensors
-        state = load_checkpoint(start) if start is not None else None
-        if self.world > 1:  # process 0's: the others need not see the run directory
-            state = broadcast_object(state)
+        # process 0's: the others need not see the run directory
+        state = from_process_0(lambda: self._checkpoint_to_resume(resume))
         if state is not None:
             self.load_state_dict(state)
         elif self.lead:
             self.log = MetricsLog(self.out_dir)
         if self.world > 1:  # every process starts from process 0's model
             broadcast_module(self.learner)
-            if state is None and self.rank:  # and draws random numbers of its own
-                torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank)
+            if state is None:  # and draws random numbers of its own
+                self._seed_own_stream(0)
 
     def _after_step(self, bar, train_text: str) -> str:
         """Validation (shared by the processes), then process 0 logs and checkpoints."""
