@@ -43,6 +43,8 @@ def _worker(rank: int, world: int, init: str, out: str, algo: str, interrupt: in
     run_dir = out if rank == 0 else f"{out}-rank{rank}"
     try:
         trainer = make_trainer(algo, run_dir)
+        # each process gathers and warps only its tasks' images
+        assert trainer._own_episodes()._share == task_share(3, rank, world)
         if rank:  # a model of its own: fit starts every process from process 0's
             with torch.no_grad():
                 for p in trainer.learner.parameters():

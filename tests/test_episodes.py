@@ -177,3 +177,20 @@ def test_random_affine_identity_and_shift():
     assert warped.shape == x.shape and warped.min() >= 0 and warped.max() <= 1 + 1e-6
     assert warped[:, :, 0, :].abs().max() < 1e-6     # empty border stays empty
     assert abs(float(warped.sum() / x.sum()) - 1) < 0.35   # ink is moved, not invented
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_share_assembles_exactly_its_tasks_of_the_meta_batch(augment):
+    sampler = EpisodeSampler(toy_store(), 3, 2, 2, tasks=5, seed=6, augment=augment)
+    for start, stop in [(0, 2), (2, 5), (4, 5), (0, 5)]:
+        part = sampler.share(start, stop)
+        assert part.tasks == 5 and len(part) == len(sampler)
+        for i in (0, 7):
+            whole, mine = sampler[i].task_range(start, stop), part[i]
+            assert mine.tasks == stop - start
+            for name in ("support_x", "support_y", "query_x", "query_y", "classes"):
+                assert torch.equal(getattr(mine, name), getattr(whole, name)), name
+    assert sampler[1].tasks == 5  # the sampler itself is unchanged
+    for bad in [(0, 0), (3, 2), (-1, 2), (0, 6), (0.0, 2)]:
+        with pytest.raises(ValueError, match=r"share: need 0 <= start < stop <= 5"):
+            sampler.share(*bad)

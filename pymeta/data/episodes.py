@@ -5,6 +5,7 @@ number of DataLoader workers, and a resumed run sees exactly the episodes it wou
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -103,6 +104,7 @@ class EpisodeSampler(Dataset):
             raise ValueError(f"dtype must be a floating-point torch.dtype (images are scaled "
                              f"to [0, 1]), got {dtype!r}")
         self._check_store()
+        self._share = (0, tasks)
         self._counts = classes.counts
         self._max_count = int(self._counts.max())
 
@@ -144,12 +146,28 @@ class EpisodeSampler(Dataset):
         pos = keys.argsort(dim=-1)[..., : self.shots + self.queries]
         return cls, self.classes.offsets[cls].unsqueeze(-1) + pos
 
+    def share(self, start: int, stop: int) -> "EpisodeSampler":
+        """This sampler, assembling only tasks ``start..stop-1`` of each meta-batch: item
+        ``i`` equals ``self[i].task_range(start, stop)``, without gathering (and warping) the
+        other tasks' images. A data-parallel process trains on such a share."""
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop
+                <= self.tasks):
+            raise ValueError(f"EpisodeSampler.share: need 0 <= start < stop <= {self.tasks} "
+                             f"(the meta-batch), got start={start!r}, stop={stop!r}")
+        part = copy.copy(self)
+        part._share = (start, stop)
+        return part
+
     def __getitem__(self, index: int) -> Episode:
         cls, rows = self.rows(index)
-        T, N, K, Q = self.tasks, self.ways, self.shots, self.queries
+        start, stop = self._share
+        cls, rows = cls[start:stop], rows[start:stop]
+        T, N, K, Q = stop - start, self.ways, self.shots, self.queries
         x = ImageClasses.to_float(self.classes.images[rows.flatten()], self.dtype)
-        if self.augment:
-            x = random_affine(x, self.generator(index, stream=1))
+        if self.augment:  # every task's draws, so that a share warps as the whole batch does
+            per_task = N * (K + Q)
+            u = _affine_draws(self.tasks * per_task, self.generator(index, stream=1))
+            x = _warp(x, u[start * per_task:stop * per_task])
         x = x.view(T, N, K + Q, *x.shape[1:])
         labels = torch.arange(N).view(1, N, 1)
         return Episode(x[:, :, :K].reshape(T, N * K, *x.shape[3:]),
@@ -166,8 +184,16 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 
     Small warps add intra-class variety, which matters when few classes are seen in
     training (Omniglot's small1 has 109 characters before rotations).
     """
-    M = x.shape[0]
-    u = torch.rand(M, 4, generator=generator, dtype=torch.float64) * 2 - 1
+    return _warp(x, _affine_draws(x.shape[0], generator), degrees, scale, shift)
+
+
+def _affine_draws(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, 4, generator=generator, dtype=torch.float64) * 2 - 1
+
+
+def _warp(x: torch.Tensor, u: torch.Tensor, degrees: float = 10.0, scale: tuple = (0.9, 1.1),
+          shift: float = 0.1) -> torch.Tensor:
+    """:func:`random_affine` with its uniform draws ``u [M, 4]`` (in [-1, 1)) given."""
     angle = u[:, 0] * math.radians(degrees)
     zoom = scale[0] + (u[:, 1] + 1) / 2 * (scale[1] - scale[0])
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom

@@ -190,13 +190,13 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------
     def train_step(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """One outer step on one meta-batch; returns (loss, query accuracy or MSE) as 0-d
-        tensors, so that the loop does not wait for the device every step."""
+        """One outer step on one meta-batch (data-parallel: the whole, or this process's share
+        as :meth:`EpisodeSampler.share` assembles it); returns (loss, query accuracy or MSE)
+        as 0-d tensors, so that the loop does not wait for the device every step."""
         if not self.learner.training:  # not train() every step: it would un-freeze a
             self.learner.train()        # submodule the user keeps in eval mode
-        start, stop = task_share(ep.tasks, self.rank, self.world)
-        weight = (stop - start) / ep.tasks  # this process's part of the meta-batch mean
-        ep = ep.task_range(start, stop).to(self.device, non_blocking=True)
+        ep, weight = self._own_tasks(ep)
+        ep = ep.to(self.device, non_blocking=True)
         buffers = buffer_snapshot(self.learner) if self.world > 1 else []
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.amp):
@@ -217,6 +217,28 @@ class Trainer:
         if self.world > 1:
             stats = all_sum(stats * weight)
         return stats[0], stats[1]
+
+    def _own_tasks(self, ep: Episode) -> tuple[Episode, float]:
+        """This process's part of meta-batch ``ep`` (which may already be just that part),
+        and its weight in the meta-batch mean."""
+        if self.world == 1:
+            return ep, 1.0
+        start, stop = task_share(self.cfg.meta_batch, self.rank, self.world)
+        if ep.tasks == self.cfg.meta_batch:
+            ep = ep.task_range(start, stop)
+        elif ep.tasks != stop - start:
+            raise ValueError(f"process {self.rank}: a training episode of {ep.tasks} tasks is "
+                             f"neither the meta-batch ({self.cfg.meta_batch}) nor this "
+                             f"process's share of it ({stop - start})")
+        return ep, (stop - start) / self.cfg.meta_batch
+
+    def _own_episodes(self):
+        """The training episodes, assembled only for this process's tasks where the sampler
+        can (:meth:`EpisodeSampler.share`)."""
+        share = getattr(self.train_episodes, "share", None)
+        if self.world == 1 or share is None:
+            return self.train_episodes
+        return share(*task_share(self.cfg.meta_batch, self.rank, self.world))
 
     def _sum_over_processes(self, weight: float, buffers: list) -> None:
         if self.world > 1:
@@ -239,13 +261,14 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.algo}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
-        loader = episode_loader(self.train_episodes, self.step, cfg.steps, cfg.workers)
+        loader = episode_loader(self._own_episodes(), self.step, cfg.steps, cfg.workers)
         tick, train_text = time.perf_counter(), ""
         for ep in loader:
             loss, score = self.train_step(ep)
             self.step += 1
             now = time.perf_counter()
-            self._accumulate(loss, score, ep.tasks, now - tick)
+            self._accumulate(loss, score, ep.tasks if self.world == 1 else cfg.meta_batch,
+                             now - tick)
             train_text = self._after_step(bar, train_text)
             bar.update(1)
             tick = time.perf_counter()  # validation and checkpoints are not training time
