@@ -58,6 +58,7 @@ def _worker(rank: int, world: int, init: str, out: str, algo: str, interrupt: in
                   for shard in (True, False)]
         torch.save({"state": trainer.learner.state_dict(), "result": result, "scores": scores},
                    f"{out}/rank{rank}.pt")
+        dist.barrier()  # as pymeta's process_group() leaves: see there
     finally:
         dist.destroy_process_group()
 
@@ -123,6 +124,7 @@ def _sum_mixed_dtypes(rank: int, world: int, init: str, out: str):
             p.grad = torch.full_like(p, float(i + 10 * rank))
         sum_gradients(params, 0.5)
         torch.save([p.grad for p in params], f"{out}/rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
