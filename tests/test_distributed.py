@@ -162,3 +162,18 @@ def test_torchrun_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("test 2-way 1-shot") == 1  # process 0 alone tests and reports
     assert json.loads((out / "results.json").read_text())["steps"] == 2
+
+
+def test_a_process_takes_its_share_of_whole_or_already_shared_episodes(tmp_path):
+    trainer = make_trainer("protonet", tmp_path)
+    trainer.rank, trainer.world = 1, 2  # process 1 of 2: tasks 1 and 2 of 3
+    whole = trainer.train_episodes[0]
+    mine, weight = trainer._own_tasks(whole)
+    assert weight == 2 / 3 and torch.equal(mine.support_x, whole.support_x[1:3])
+    shared = trainer._own_episodes()
+    assert shared._share == (1, 3) and torch.equal(shared[0].query_x, whole.query_x[1:3])
+    again, weight = trainer._own_tasks(shared[0])
+    assert weight == 2 / 3 and torch.equal(again.query_x, whole.query_x[1:3])
+    with pytest.raises(ValueError, match=r"episode of 1 tasks is neither the meta-batch \(3\) "
+                                         r"nor this process's share of it \(2\)"):
+        trainer._own_tasks(whole.task_range(0, 1))
