@@ -166,7 +166,7 @@ def test_torchrun_cli(tmp_path):
 
 def test_a_process_takes_its_share_of_whole_or_already_shared_episodes(tmp_path):
     trainer = make_trainer("protonet", tmp_path)
-    trainer.rank, trainer.world = 1, 2  # process 1 of 2: tasks 1 and 2 of 3
+    trainer.world, trainer.my_tasks = 2, task_share(3, 1, 2)  # process 1 of 2: tasks 1, 2
     whole = trainer.train_episodes[0]
     mine, weight = trainer._own_tasks(whole)
     assert weight == 2 / 3 and torch.equal(mine.support_x, whole.support_x[1:3])

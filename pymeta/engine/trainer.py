@@ -94,7 +94,8 @@ class Trainer:
         self.cfg = config.validate()
         _check_matches_config(config, learner, train)
         self.rank, self.world = rank_and_world()
-        task_share(config.meta_batch, self.rank, self.world)  # enough tasks for every process
+        # this process's tasks of every meta-batch (which must have enough for every process)
+        self.my_tasks = task_share(config.meta_batch, self.rank, self.world)
         self.lead = self.rank == 0  # the one process that logs and writes
         self._rng_processes = None
         self.device = torch.device(config.device)
@@ -223,7 +224,7 @@ class Trainer:
         and its weight in the meta-batch mean."""
         if self.world == 1:
             return ep, 1.0
-        start, stop = task_share(self.cfg.meta_batch, self.rank, self.world)
+        start, stop = self.my_tasks
         if ep.tasks == self.cfg.meta_batch:
             ep = ep.task_range(start, stop)
         elif ep.tasks != stop - start:
@@ -238,7 +239,7 @@ class Trainer:
         share = getattr(self.train_episodes, "share", None)
         if self.world == 1 or share is None:
             return self.train_episodes
-        return share(*task_share(self.cfg.meta_batch, self.rank, self.world))
+        return share(*self.my_tasks)
 
     def _sum_over_processes(self, weight: float, buffers: list) -> None:
         if self.world > 1:
