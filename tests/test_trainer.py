@@ -374,3 +374,44 @@ def test_resume_needs_only_the_run_directory(reference_run, tmp_path):
                   cwd=tmp_path)
     assert res.returncode == 2 and "run config differs in ['shots']" in res.stderr
 
+
+
+def _clip_setup(tmp_path, amp=None):
+    splits = build_splits(RunConfig(data="digits"))
+    torch.manual_seed(0)
+    learner = ProtoNet(Conv4(hidden=8, out_channels=8))
+    cfg = RunConfig(ways=3, shots=1, queries=2, steps=1, optimizer="sgd", lr=0.5,
+                    grad_clip=1e-3, amp=amp)
+    return Trainer(learner, cfg, EpisodeSampler(splits.train, 3, 1, 2, seed=0), None, tmp_path,
+                   progress=False)
+
+
+def test_grad_clip_scales_the_meta_gradient_to_its_norm(tmp_path):
+    trainer = _clip_setup(tmp_path)
+    learner, ep = trainer.learner, trainer.train_episodes[0]
+    before = [p.detach().clone() for p in learner.parameters()]
+    loss, _ = learner.loss(ep.support_x, ep.support_y, ep.query_x, ep.query_y, ep.ways)
+    grads = torch.autograd.grad(loss, list(learner.parameters()))
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    assert norm > 1e-2  # so the clip (1e-3) acts
+    trainer.train_step(ep)
+    for b, p, g in zip(before, learner.parameters(), grads):  # SGD: p - lr * g * clip / |g|
+        torch.testing.assert_close(p.detach(), b - 0.5 * g * (1e-3 / norm), rtol=1e-4, atol=1e-7)
+
+
+def test_grad_clip_applies_to_the_unscaled_fp16_gradient(tmp_path):
+    trainer = _clip_setup(tmp_path, amp="fp16")
+    for i in range(10):  # the GradScaler skips steps whose scaled gradient overflows
+        before = torch.cat([p.detach().flatten().clone() for p in trainer.learner.parameters()])
+        trainer.train_step(trainer.train_episodes[i])
+        moved = (torch.cat([p.detach().flatten() for p in trainer.learner.parameters()])
+                 - before).norm()
+        if moved > 0:
+            break
+    assert abs(float(moved) / (0.5 * 1e-3) - 1) < 1e-2  # lr * clip, not lr * clip / scale
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan])
+def test_grad_clip_must_be_positive_and_finite(value):
+    with pytest.raises(ValueError, match="grad_clip must be a positive finite number or None"):
+        RunConfig(grad_clip=value).validate()

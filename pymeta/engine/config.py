@@ -45,6 +45,7 @@ class RunConfig:
     optimizer: str = "adam"         # adam | sgd
     lr: float = 1e-3
     weight_decay: float = 0.0
+    grad_clip: float | None = None  # the meta-gradient's global norm is clipped to this
     schedule: str = "step"          # step | cosine | none
     lr_step: int = 2000
     lr_gamma: float = 0.5
@@ -106,6 +107,9 @@ class RunConfig:
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a positive finite number, got "
                                  f"{getattr(self, name)}")
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:
+            raise ValueError(f"grad_clip must be a positive finite number or None, got "
+                             f"{self.grad_clip}")
         if self.checkpoint_every < 0 or self.workers < 0:
             raise ValueError("checkpoint_every and workers must be >= 0, got "
                              f"{self.checkpoint_every} and {self.workers}")

@@ -205,10 +205,13 @@ class Trainer:
                                              ep.query_y, ep.ways)
         if getattr(self.learner, "sets_own_grads", False):  # Reptile: .grad is set, unscaled
             self._sum_over_processes(weight, buffers)
+            self._clip_gradients()
             self.opt.step()
         else:
             self.scaler.scale(loss).backward()
             self._sum_over_processes(weight, buffers)
+            self.scaler.unscale_(self.opt)  # a no-op without fp16 loss scaling
+            self._clip_gradients()
             self.scaler.step(self.opt)
             self.scaler.update()
         self.trained_lr = self.opt.param_groups[0]["lr"]  # the logs report this, not the next
@@ -240,6 +243,10 @@ class Trainer:
         if self.world == 1 or share is None:
             return self.train_episodes
         return share(*self.my_tasks)
+
+    def _clip_gradients(self) -> None:
+        if self.cfg.grad_clip is not None:  # of the whole meta-batch's (summed) gradient
+            torch.nn.utils.clip_grad_norm_(self.learner.parameters(), self.cfg.grad_clip)
 
     def _sum_over_processes(self, weight: float, buffers: list) -> None:
         if self.world > 1:
