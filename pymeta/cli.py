@@ -392,7 +392,7 @@ def _add_train(sub) -> None:
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="outer optimizer (default adam)")
     p.add_argument("--grad-clip", type=float, metavar="NORM",
                    help="clip the meta-gradient's global norm to NORM before each outer step "
-                        "(default: no clipping)")
+                        "(default: none; the sinusoid preset: 1)")
     p.add_argument("--schedule", choices=["step", "cosine", "none"])
     p.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     p.add_argument("--out", help="run directory (default runs/<algo>-<data>)")
