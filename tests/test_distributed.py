@@ -32,8 +32,9 @@ def make_trainer(algo: str, out) -> Trainer:
                     backbone_kwargs={} if gradient else {"out_features": 16}, **SETTINGS)
     data = build_splits(cfg)
     learner = build_learner(cfg, data.input_shape)
-    return Trainer(learner, cfg, data.train_sampler(cfg), data.eval_sampler(cfg, "val", cfg.val_episodes),
-                   out, data.preprocessing, progress=False)
+    return Trainer(learner, cfg, data.train_sampler(cfg),
+                   data.eval_sampler(cfg, "val", cfg.val_episodes), out, data.preprocessing,
+                   progress=False)
 
 
 def _worker(rank: int, world: int, init: str, out: str, algo: str, interrupt: int | None):

@@ -375,7 +375,6 @@ def test_resume_needs_only_the_run_directory(reference_run, tmp_path):
     assert res.returncode == 2 and "run config differs in ['shots']" in res.stderr
 
 
-
 def _clip_setup(tmp_path, amp=None):
     splits = build_splits(RunConfig(data="digits"))
     torch.manual_seed(0)

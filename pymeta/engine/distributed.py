@@ -61,9 +61,12 @@ def process_group():
 
 def check_device(device: str) -> None:
     """One GPU per process: training on CUDA needs a GPU for this process's ``LOCAL_RANK``."""
-    if rank_and_world()[1] > 1 and device == "cuda" and local_rank() >= torch.cuda.device_count():
+    if rank_and_world()[1] == 1 or device != "cuda":
+        return
+    gpus = torch.cuda.device_count()
+    if local_rank() >= gpus:
         raise ValueError(f"the process of LOCAL_RANK {local_rank()} has no GPU (torch sees "
-                         f"{torch.cuda.device_count()}): launch one process per GPU")
+                         f"{gpus}): launch one process per GPU")
 
 
 def task_share(tasks: int, rank: int, world: int) -> tuple[int, int]:

@@ -205,13 +205,12 @@ class Trainer:
                                              ep.query_y, ep.ways)
         if getattr(self.learner, "sets_own_grads", False):  # Reptile: .grad is set, unscaled
             self._sum_over_processes(weight, buffers)
-            self._clip_gradients()
+            self._clip_gradients(scaled=False)
             self.opt.step()
         else:
             self.scaler.scale(loss).backward()
             self._sum_over_processes(weight, buffers)
-            self.scaler.unscale_(self.opt)  # a no-op without fp16 loss scaling
-            self._clip_gradients()
+            self._clip_gradients(scaled=True)
             self.scaler.step(self.opt)
             self.scaler.update()
         self.trained_lr = self.opt.param_groups[0]["lr"]  # the logs report this, not the next
@@ -244,9 +243,14 @@ class Trainer:
             return self.train_episodes
         return share(*self.my_tasks)
 
-    def _clip_gradients(self) -> None:
-        if self.cfg.grad_clip is not None:  # of the whole meta-batch's (summed) gradient
-            torch.nn.utils.clip_grad_norm_(self.learner.parameters(), self.cfg.grad_clip)
+    def _clip_gradients(self, scaled: bool) -> None:
+        """Clips the whole meta-batch's (process-summed) gradient; ``scaled``: ``.grad``
+        holds the fp16 loss scaler's scaled gradient, unscaled first."""
+        if self.cfg.grad_clip is None:
+            return
+        if scaled:
+            self.scaler.unscale_(self.opt)  # a no-op without fp16 loss scaling
+        torch.nn.utils.clip_grad_norm_(self.learner.parameters(), self.cfg.grad_clip)
 
     def _sum_over_processes(self, weight: float, buffers: list) -> None:
         if self.world > 1:
@@ -291,14 +295,14 @@ class Trainer:
             torn.unlink()
         # process 0's: the others need not see the run directory
         state = from_process_0(lambda: self._checkpoint_to_resume(resume))
-        if state is not None:
+        if state is not None:  # process 0's model, in every process
             self.load_state_dict(state)
-        elif self.lead:
+            return
+        if self.lead:
             self.log = MetricsLog(self.out_dir)
-        if self.world > 1:  # every process starts from process 0's model
-            broadcast_module(self.learner)
-            if state is None:  # and draws random numbers of its own
-                self._seed_own_stream(0)
+        if self.world > 1:
+            broadcast_module(self.learner)  # every process starts from process 0's model
+            self._seed_own_stream(0)  # and draws random numbers of its own
 
     def _after_step(self, bar, train_text: str) -> str:
         """Validation (shared by the processes), then process 0 logs and checkpoints."""
