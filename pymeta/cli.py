@@ -179,7 +179,8 @@ def _count(n: int, noun: str) -> str:
 
 def _score(t: dict) -> str:
     """One evaluation as text: setting, then accuracy or MSE with its 95% CI (none from a
-    single episode)."""
+    single episode), and how many tasks diverged if any did."""
+    from .engine.evaluate import divergence_note
     ways = f"{t['ways']}-way " if t.get("ways") else ""
     steps = f", {_count(t['steps'], 'inner step')}" if "steps" in t else ""
     q = t["queries"]
@@ -187,10 +188,10 @@ def _score(t: dict) -> str:
     n = t["episodes"]
     if "mse" in t:
         ci = f" ± {t['ci95']:.3f} (95% CI, {_count(n, 'task')})" if n > 1 else " (1 task)"
-        return f"{head}: MSE {t['mse']:.3f}{ci}"
+        return f"{head}: MSE {t['mse']:.3f}{ci}{divergence_note(t)}"
     ci = (f" ± {100 * t['ci95']:.2f}% (95% CI, {_count(n, 'episode')})" if n > 1
           else " (1 episode)")
-    return f"{head}: accuracy {100 * t['acc']:.2f}%{ci}"
+    return f"{head}: accuracy {100 * t['acc']:.2f}%{ci}{divergence_note(t)}"
 
 
 def _print_results(res: dict, out: Path) -> None:

@@ -225,6 +225,36 @@ def test_evaluate_refuses_empty_samplers_and_bad_batches():
         evaluate(learner, fixed_episodes(splits.val, 3, 1, 2, n=2), batch=0)
 
 
+class _DivergingRegressor(torch.nn.Module):
+    """Predicts 0 for every query point, and ``value`` on the tasks in ``bad``."""
+    loss_name = "mse"
+
+    def __init__(self, bad=(), value=math.nan):
+        super().__init__()
+        self.bad, self.value = list(bad), value
+
+    def forward(self, support_x, support_y, query_x, ways):
+        out = torch.zeros(query_x.shape[:-1] + (1,))
+        out[self.bad] = self.value
+        return out
+
+
+@pytest.mark.parametrize("bad,value", [((), 0.0), ((3,), math.nan), ((0, 7, 8), math.inf)])
+def test_evaluate_counts_diverged_tasks(bad, value):
+    from pymeta.cli import _score
+    from pymeta.data import fixed_sinusoid_tasks
+    tasks = fixed_sinusoid_tasks(10, shots=5, queries=20)
+    res = evaluate(_DivergingRegressor(bad, value), tasks)
+    assert res["diverged"] == len(bad) and res["episodes"] == 10
+    text = _score({**res, "shots": 5, "queries": 20})
+    if bad:
+        assert not math.isfinite(res["mse"])
+        assert text.endswith(f" ({len(bad)} of 10 tasks diverged)")
+    else:  # predicting 0: the MSE is the mean square of the query targets
+        assert res["mse"] == pytest.approx(float(tasks[0].query_y.double().square().mean()))
+        assert "diverged" not in text
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("steps", 2.5, "steps must be an int, got 2.5"),
     ("ways", True, "ways must be an int, got True"),

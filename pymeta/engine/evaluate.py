@@ -112,10 +112,20 @@ def episode_scores(learner, sampler, device="cpu", amp=None, batch: int | None =
 def evaluate(learner, sampler, device="cpu", amp=None, batch: int | None = None,
              progress: bool = False, steps: int | None = None, shard: bool = False) -> dict:
     """Mean query accuracy (key ``"acc"``) or MSE (``"mse"``, regression) ± 95% CI over the
-    sampler's tasks; ``steps`` and ``shard`` as in :func:`episode_scores`."""
+    sampler's tasks, and how many tasks ``"diverged"`` (scored NaN or inf: one is enough to
+    make the mean NaN or inf); ``steps`` and ``shard`` as in :func:`episode_scores`."""
     scores = episode_scores(learner, sampler, device, amp, batch, progress, steps, shard)
     mean, ci = mean_ci95(scores)
-    return {metric_name(learner): mean, "ci95": ci, "episodes": scores.numel()}
+    return {metric_name(learner): mean, "ci95": ci, "episodes": scores.numel(),
+            "diverged": int((~scores.isfinite()).sum())}
+
+
+def divergence_note(res: dict) -> str:
+    """`` (N of M tasks diverged)`` when an evaluation had non-finite task scores, else ``""``:
+    the reason a mean is NaN or inf, which a gradient learner's too-large test-time inner
+    rate or extra test steps can cause."""
+    n = res.get("diverged", 0)
+    return f" ({n} of {res['episodes']} tasks diverged)" if n else ""
 
 
 @torch.no_grad()

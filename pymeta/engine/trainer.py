@@ -17,7 +17,7 @@ from .config import RunConfig
 from .distributed import (all_gather_objects, all_sum, broadcast_module, buffer_snapshot,
                           from_process_0, rank_and_world, sum_buffer_changes, sum_gradients,
                           task_share)
-from .evaluate import autocast, better, evaluate, metric_name, task_scores
+from .evaluate import autocast, better, divergence_note, evaluate, metric_name, task_scores
 from .metrics import MetricsLog
 
 
@@ -370,7 +370,7 @@ class Trainer:
             if better(m, res[m], self.best[m]):
                 self.best = {m: res[m], "step": self.step}
                 self.save("best.pt")
-            msg = f"val {m}={res[m]:.3f}±{res['ci95']:.3f}"
+            msg = f"val {m}={res[m]:.3f}±{res['ci95']:.3f}{divergence_note(res)}"
         else:  # no validation set: the latest is the best
             self.best = {self.metric: math.nan, "step": self.step}
             self.save("best.pt")
