@@ -392,6 +392,8 @@ def _add_train(sub) -> None:
                         "(default: the learner's test_steps; 0: the meta-initialisation)")
     p.add_argument("--lr", type=float, help="outer learning rate (default 1e-3)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="outer optimizer (default adam)")
+    p.add_argument("--weight-decay", type=float, metavar="L2",
+                   help="the outer optimizer's L2 penalty on the meta-parameters (default 0)")
     p.add_argument("--grad-clip", type=float, metavar="NORM",
                    help="clip the meta-gradient's global norm to NORM before each outer step "
                         "(default: none; the sinusoid preset: 1)")

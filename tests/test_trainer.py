@@ -405,12 +405,12 @@ def test_resume_needs_only_the_run_directory(reference_run, tmp_path):
     assert res.returncode == 2 and "run config differs in ['shots']" in res.stderr
 
 
-def _clip_setup(tmp_path, amp=None):
+def _clip_setup(tmp_path, amp=None, grad_clip=1e-3, weight_decay=0.0):
     splits = build_splits(RunConfig(data="digits"))
     torch.manual_seed(0)
     learner = ProtoNet(Conv4(hidden=8, out_channels=8))
     cfg = RunConfig(ways=3, shots=1, queries=2, steps=1, optimizer="sgd", lr=0.5,
-                    grad_clip=1e-3, amp=amp)
+                    grad_clip=grad_clip, weight_decay=weight_decay, amp=amp)
     return Trainer(learner, cfg, EpisodeSampler(splits.train, 3, 1, 2, seed=0), None, tmp_path,
                    progress=False)
 
@@ -438,6 +438,23 @@ def test_grad_clip_applies_to_the_unscaled_fp16_gradient(tmp_path):
         if moved > 0:
             break
     assert abs(float(moved) / (0.5 * 1e-3) - 1) < 1e-2  # lr * clip, not lr * clip / scale
+
+
+def test_weight_decay_adds_its_l2_gradient(tmp_path):
+    trainer = _clip_setup(tmp_path, grad_clip=None, weight_decay=0.1)
+    learner, ep = trainer.learner, trainer.train_episodes[0]
+    before = [p.detach().clone() for p in learner.parameters()]
+    loss, _ = learner.loss(ep.support_x, ep.support_y, ep.query_x, ep.query_y, ep.ways)
+    grads = torch.autograd.grad(loss, list(learner.parameters()))
+    trainer.train_step(ep)
+    for b, p, g in zip(before, learner.parameters(), grads):  # SGD: p - lr * (g + wd * p)
+        torch.testing.assert_close(p.detach(), b - 0.5 * (g + 0.1 * b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [-1.0, math.inf, math.nan])
+def test_weight_decay_must_be_finite_and_not_negative(value):
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+        RunConfig(weight_decay=value).validate()
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan])
