@@ -377,8 +377,8 @@ def _add_train(sub) -> None:
                         ("eval-ways", "N for validation and test (default: --ways)"),
                         ("eval-shots", "K for validation and test (default: --shots)"),
                         ("eval-queries", "Q for validation and test (default 15)"),
-                        ("steps", "outer steps"), ("lr-step", "halve the rate every this many "
-                                                   "steps (schedule step)"),
+                        ("steps", "outer steps"), ("lr-step", "multiply the rate by --lr-gamma "
+                                                   "every this many steps (schedule step)"),
                         ("val-every", "validate and checkpoint every this many steps"),
                         ("val-episodes", "validation episodes"),
                         ("test-episodes", "final test episodes (default 1000)"),
@@ -391,6 +391,8 @@ def _add_train(sub) -> None:
                    help="gradient learners: test after each of these numbers of inner steps "
                         "(default: the learner's test_steps; 0: the meta-initialisation)")
     p.add_argument("--lr", type=float, help="outer learning rate (default 1e-3)")
+    p.add_argument("--lr-gamma", type=float, metavar="FACTOR",
+                   help="the step schedule's factor every --lr-step steps (default 0.5)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="outer optimizer (default adam)")
     p.add_argument("--weight-decay", type=float, metavar="L2",
                    help="the outer optimizer's L2 penalty on the meta-parameters (default 0)")

@@ -82,6 +82,7 @@ def test_bad_options_give_one_line(args, message):
       "--val-episodes", "2", "--test-episodes", "2", "--no-progress"],
      "every validation scored NaN"),
     (["train", "--lr", "inf", "--steps", "1"], "lr must be a positive finite number, got inf"),
+    (["train", "--lr-gamma", "0", "--steps", "1"], "lr_gamma must be a positive finite number"),
     (["train", "--weight-decay", "-1", "--steps", "1"],
      "weight_decay must be a finite number >= 0, got -1.0"),
     (["eval-runs", "--checkpoint", "missing.pt", "--runs", "x", "--json", "/no/dir/r.json"],
