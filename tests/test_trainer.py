@@ -47,6 +47,13 @@ def test_train_writes_everything(reference_run):
                  "results.json"):
         assert (out / name).is_file(), name
     assert "accuracy" in stdout and "± " in stdout and "curves.png" in stdout
+    # without a progress bar, one line per validation, with the logged validation score
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    val = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in val if r["split"] == "val"]
+    assert [line.split(":")[0] for line in lines] == ["step 8/24", "step 16/24", "step 24/24"]
+    for line, row in zip(lines, val):
+        assert f"val acc={row['acc']:.3f}±{row['ci95']:.3f}" in line
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 24 and state["config"]["ways"] == 3
     assert state["preprocessing"]["dataset"] == "digits"

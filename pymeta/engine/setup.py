@@ -264,6 +264,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
           log=print) -> dict:
     """Train, keep the best validation checkpoint, then test it on the fixed test tasks.
 
+    ``log`` gets the data summary, and without ``progress`` one line per validation.
     Writes ``results.json`` beside the checkpoints and returns its content. In a process
     group (``torchrun``) the processes share every meta-batch and the evaluation episodes;
     process 0 writes.
@@ -277,7 +278,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     learner = build_learner(cfg, data.input_shape)
     val_eps = data.eval_sampler(cfg, "val", cfg.val_episodes)
     trainer = Trainer(learner, cfg, data.train_sampler(cfg), val_eps, out_dir,
-                      data.preprocessing, progress)
+                      data.preprocessing, progress, log=None if progress else log)
     fit = trainer.fit(resume=resume)
     best = learner_from_checkpoint(from_process_0(lambda: _best_checkpoint(out_dir)),
                                    torch.device(cfg.device), out_dir / "best.pt")

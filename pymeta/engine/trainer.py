@@ -5,6 +5,7 @@ import math
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -73,6 +74,9 @@ class Trainer:
     They share the validation episodes too; process 0 writes ``out_dir`` and hands its
     checkpoint to the others on resume.
 
+    ``progress`` shows a progress bar; ``log``, if given, is called (by process 0) with one
+    line per validation (step, training and validation scores), for runs without the bar.
+
     Example:
         >>> import tempfile, torch
         >>> from pymeta.data import ImageClasses, EpisodeSampler, fixed_episodes
@@ -90,7 +94,7 @@ class Trainer:
 
     def __init__(self, learner: torch.nn.Module, config: RunConfig, train: EpisodeSampler,
                  val: EpisodeSampler | None, out_dir: str | Path, preprocessing: dict | None = None,
-                 progress: bool = True):
+                 progress: bool = True, log: Callable[[str], object] | None = None):
         self.cfg = config.validate()
         _check_matches_config(config, learner, train)
         self.rank, self.world = rank_and_world()
@@ -104,6 +108,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.preprocessing = dict(preprocessing or {})
         self.progress = progress and self.lead
+        self.report = log if self.lead else None
         self.opt, self.sched = make_optimizer(learner, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.metric = metric_name(learner)  # "acc" (higher is better) or "mse" (lower)
@@ -320,7 +325,10 @@ class Trainer:
             train_text = self._log_train()
             bar.set_postfix_str(train_text)
         if validating:
-            bar.set_postfix_str(", ".join(filter(None, [train_text, self._validate(val)])))
+            text = ", ".join(filter(None, [train_text, self._validate(val)]))
+            bar.set_postfix_str(text)
+            if self.report:
+                self.report(f"step {self.step}/{cfg.steps}: {text}")
         elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
             self.save("last.pt")
         return train_text
