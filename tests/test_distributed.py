@@ -162,6 +162,7 @@ def test_torchrun_cli(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("test 2-way 1-shot") == 1  # process 0 alone tests and reports
+    assert res.stdout.count("step 2/2: ") == 1  # and logs the validation
     assert json.loads((out / "results.json").read_text())["steps"] == 2
 
 
