@@ -219,12 +219,23 @@ class Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
         self.trained_lr = self.opt.param_groups[0]["lr"]  # the logs report this, not the next
-        self.sched.step()
+        self._schedule_step()
         stats = torch.stack([loss.detach().double(),
                              task_scores(logits.detach(), ep.query_y, self.metric).mean().double()])
         if self.world > 1:
             stats = all_sum(stats * weight)
         return stats[0], stats[1]
+
+    def _schedule_step(self) -> None:
+        """The rate follows the outer step count, so a step the fp16 scaler skipped (an
+        overflow) still counts; torch's warning about a scheduler stepping before its
+        optimizer, which that skip triggers, does not apply."""
+        if not self.scaler.is_enabled():
+            self.sched.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.sched.step()
 
     def _own_tasks(self, ep: Episode) -> tuple[Episode, float]:
         """This process's part of meta-batch ``ep`` (which may already be just that part),
