@@ -28,9 +28,15 @@ def run_cli(args, cwd, **kw):
                           text=True, timeout=600, **kw)
 
 
+def logged_rows(out, split=None):
+    """The rows of ``out/metrics.jsonl`` (of one ``split`` if given)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if split in (None, r["split"])]
+
+
 def learning_rows(out):
     """The loss/accuracy of every logged row: timings differ between runs, these must not."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = logged_rows(out)
     return [(r["step"], r["split"], r["loss"], r["acc"], r["ci95"]) for r in rows]
 
 
@@ -50,10 +56,8 @@ def test_train_writes_everything(reference_run):
     assert "accuracy" in stdout and "± " in stdout and "curves.png" in stdout
     # without a progress bar, one line per validation, with the logged validation score
     lines = [line for line in stdout.splitlines() if line.startswith("step ")]
-    val = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in val if r["split"] == "val"]
     assert [line.split(":")[0] for line in lines] == ["step 8/24", "step 16/24", "step 24/24"]
-    for line, row in zip(lines, val):
+    for line, row in zip(lines, logged_rows(out, "val")):
         assert f"val acc={row['acc']:.3f}±{row['ci95']:.3f}" in line
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 24 and state["config"]["ways"] == 3
@@ -303,8 +307,7 @@ def test_validation_before_the_first_log_without_progress_bar(tmp_path):
                       EpisodeSampler(splits.train, 3, 1, 2, seed=0),
                       fixed_episodes(splits.val, 3, 1, 2, n=2), tmp_path, progress=False)
     assert trainer.fit()["steps"] == 3
-    assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-            if r["split"] == "val"] == [2, 3]
+    assert [r["step"] for r in logged_rows(tmp_path, "val")] == [2, 3]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -417,7 +420,7 @@ def test_resume_needs_only_the_run_directory(reference_run, tmp_path):
     assert res.returncode == 2 and "run config differs in ['shots']" in res.stderr
 
 
-def _clip_setup(tmp_path, amp=None, grad_clip=1e-3, weight_decay=0.0):
+def _one_step_trainer(tmp_path, amp=None, grad_clip=1e-3, weight_decay=0.0):
     splits = build_splits(RunConfig(data="digits"))
     torch.manual_seed(0)
     learner = ProtoNet(Conv4(hidden=8, out_channels=8))
@@ -427,8 +430,20 @@ def _clip_setup(tmp_path, amp=None, grad_clip=1e-3, weight_decay=0.0):
                    progress=False)
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_validation_lines_go_to_log_only_without_a_progress_bar(progress, tmp_path):
+    splits = build_splits(RunConfig(data="digits"))
+    cfg = RunConfig(ways=3, shots=1, queries=2, steps=2, val_every=2, val_episodes=2)
+    lines = []
+    Trainer(ProtoNet(Conv4(hidden=8, out_channels=8)), cfg,
+            EpisodeSampler(splits.train, 3, 1, 2, seed=0), fixed_episodes(splits.val, 3, 1, 2, n=2),
+            tmp_path, progress=progress, log=lines.append).fit()
+    assert len(lines) == (0 if progress else 1)
+    assert progress or lines[0].startswith("step 2/2: ") and "val acc=" in lines[0]
+
+
 def test_grad_clip_scales_the_meta_gradient_to_its_norm(tmp_path):
-    trainer = _clip_setup(tmp_path)
+    trainer = _one_step_trainer(tmp_path)
     learner, ep = trainer.learner, trainer.train_episodes[0]
     before = [p.detach().clone() for p in learner.parameters()]
     loss, _ = learner.loss(ep.support_x, ep.support_y, ep.query_x, ep.query_y, ep.ways)
@@ -441,7 +456,7 @@ def test_grad_clip_scales_the_meta_gradient_to_its_norm(tmp_path):
 
 
 def test_grad_clip_applies_to_the_unscaled_fp16_gradient(tmp_path):
-    trainer = _clip_setup(tmp_path, amp="fp16")
+    trainer = _one_step_trainer(tmp_path, amp="fp16")
     for i in range(10):  # the GradScaler skips steps whose scaled gradient overflows
         before = torch.cat([p.detach().flatten().clone() for p in trainer.learner.parameters()])
         trainer.train_step(trainer.train_episodes[i])
@@ -453,7 +468,7 @@ def test_grad_clip_applies_to_the_unscaled_fp16_gradient(tmp_path):
 
 
 def test_weight_decay_adds_its_l2_gradient(tmp_path):
-    trainer = _clip_setup(tmp_path, grad_clip=None, weight_decay=0.1)
+    trainer = _one_step_trainer(tmp_path, grad_clip=None, weight_decay=0.1)
     learner, ep = trainer.learner, trainer.train_episodes[0]
     before = [p.detach().clone() for p in learner.parameters()]
     loss, _ = learner.loss(ep.support_x, ep.support_y, ep.query_x, ep.query_y, ep.ways)

@@ -278,7 +278,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     learner = build_learner(cfg, data.input_shape)
     val_eps = data.eval_sampler(cfg, "val", cfg.val_episodes)
     trainer = Trainer(learner, cfg, data.train_sampler(cfg), val_eps, out_dir,
-                      data.preprocessing, progress, log=None if progress else log)
+                      data.preprocessing, progress, log)
     fit = trainer.fit(resume=resume)
     best = learner_from_checkpoint(from_process_0(lambda: _best_checkpoint(out_dir)),
                                    torch.device(cfg.device), out_dir / "best.pt")

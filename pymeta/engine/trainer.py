@@ -74,8 +74,8 @@ class Trainer:
     They share the validation episodes too; process 0 writes ``out_dir`` and hands its
     checkpoint to the others on resume.
 
-    ``progress`` shows a progress bar; ``log``, if given, is called (by process 0) with one
-    line per validation (step, training and validation scores), for runs without the bar.
+    ``progress`` shows a progress bar; without it, ``log`` (if given) is called by process 0
+    with one line per validation (step, training and validation scores).
 
     Example:
         >>> import tempfile, torch
@@ -108,7 +108,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.preprocessing = dict(preprocessing or {})
         self.progress = progress and self.lead
-        self.report = log if self.lead else None
+        self.report = log if self.lead and not progress else None  # the bar shows the same
         self.opt, self.sched = make_optimizer(learner, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.metric = metric_name(learner)  # "acc" (higher is better) or "mse" (lower)
