@@ -92,6 +92,29 @@ def test_gradient_to_one_group_only(which):
     assert_close(torch.autograd.grad(out, leaves, gos), torch.autograd.grad(ref, leaves, gos))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_one_tensor_rate_for_every_param(inplace):
+    """A single (learned) rate tensor acts as that tensor repeated per param; its gradient
+    sums over all params, as the plain-torch step gives."""
+    g = gen(7)
+    params = [rand(2, 3, 4, gen=g), rand(2, 5, gen=g)]
+    grads = [rand(2, 3, 4, gen=g), rand(2, 5, gen=g)]
+    rate = rand(gen=g).abs().requires_grad_()
+    if inplace:
+        with torch.no_grad():
+            out = ops.sgd_step_([p.clone() for p in params], grads, rate)
+        assert_close(out, ref_sgd(params, grads, [rate.detach()] * 2))
+        return
+    out = ops.sgd_step(params, grads, rate)
+    ref = ref_sgd(params, grads, [rate] * 2)
+    assert_close(out, ref)
+    gos = [torch.ones_like(o) for o in out]
+    (got,) = torch.autograd.grad(out, rate, gos)
+    assert_close(got, -sum(g_.sum() for g_ in grads))
+    assert_close(ops.sgd_step([p.numpy() for p in params], [g_.numpy() for g_ in grads],
+                              rate.detach().numpy()), [r.detach().numpy() for r in ref])
+
+
 @pytest.mark.parametrize("n", [18, 60])
 def test_long_lists(n):
     """conv4-like lists and more tensors than one CUDA launch takes, mixing shared and per-task."""

@@ -342,8 +342,10 @@ def _check_lists(params, grads, lr):
                 raise TypeError(f"{_OP}: lr[{i}] must be a tensor (a list of rates holds one "
                                 f"per param), got {type(a).__name__}")
         return list(lr)
+    if isinstance(lr, (torch.Tensor, np.ndarray)):  # one rate for every param (autograd sums)
+        return [lr] * len(params)
     if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"{_OP}: lr must be a float or a list of tensors, got "
+        raise TypeError(f"{_OP}: lr must be a float, a tensor or a list of tensors, got "
                         f"{type(lr).__name__}")
     return None
 
@@ -495,7 +497,8 @@ def sgd_step(params: Sequence, grads: Sequence, lr):
         params: tensors ``[...]`` (shared by all tasks) or ``[T, ...]`` (one slice per task).
             Entries may be ``None``, read as zero.
         grads: tensors broadcastable against ``params``, typically ``[T, ...]``.
-        lr: a float, or a list with one tensor per parameter broadcastable to it: 0-d
+        lr: a float; one tensor broadcastable to every parameter (a learned global rate,
+            0-d); or a list with one tensor per parameter broadcastable to it: 0-d
             (per-layer rates, MAML++), ``[...]`` (per-parameter, Meta-SGD) or ``[T, ...]``.
 
     Returns:
