@@ -162,6 +162,31 @@ def test_meta_gradients_match_reference(model_name, kind, steps, per_task):
     assert_grads_close(grads_of(learner, loss), ref_grads)
 
 
+class MeanOverTokens(nn.Module):
+    def forward(self, x):
+        return x.mean(-2)
+
+
+def token_model(ways=3):
+    """Text classification: int64 token ids [L] -> mean embedding -> LayerNorm -> logits
+    (not nn.EmbeddingBag: torch has no second derivative for it)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(13, 6), MeanOverTokens(), nn.LayerNorm(6), nn.Tanh(),
+                         nn.Linear(6, ways)).to(DT)
+
+
+@pytest.mark.parametrize("kind", sorted(LEARNER_KINDS))
+def test_meta_gradients_with_token_ids(kind):
+    learner = make(kind, token_model(), steps=2).train()
+    sx, sy, qx, qy = episode("mlp")
+    g = torch.Generator().manual_seed(4)
+    sx, qx = (torch.randint(0, 13, (*t.shape[:2], 5), generator=g) for t in (sx, qx))
+    loss = learner.meta_loss(sx, sy, qx, qy)
+    ref_loss, ref_grads = reference_meta(learner, sx, sy, qx, qy)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert_grads_close(grads_of(learner, loss), ref_grads)
+
+
 def test_meta_gradients_resnet12():
     learner = MAML(resnet(), inner_lr=0.2, steps=2).train()
     assert is_batchable(learner.model)
@@ -766,8 +791,12 @@ def test_bad_episodes():
             learner.meta_loss(sx, bad_sy, qx, bad_qy)
     with pytest.raises(ValueError, match="integer class"):
         learner.meta_loss(sx, sy.double(), qx, qy)
+    for dtype in (torch.uint8, torch.bool):  # images left as bytes; not token ids either
+        with pytest.raises(ValueError, match="floating-point tensors of one dtype, or "
+                                             "int64/int32 token ids"):
+            learner.meta_loss((sx * 10).to(dtype), sy, (qx * 10).to(dtype), qy)
     with pytest.raises(ValueError, match="floating-point tensors of one dtype"):
-        learner.meta_loss((sx * 10).to(torch.uint8), sy, (qx * 10).to(torch.uint8), qy)
+        learner.meta_loss(sx.long(), sy, qx, qy)
     for ways in (None, 3):
         with pytest.raises(ValueError, match="inputs are torch.float32 but the model's weights "
                                              "are torch.float64"):

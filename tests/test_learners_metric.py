@@ -192,6 +192,28 @@ def test_protonet_matches_reference(metric):
     torch.testing.assert_close(learner(sx, sy, qx, 3), learner.loss(sx, sy, qx, qy, 3)[1], **TOL)
 
 
+class TokenBag(nn.Module):
+    """Text "samples": int64 token ids [L] -> mean embedding -> tanh features."""
+
+    def __init__(self, vocab=11, out=D):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.proj = nn.Embedding(vocab, 6).double(), nn.Linear(6, out).double()
+
+    def forward(self, x):
+        return torch.tanh(self.proj(self.embed(x).mean(-2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_protonet_takes_token_ids(dtype):
+    sx, sy, qx, qy = episode(seed=2)
+    g = torch.Generator().manual_seed(3)
+    sx, qx = (torch.randint(0, 11, (*t.shape[:2], 4), generator=g, dtype=dtype) for t in (sx, qx))
+    learner = ProtoNet(TokenBag())
+    ref = ref_protonet(learner.backbone, sx, sy, qx, qy, 3, "sqeuclidean")
+    assert_same(learner.loss(sx, sy, qx, qy, 3), ref, learner)
+
+
 @pytest.mark.parametrize("fce, scale", [(False, {}), (True, {}),
                                          (False, dict(scale=1, learn_scale=False))])
 def test_matching_matches_reference(fce, scale):

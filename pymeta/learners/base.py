@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+TOKEN_DTYPES = (torch.int64, torch.int32)  # inputs an nn.Embedding takes: text episodes
 
 
 class FewShotLearner(nn.Module):
@@ -99,9 +100,10 @@ class FewShotLearner(nn.Module):
 
 
 def check_input_dtype(who: str, x: Tensor, model: nn.Module) -> None:
-    """Inputs in the model's dtype (autocast aside), named here rather than deep inside it."""
+    """Float inputs in the model's dtype (autocast aside), named here rather than deep inside
+    it. Token ids (``TOKEN_DTYPES``) go to the model as they are."""
     weight = next(model.parameters(), x).dtype
-    if x.dtype != weight and not torch.is_autocast_enabled(x.device.type):
+    if x.is_floating_point() and x.dtype != weight and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"{who}: the inputs are {x.dtype} but the model's weights are "
                          f"{weight}; convert one (x.to({weight}) or model.to({x.dtype}))")
 
@@ -157,9 +159,11 @@ def _check_shapes(who: str, support_x: Tensor, query_x: Tensor) -> tuple[int, in
         sample = ", ".join(map(str, support_x.shape[2:]))
         raise ValueError(f"{who}: query_x must be [T, Q, {sample}] like support_x "
                          f"{list(support_x.shape)}, got {list(query_x.shape)}")
-    if not support_x.is_floating_point() or query_x.dtype != support_x.dtype:
+    if (not support_x.is_floating_point() and support_x.dtype not in TOKEN_DTYPES
+            or query_x.dtype != support_x.dtype):
         raise ValueError(f"{who}: support_x and query_x must be floating-point tensors of one "
-                         f"dtype (integer images: scale them, e.g. x.float() / 255), got "
+                         f"dtype, or int64/int32 token ids for a model that embeds them "
+                         f"(integer images: scale them, e.g. x.float() / 255), got "
                          f"{support_x.dtype} and {query_x.dtype}")
     (T, S), Q = support_x.shape[:2], query_x.shape[1]
     if query_x.shape[0] != T:
