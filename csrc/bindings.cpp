@@ -1,10 +1,10 @@
 // pymeta._C: the raw-buffer kernel core. Tensors arrive as integer data pointers plus sizes;
 // nothing here knows torch or numpy. The GIL is released while kernels run.
-#include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "cpu/cpu_ops.h"
+#include "openmp.h"
 #include "ops.h"
 #ifdef PYMETA_WITH_CUDA
 #include "cuda/cuda_ops.h"
@@ -50,6 +50,11 @@ py::dict info() {
   py::dict d;
   d["version"] = PYMETA_VERSION;
   d["simd"] = pymeta::cpu::simd_level();
+#if defined(_OPENMP)
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
   d["openmp_max_threads"] = omp_get_max_threads();
 #ifdef PYMETA_WITH_CUDA
   d["cuda"] = true;

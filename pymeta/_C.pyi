@@ -11,8 +11,8 @@ __version__: str
 cuda_built: bool  # whether the CUDA kernels are compiled in; reading it touches no driver
 
 def info() -> dict[str, object]:
-    """version, simd, openmp_max_threads, cuda, cuda_archs, cuda_runtime (this one asks the
-    CUDA driver, if there is one)."""
+    """version, simd, openmp (built with it), openmp_max_threads, cuda, cuda_archs,
+    cuda_runtime (this one asks the CUDA driver, if there is one)."""
 
 def pairwise_distances_forward(device: int, stream: int, threads: int, dtype: int, metric: int,
                                B: int, Q: int, N: int, D: int, x: int, y: int, out: int) -> None: ...

@@ -21,8 +21,10 @@ def info() -> dict:
         "cuda_kernels": core["cuda"],
         "cuda_archs": core["cuda_archs"] or "none",
         "cuda_runtime": core["cuda_runtime"],
-        "cpu_threads": torch.get_num_threads(),  # pymeta follows torch's thread count
-        "openmp_max_threads": core["openmp_max_threads"],
+        # pymeta follows torch's thread count, given OpenMP
+        "cpu_threads": torch.get_num_threads() if core["openmp"] else 1,
+        "openmp_max_threads": core["openmp_max_threads"] if core["openmp"] else
+        "none: built without OpenMP, so the CPU kernels run on one thread",
         "simd": core["simd"],
         "torch": torch.__version__,
         "torch_cuda_available": torch.cuda.is_available(),

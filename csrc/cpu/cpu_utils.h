@@ -1,6 +1,5 @@
 // Helpers shared by the CPU kernels.
 #pragma once
-#include <omp.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +12,7 @@
 #endif
 
 #include "../common.h"
+#include "../openmp.h"
 
 // Hot loops are compiled for several SIMD levels and picked at load time (GCC/Clang ifunc),
 // so one wheel runs everywhere and still uses AVX2/AVX-512 where present.
@@ -140,19 +140,27 @@ inline void stream_fence() {
 #endif
 }
 
+// v with its lanes permuted: lane i of the result is v[index i] (GCC and Clang name the
+// builtin differently; GCC before 12 lacks Clang's).
+#if defined(__clang__)
+#define PYMETA_PERMUTE(v, Mask, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define PYMETA_PERMUTE(v, Mask, ...) __builtin_shuffle(v, Mask{__VA_ARGS__})
+#endif
+
 // Sum of the lanes by a fixed shuffle tree (halves, then quarters, then pairs).
 __attribute__((always_inline)) inline float hsum(Vec<float> v) {
-  typedef std::int32_t Mask __attribute__((vector_size(32)));
-  v += __builtin_shuffle(v, Mask{4, 5, 6, 7, 0, 1, 2, 3});
-  v += __builtin_shuffle(v, Mask{2, 3, 0, 1, 6, 7, 4, 5});
-  v += __builtin_shuffle(v, Mask{1, 0, 3, 2, 5, 4, 7, 6});
+  using Mask [[maybe_unused]] = std::int32_t __attribute__((vector_size(32)));
+  v += PYMETA_PERMUTE(v, Mask, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += PYMETA_PERMUTE(v, Mask, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += PYMETA_PERMUTE(v, Mask, 1, 0, 3, 2, 5, 4, 7, 6);
   return v[0];
 }
 
 __attribute__((always_inline)) inline double hsum(Vec<double> v) {
-  typedef std::int64_t Mask __attribute__((vector_size(32)));
-  v += __builtin_shuffle(v, Mask{2, 3, 0, 1});
-  v += __builtin_shuffle(v, Mask{1, 0, 3, 2});
+  using Mask [[maybe_unused]] = std::int64_t __attribute__((vector_size(32)));
+  v += PYMETA_PERMUTE(v, Mask, 2, 3, 0, 1);
+  v += PYMETA_PERMUTE(v, Mask, 1, 0, 3, 2);
   return v[0];
 }
 

@@ -1,0 +1,39 @@
+"""The C++ core compiles with the compilers pymeta's users build with, not only this machine's
+GCC: Clang (macOS, conda toolchains), an aarch64 GCC (Grace Hopper, Graviton), and any
+compiler without OpenMP (Apple Clang without libomp: one thread, csrc/openmp.h). Each case
+skips when its compiler is not installed (``apt install clang g++-aarch64-linux-gnu``)."""
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+# name: (compiler, OpenMP flag or None for a build without it)
+COMPILERS = {"clang": ("clang++", "-fopenmp"), "aarch64-gcc": ("aarch64-linux-gnu-g++", "-fopenmp"),
+             "gcc-without-openmp": ("g++", None)}
+
+
+def _sources():
+    if not CSRC.is_dir():
+        pytest.skip("csrc/ is not beside the tests (an installed copy of the tests)")
+    return sorted([*CSRC.glob("*.cpp"), *CSRC.glob("cpu/*.cpp")])
+
+
+@pytest.mark.parametrize("name", sorted(COMPILERS))
+def test_cpu_sources_compile(name):
+    command, openmp = COMPILERS[name]
+    compiler = shutil.which(command)
+    if compiler is None:
+        pytest.skip(f"{command} is not installed")
+    pybind11 = pytest.importorskip("pybind11")
+    flags = ["-std=c++17", openmp or "-Wno-unknown-pragmas", "-fsyntax-only", "-Wall",
+             "-Wextra", "-Wno-psabi", f"-I{CSRC}", f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}",
+             '-DPYMETA_VERSION="test"']
+    failures = []
+    for source in _sources():
+        run = subprocess.run([compiler, *flags, str(source)], capture_output=True, text=True)
+        if run.returncode or "warning:" in run.stderr:
+            failures.append(f"{source.relative_to(CSRC)}:\n{run.stderr[-2000:]}")
+    assert not failures, f"{name} rejects or warns on:\n" + "\n".join(failures)
