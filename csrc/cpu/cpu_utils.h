@@ -99,7 +99,11 @@ inline std::int64_t last_level_cache_bytes() {
     if (got >= 1 && size > 0)
       return size << (unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0);
   }
+#if defined(_SC_LEVEL3_CACHE_SIZE)  // glibc's; macOS has neither this nor the sysfs entry
   return std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+#else
+  return 0;
+#endif
 }
 
 // Operands past this size outgrow the last-level cache (at least kStreamBytes). A kernel
