@@ -78,15 +78,18 @@ def logged(out):
 
 
 def assert_same_state(got: dict, want: dict):
-    """Equal up to float rounding: max |difference| <= 1e-4 max |reference| per tensor
-    (float32 sums in another order; a wrongly weighted share is off by percents)."""
+    """Equal up to float rounding: max |difference| <= 1e-4 max |reference| + 1e-6 per tensor
+    (float32 sums in another order; a wrongly weighted share is off by percents). The
+    absolute 1e-6 is for tensors that stay near 0, such as BatchNorm biases of ~1e-3, which
+    the rounding of the O(1) values behind each update moves by ~4e-8 (Clang's build)."""
     assert got.keys() == want.keys()
     for k, w in want.items():
         if not w.is_floating_point():
             assert torch.equal(got[k], w), k
         elif w.numel():
-            err = float((got[k] - w).abs().max() / w.abs().max().clamp_min(1e-30))
-            assert err <= 1e-4, f"{k}: relative error {err:.2e}"
+            diff, scale = float((got[k] - w).abs().max()), float(w.abs().max())
+            assert diff <= 1e-4 * scale + 1e-6, f"{k}: max |difference| {diff:.2e}, " \
+                                                f"max |reference| {scale:.2e}"
 
 
 @pytest.mark.parametrize("algo", ["maml", "reptile", "protonet"])
@@ -103,7 +106,10 @@ def test_two_processes_take_the_single_process_steps(tmp_path, algo):
     assert not list(tmp_path.glob(f"{algo}-2-rank1/*"))  # process 0 alone writes
     got, want = logged(out), logged(tmp_path / "single")
     assert [r[:2] for r in got] == [r[:2] for r in want]
-    torch.testing.assert_close([r[2:] for r in got], [r[2:] for r in want], rtol=1e-4, atol=0)
+    # The rounding above moves a loss near 0 (0.039) by ~6e-6, and may flip a query at a
+    # near-tie: 2 of 150 validation queries in Clang's build
+    torch.testing.assert_close([r[2] for r in got], [r[2] for r in want], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close([r[3] for r in got], [r[3] for r in want], rtol=0, atol=0.02)
 
 
 @pytest.mark.parametrize("algo", ["maml", "siamese"])  # Siamese draws its pairs at random
