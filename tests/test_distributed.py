@@ -1,5 +1,7 @@
 """Data-parallel training: two gloo processes on the CPU take the same steps as one process
 on the whole meta-batch (parameters, BatchNorm statistics, logged metrics, resume)."""
+from __future__ import annotations
+
 import json
 import os
 import shutil
