@@ -29,8 +29,8 @@ def test_cpu_sources_compile(name):
         pytest.skip(f"{command} is not installed")
     pybind11 = pytest.importorskip("pybind11")
     flags = ["-std=c++17", openmp or "-Wno-unknown-pragmas", "-fsyntax-only", "-Wall",
-             "-Wextra", "-Wno-psabi", f"-I{CSRC}", f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}",
-             '-DPYMETA_VERSION="test"']
+             "-Wextra", "-Wno-psabi", f"-I{CSRC}", f"-I{sysconfig.get_paths()['include']}",
+             f"-I{pybind11.get_include()}", '-DPYMETA_VERSION="test"']
     failures = []
     for source in _sources():
         run = subprocess.run([compiler, *flags, str(source)], capture_output=True, text=True)
