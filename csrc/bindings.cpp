@@ -50,11 +50,7 @@ py::dict info() {
   py::dict d;
   d["version"] = PYMETA_VERSION;
   d["simd"] = pymeta::cpu::simd_level();
-#if defined(_OPENMP)
-  d["openmp"] = true;
-#else
-  d["openmp"] = false;
-#endif
+  d["openmp"] = pymeta::kOpenMP;
   d["openmp_max_threads"] = omp_get_max_threads();
 #ifdef PYMETA_WITH_CUDA
   d["cuda"] = true;

@@ -4,7 +4,9 @@
 #pragma once
 #if defined(_OPENMP)
 #include <omp.h>
+namespace pymeta { constexpr bool kOpenMP = true; }
 #else
+namespace pymeta { constexpr bool kOpenMP = false; }
 inline int omp_get_num_threads() { return 1; }
 inline int omp_get_thread_num() { return 0; }
 inline int omp_get_max_threads() { return 1; }

@@ -106,6 +106,13 @@ def assert_same_as_cpu(got: list, cpu: list, dtype) -> None:
                                    atol=rtol * max(scale, 1))
 
 
+class MeanOverTokens(torch.nn.Module):
+    """``[B, L, E]`` token embeddings -> ``[B, E]``: a text model's bag of tokens."""
+
+    def forward(self, x):
+        return x.mean(-2)
+
+
 def interrupt_fit_after(trainer, step: int) -> None:
     """Runs ``trainer.fit()`` until a KeyboardInterrupt stops it after ``step`` steps."""
     train_step = trainer.train_step

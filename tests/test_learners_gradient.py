@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from conftest import MeanOverTokens
 import pymeta.learners.functional
 from pymeta.learners.maml import CPU_TASK_CHUNK
 from pymeta.learners import (ANIL, FOMAML, LEARNERS, MAML, FewShotLearner, MetaSGD, Reptile,
@@ -160,11 +161,6 @@ def test_meta_gradients_match_reference(model_name, kind, steps, per_task):
     ref_loss, ref_grads = reference_meta(learner, *data)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     assert_grads_close(grads_of(learner, loss), ref_grads)
-
-
-class MeanOverTokens(nn.Module):
-    def forward(self, x):
-        return x.mean(-2)
 
 
 def token_model(ways=3):

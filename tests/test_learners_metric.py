@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pymeta.learners
-from conftest import requires_cuda
+from conftest import MeanOverTokens, requires_cuda
 from pymeta.learners import (LEARNERS, FewShotLearner, MatchingNet, ProtoNet, RelationNet,
                              Siamese, balanced_pairs, build_learner)
 from pymeta.nn import Conv4
@@ -192,24 +192,14 @@ def test_protonet_matches_reference(metric):
     torch.testing.assert_close(learner(sx, sy, qx, 3), learner.loss(sx, sy, qx, qy, 3)[1], **TOL)
 
 
-class TokenBag(nn.Module):
-    """Text "samples": int64 token ids [L] -> mean embedding -> tanh features."""
-
-    def __init__(self, vocab=11, out=D):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed, self.proj = nn.Embedding(vocab, 6).double(), nn.Linear(6, out).double()
-
-    def forward(self, x):
-        return torch.tanh(self.proj(self.embed(x).mean(-2)))
-
-
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_protonet_takes_token_ids(dtype):
     sx, sy, qx, qy = episode(seed=2)
     g = torch.Generator().manual_seed(3)
     sx, qx = (torch.randint(0, 11, (*t.shape[:2], 4), generator=g, dtype=dtype) for t in (sx, qx))
-    learner = ProtoNet(TokenBag())
+    torch.manual_seed(0)  # text "samples": token ids [L] -> mean embedding -> tanh features
+    learner = ProtoNet(nn.Sequential(nn.Embedding(11, 6), MeanOverTokens(), nn.Linear(6, D),
+                                     nn.Tanh()).double())
     ref = ref_protonet(learner.backbone, sx, sy, qx, qy, 3, "sqeuclidean")
     assert_same(learner.loss(sx, sy, qx, qy, 3), ref, learner)
 
