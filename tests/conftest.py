@@ -106,11 +106,18 @@ def assert_same_as_cpu(got: list, cpu: list, dtype) -> None:
                                    atol=rtol * max(scale, 1))
 
 
-class MeanOverTokens(torch.nn.Module):
-    """``[B, L, E]`` token embeddings -> ``[B, E]``: a text model's bag of tokens."""
-
+class _MeanOverTokens(torch.nn.Module):
     def forward(self, x):
-        return x.mean(-2)
+        return x.mean(-2)  # [B, L, E] token embeddings -> [B, E]
+
+
+def token_model(out: int) -> torch.nn.Module:
+    """A text model in float64: int64/int32 token ids ``[L]`` -> mean embedding -> LayerNorm
+    -> ``[out]`` (not nn.EmbeddingBag: torch has no second derivative for it)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(13, 6), _MeanOverTokens(),
+                               torch.nn.LayerNorm(6), torch.nn.Tanh(),
+                               torch.nn.Linear(6, out)).double()
 
 
 def interrupt_fit_after(trainer, step: int) -> None:

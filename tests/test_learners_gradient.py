@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from conftest import MeanOverTokens
+from conftest import token_model
 import pymeta.learners.functional
 from pymeta.learners.maml import CPU_TASK_CHUNK
 from pymeta.learners import (ANIL, FOMAML, LEARNERS, MAML, FewShotLearner, MetaSGD, Reptile,
@@ -163,17 +163,9 @@ def test_meta_gradients_match_reference(model_name, kind, steps, per_task):
     assert_grads_close(grads_of(learner, loss), ref_grads)
 
 
-def token_model(ways=3):
-    """Text classification: int64 token ids [L] -> mean embedding -> LayerNorm -> logits
-    (not nn.EmbeddingBag: torch has no second derivative for it)."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Embedding(13, 6), MeanOverTokens(), nn.LayerNorm(6), nn.Tanh(),
-                         nn.Linear(6, ways)).to(DT)
-
-
 @pytest.mark.parametrize("kind", sorted(LEARNER_KINDS))
 def test_meta_gradients_with_token_ids(kind):
-    learner = make(kind, token_model(), steps=2).train()
+    learner = make(kind, token_model(3), steps=2).train()
     sx, sy, qx, qy = episode("mlp")
     g = torch.Generator().manual_seed(4)
     sx, qx = (torch.randint(0, 13, (*t.shape[:2], 5), generator=g) for t in (sx, qx))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pymeta.learners
-from conftest import MeanOverTokens, requires_cuda
+from conftest import requires_cuda, token_model
 from pymeta.learners import (LEARNERS, FewShotLearner, MatchingNet, ProtoNet, RelationNet,
                              Siamese, balanced_pairs, build_learner)
 from pymeta.nn import Conv4
@@ -197,9 +197,7 @@ def test_protonet_takes_token_ids(dtype):
     sx, sy, qx, qy = episode(seed=2)
     g = torch.Generator().manual_seed(3)
     sx, qx = (torch.randint(0, 11, (*t.shape[:2], 4), generator=g, dtype=dtype) for t in (sx, qx))
-    torch.manual_seed(0)  # text "samples": token ids [L] -> mean embedding -> tanh features
-    learner = ProtoNet(nn.Sequential(nn.Embedding(11, 6), MeanOverTokens(), nn.Linear(6, D),
-                                     nn.Tanh()).double())
+    learner = ProtoNet(token_model(D))
     ref = ref_protonet(learner.backbone, sx, sy, qx, qy, 3, "sqeuclidean")
     assert_same(learner.loss(sx, sy, qx, qy, 3), ref, learner)
 
