@@ -750,6 +750,9 @@ def test_bad_arguments():
                           (dict(per_task=None), "per_task must be True or False")):
         with pytest.raises(ValueError, match=match):
             MAML(m, **kwargs)
+        with pytest.raises(ValueError, match=match):  # and leaves fixed_init unfrozen
+            MAML(m, fixed_init=["3"], **kwargs)
+        assert all(p.requires_grad for p in m.parameters())
     with pytest.raises(ValueError, match="no parameters"):
         MAML(nn.ReLU())
     with pytest.raises(ValueError, match="no nn.Linear"):
@@ -890,16 +893,28 @@ def test_unclear_torch_errors_are_named():
         learner.meta_loss(sx[..., :12, :12], sy, qx[..., :12, :12], qy)
     single = MAML(mlp(ways=1), inner_lr=0.3, steps=1).train()
     sx, sy, qx, qy = episode("mlp", ways=1, S=1, Q=1)
-    with pytest.raises(ValueError, match="BatchNorm 1: batch statistics need more than one "
+    with pytest.raises(ValueError, match="BatchNorm1d 1: batch statistics need more than one "
                                          "value per channel in each task, but each task has "
                                          "one sample of 8 channels"):
         single.meta_loss(sx, sy, qx, qy)
+    # torch's messages would describe the task-stacked layout (groups=T, T*C channels)
+    sx, sy, qx, qy = episode("mlp")
+    with pytest.raises(ValueError, match=r"Linear 0: expects samples \[\.\.\., 4\], got "
+                                         r"samples \[3\]"):
+        MAML(mlp()).meta_loss(sx[..., :3], sy, qx[..., :3], qy)
+    rgb = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(2, 3)).to(DT)
+    sx, sy, qx, qy = episode("conv")
+    for chunk in ("auto", None):
+        with pytest.raises(ValueError, match=r"Conv2d 0: expects samples \[3, H, W\], got "
+                                             r"samples \[1, 28, 28\]"):
+            MAML(rgb, task_chunk=chunk).meta_loss(sx, sy, qx, qy)
 
 
 @pytest.mark.parametrize("cls, kwargs", [(MAML, {}), (MAML, {"checkpoint_inner": True}),
                                          (MAML, {"task_chunk": 1}), (FOMAML, {}),
-                                         (MetaSGD, {})],
-                         ids=["maml", "checkpointed", "chunked", "fomaml", "metasgd"])
+                                         (MetaSGD, {}), (Reptile, {})],
+                         ids=["maml", "checkpointed", "chunked", "fomaml", "metasgd", "reptile"])
 def test_parameters_the_loss_never_reaches_get_no_gradient(cls, kwargs):
     """An unused parameter's .grad stays None, as plain autograd leaves it (a zero .grad is
     still moved by weight decay and momentum), and the others' gradients are unchanged."""
@@ -917,11 +932,19 @@ def test_parameters_the_loss_never_reaches_get_no_gradient(cls, kwargs):
     g = torch.Generator().manual_seed(1)
     sx, qx = torch.randn(2, 4, 3, generator=g, dtype=DT), torch.randn(2, 3, 3, generator=g, dtype=DT)
     sy, qy = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]]), torch.tensor([[0, 1, 1], [1, 1, 0]])
-    cls(model, steps=2, **kwargs).meta_loss(sx, sy, qx, qy, 2).backward()
+
+    def meta_gradients(m):
+        learner = cls(m, steps=2, **kwargs)
+        if learner.sets_own_grads:  # Reptile fills .grad itself
+            learner.loss(sx, sy, qx, qy, 2)
+        else:
+            learner.meta_loss(sx, sy, qx, qy, 2).backward()
+
+    meta_gradients(model)
     assert model.aux.weight.grad is None and model.aux.bias.grad is None
     got = [p.grad.clone() for p in plain.parameters()]
     plain.zero_grad(set_to_none=True)
-    cls(plain, steps=2, **kwargs).meta_loss(sx, sy, qx, qy, 2).backward()
+    meta_gradients(plain)
     assert all(torch.allclose(a, p.grad, rtol=1e-12, atol=1e-14) for a, p in zip(got, plain.parameters()))
 
 

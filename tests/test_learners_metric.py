@@ -5,6 +5,7 @@ F.cosine_similarity or the paper's formulas directly; the learners must agree in
 in the gradients they send to the backbone (float64, BatchNorm-free backbones so that
 per-task backbone calls equal the learners' one batched call).
 """
+import contextlib
 import io
 import json
 
@@ -511,6 +512,23 @@ def test_learned_heads_run_in_a_model_cast_to_half(make):
     half.loss(sx.half(), sy, qx.half(), qy, 2)[0].backward()
     assert all(p.grad is not None and p.grad.dtype == torch.half and p.grad.isfinite().all()
                for p in half.parameters() if p.requires_grad)
+
+
+def test_siamese_lazy_head_sized_in_inference_mode_still_trains():
+    """A first call under inference_mode (a sanity-check evaluation) sizes the lazy head
+    with ordinary parameters: training afterwards works, as if sized outside it."""
+    sx, sy, qx, qy = image_episode()
+    learners = []
+    for context in (torch.inference_mode, contextlib.nullcontext):
+        torch.manual_seed(0)
+        learner = Siamese(Conv4(hidden=4, out_channels=4)).eval()
+        with context():
+            learner(sx, sy, qx, 3)
+        learner.train().loss(sx, sy, qx, qy, 3)[0].backward()
+        learners.append(learner)
+    assert not learners[0].scorer.weight.is_inference()
+    for a, b in zip(*(learner.parameters() for learner in learners)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
 def test_siamese_lazy_head_takes_the_backbone_dtype():

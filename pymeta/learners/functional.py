@@ -134,8 +134,17 @@ def _sequential(m: nn.Sequential, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
     return a
 
 
+def _layer(m: nn.Module, prefix: str) -> str:
+    """A layer as error messages name it: its type and its name in the model."""
+    return f"{type(m).__name__} {prefix[:-1] or '(the model)'}"
+
+
 def _conv2d(m: nn.Conv2d, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
     a = _grouped(a, ctx)
+    sample = [a.x.shape[1] // ctx.T, *a.x.shape[2:]]
+    if a.x.ndim != 4 or sample[0] != m.in_channels:  # torch's message: T*C channels, groups=T
+        raise ValueError(f"{_layer(m, prefix)}: expects samples [{m.in_channels}, H, W], got "
+                         f"samples {sample}")
     w = ctx.stacked(prefix + "weight", m.weight)
     b = ctx.stacked(prefix + "bias", m.bias)
     w = w.reshape(-1, *w.shape[2:])
@@ -155,7 +164,7 @@ def _batch_norm(m: _BatchNorm, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
         y = _nhwc_batch_norm(a.x, mean.repeat(T), var.repeat(T), w, b, False, 0.0, m.eps)
         return _Act(y, True)
     if a.x.numel() == a.x.shape[1]:  # torch's own message would count T * C channels
-        raise ValueError(f"BatchNorm {prefix[:-1] or '(the model)'}: batch statistics need more "
+        raise ValueError(f"{_layer(m, prefix)}: batch statistics need more "
                          f"than one value per channel in each task, but each task has one "
                          f"sample of {a.x.shape[1] // T} channels (use more samples per task, "
                          f"or bn_mode='running' in evaluation)")
@@ -238,6 +247,9 @@ def _momentum(m: _BatchNorm, prefix: str, ctx: _Ctx) -> float:
 
 def _linear(m: nn.Linear, prefix: str, a: _Act, ctx: _Ctx) -> _Act:
     x = _flat(a, ctx).x
+    if x.ndim < 2 or x.shape[-1] != m.in_features:  # torch's message: the stacked layout
+        raise ValueError(f"{_layer(m, prefix)}: expects samples [..., {m.in_features}], got "
+                         f"samples {list(x.shape[1:])}")
     w, b = ctx.params.get(prefix + "weight", m.weight), ctx.params.get(prefix + "bias", m.bias)
     if w.dim() == 2 and (b is None or b.dim() == 1):  # shared weights: one plain matmul
         return _Act(F.linear(x, w, b), False)

@@ -81,9 +81,6 @@ class GradientLearner(FewShotLearner):
         super().__init__(model)
         who = type(self).__name__
         self.fixed_init = _check_prefixes(who, "fixed_init", model, fixed_init or [])
-        for n, p in model.named_parameters():  # adapted, but never meta-learned
-            if _under(n, self.fixed_init):
-                p.requires_grad_(False)
         inner_lr = check_positive_float(who, "inner_lr", inner_lr)
         check_count(who, "steps", steps)
         if test_steps is not None:
@@ -98,6 +95,9 @@ class GradientLearner(FewShotLearner):
         self.test_steps = self.steps if test_steps is None else int(test_steps)
         self.bn_mode, self.loss_name = bn_mode, loss
         self.per_task = check_bool(who, "per_task", per_task)
+        for n, p in model.named_parameters():  # adapted, never meta-learned; after the checks,
+            if _under(n, self.fixed_init):     # so that bad arguments leave the model as it was
+                p.requires_grad_(False)
 
     @property
     def model(self) -> nn.Module:
@@ -406,15 +406,15 @@ class MAML(GradientLearner):
                  task_chunk: Chunk = "auto", checkpoint_inner: bool = False,
                  loss: str = "cross_entropy", per_task: bool = False,
                  fixed_init: Optional[Sequence[str]] = None) -> None:
-        super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task, fixed_init)
+        who = type(self).__name__  # every check before the base class freezes fixed_init
         if task_chunk not in (None, "auto"):
-            check_count(type(self).__name__, "task_chunk", task_chunk, ", 'auto' or None")
-        who = type(self).__name__
-        self.second_order = check_bool(who, "second_order", second_order)
+            check_count(who, "task_chunk", task_chunk, ", 'auto' or None")
+        flags = [check_bool(who, name, value) for name, value in (
+            ("second_order", second_order), ("checkpoint_inner", checkpoint_inner), ("lslr", lslr))]
+        super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task, fixed_init)
+        self.second_order, self.checkpoint_inner, self.lslr = flags
         self.task_chunk = task_chunk if task_chunk in (None, "auto") else int(task_chunk)
         self._convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
-        self.checkpoint_inner = check_bool(who, "checkpoint_inner", checkpoint_inner)
-        self.lslr = check_bool(who, "lslr", lslr)
         if self.lslr:
             n = len(self._adapted_names())
             like = next(iter(model.parameters()))

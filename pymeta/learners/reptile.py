@@ -68,8 +68,11 @@ class Reptile(GradientLearner):
             out = self._checked(self._fwd(self.model, meta, query_x, False, fast), ways)
             loss = self._task_losses(out, query_y, ways).mean()
             params = dict(self.model.named_parameters())
-            learned = [(params[n], w) for n, w in fast.items()
-                       if params[n].requires_grad]  # fixed_init ones are never meta-learned
+            # fixed_init ones are never meta-learned; one the support loss never reached is
+            # still the meta-parameter, expanded over tasks: no .grad (as MAML), not a zero
+            # one that weight decay and momentum would act on
+            learned = [(params[n], w) for n, w in fast.items() if params[n].requires_grad
+                       and not (w.stride(0) == 0 and w.data_ptr() == params[n].data_ptr())]
             # theta - mean_t adapted_t for every tensor in one fused call: sgd_step(p, m, 1)
             steps = sgd_step([p.detach() for p, _ in learned], [w.mean(0) for _, w in learned],
                              1.0)

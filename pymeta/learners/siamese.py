@@ -160,8 +160,11 @@ class Siamese(FewShotLearner):
         return self._score(self._distances(zs, zq).unsqueeze(-1))
 
     def _score(self, features: Tensor) -> Tensor:
-        if is_lazy(self.scorer.weight):  # first call: the head takes the backbone's dtype
-            self.scorer.to(next(self.backbone.parameters(), features).dtype)
+        if is_lazy(self.scorer.weight):  # first call: the head takes the backbone's dtype,
+            w = self.scorer.weight              # and trainable weights even in inference mode
+            with torch.inference_mode(False):
+                self.scorer.to(next(self.backbone.parameters(), features).dtype)
+                self.scorer(torch.zeros(features.shape[-1], dtype=w.dtype, device=w.device))
         return upcast(self.scorer(*in_weight_dtype(self.scorer, features)).squeeze(-1))
 
     def _distances(self, zs: Tensor, zq: Tensor) -> Tensor:
