@@ -212,6 +212,20 @@ def test_inplace_refuses_tensors_requiring_grad():
     assert_close(w.detach(), before - 0.1, torch.float32)
 
 
+def test_inplace_under_forward_ad_refuses_only_dual_tensors():
+    """Plain tensors update in place inside a dual level (as torch's own sub_ does); a
+    dual param or grad would lose its tangent, so it is refused."""
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        p = torch.zeros(3)
+        ops.sgd_step_([p], [torch.ones(3)], 0.1)
+        assert_close(p, torch.full((3,), -0.1), torch.float32)
+        dual = fwAD.make_dual(torch.ones(3), torch.ones(3))
+        for params, grads in (([torch.zeros(3)], [dual]), ([dual], [torch.ones(3)])):
+            with torch.no_grad(), pytest.raises(RuntimeError, match="dual tensors"):
+                ops.sgd_step_(params, grads, 0.1)
+
+
 def test_inplace_refuses_params_that_overlap_other_operands():
     """Aliased or overlapping params would make the result depend on the order of the
     updates (and on the thread count); disjoint views of one buffer and shared reads are fine."""

@@ -77,6 +77,11 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
+def has_tangent(*tensors: torch.Tensor) -> bool:
+    """Whether any tensor is a dual tensor of the current forward-AD level."""
+    return any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def recording() -> bool:
     """True where tensors carry no data for the raw kernels: torch.compile, jit.trace and
     dispatch modes (make_fx, FakeTensorMode). The registered ops and their fake rules serve

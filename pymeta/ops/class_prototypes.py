@@ -218,6 +218,9 @@ def _check_tensors(z, labels, num_classes) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{_OP}: labels must be a torch.Tensor, got {type(labels).__name__}")
     _check_labels_dtype(labels)
+    if labels.layout is not torch.strided:
+        raise TypeError(f"{_OP}: labels is a {labels.layout} tensor; pass a dense one "
+                        "(.to_dense())")
     if labels.device != z.device:
         raise ValueError(f"{_OP}: z is on {z.device} but labels are on {labels.device}")
     _check_shapes(z, labels, num_classes)
@@ -274,7 +277,8 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
     if isinstance(z, np.ndarray) or isinstance(labels, np.ndarray):
         return _numpy(z, labels, num_classes, validate)
     if not (valid_float_tensors(z) and isinstance(labels, torch.Tensor)
-            and labels.dtype in _INDEX_DTYPES and labels.device == z.device
+            and labels.dtype in _INDEX_DTYPES and labels.layout is torch.strided
+            and labels.device == z.device
             and type(num_classes) is int and 0 <= num_classes <= _MAX_CLASSES and z.ndim >= 2
             and labels.shape == z.shape[:-1] and (validate is True or validate is False)):
         _check_tensors(z, labels, num_classes)  # the slow path names the problem

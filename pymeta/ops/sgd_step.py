@@ -18,7 +18,7 @@ import torch
 
 from .. import _C
 from ._kernels import (CPU_DTYPES, DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function,
-                       check_float_tensors, forward_ad_active, functorch_active, launch,
+                       check_float_tensors, forward_ad_active, functorch_active, has_tangent, launch,
                        needs_autograd, numpy_float, numpy_launch, ptr, recording, shape_str,
                        valid_float_tensors)
 
@@ -136,7 +136,12 @@ def _plain_run(params, grads, lr: float, dtype, device, grad_mode: bool):
     outs, desc = [], []
     for p, g in zip(params, grads):
         if not (isinstance(g, torch.Tensor) and g.dtype is dtype and g.device == device
-                and g.is_contiguous()) or grad_mode and g.requires_grad:
+                and g.layout is torch.strided and g.is_contiguous()) \
+                or grad_mode and g.requires_grad:
+            return None
+        if p is not None and not (isinstance(p, torch.Tensor) and p.dtype is dtype
+                                  and p.device == device and p.layout is torch.strided
+                                  and p.is_contiguous() and not (grad_mode and p.requires_grad)):
             return None
         gs, n = g.shape, g.numel()
         if p is None or (ps := p.shape) == gs:
@@ -147,10 +152,6 @@ def _plain_run(params, grads, lr: float, dtype, device, grad_mode: bool):
         elif len(gs) == len(ps) + 1 and gs[0] == T and gs[1:] == ps:
             m, p_stride = n // T, 0
         else:
-            return None
-        if p is not None and not (isinstance(p, torch.Tensor) and p.dtype is dtype
-                                  and p.device == device and p.is_contiguous()
-                                  and not (grad_mode and p.requires_grad)):
             return None
         out = torch.empty_like(g)
         outs.append(out)
@@ -404,8 +405,9 @@ def _check_tensors(params, grads, lrs) -> list:
     for i, (p, g) in enumerate(zip(params, grads)):
         a = lrs[i] if lrs is not None else None
         for name, t in (("params", p), ("grads", g), ("lr", a)):
-            if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == dtype
-                                      and t.device == device):
+            if (t is not None or name == "grads") and not (
+                    isinstance(t, torch.Tensor) and t.dtype == dtype and t.device == device
+                    and t.layout is torch.strided):
                 check_float_tensors(_OP, **{"grads[0]": first, f"{name}[{i}]": t})
         shapes.append(_check_shapes(i, p, g, a))
     return shapes
@@ -490,6 +492,11 @@ def _check_inplace_shapes(params, shapes):
                              f"update of shape {shape_str(s)}; use sgd_step instead")
 
 
+def _any_numpy(params, grads, lr) -> bool:
+    rates = lr if isinstance(lr, (list, tuple)) else (lr,)
+    return any(isinstance(a, np.ndarray) for a in (*params, *grads, *rates))
+
+
 def sgd_step(params: Sequence, grads: Sequence, lr):
     """One SGD step over a whole list of tensors: ``[p - lr * g for each tensor]``, fused.
 
@@ -517,7 +524,7 @@ def sgd_step(params: Sequence, grads: Sequence, lr):
     if outs is not None:
         return outs
     _check_list_types(params, grads)
-    if any(isinstance(a, np.ndarray) for a in (*params, *grads)):
+    if _any_numpy(params, grads, lr):
         return _numpy(params, grads, lr, inplace=False)
     lrs = _check_lists(params, grads, lr)
     if not grads:
@@ -551,7 +558,7 @@ def sgd_step_(params: Sequence, grads: Sequence, lr):
         -0.5
     """
     _check_list_types(params, grads)
-    if any(isinstance(a, np.ndarray) for a in (*params, *grads)):
+    if _any_numpy(params, grads, lr):
         return _numpy(params, grads, lr, inplace=True)
     lrs = _check_lists(params, grads, lr)
     if any(p is None for p in params):
@@ -563,9 +570,12 @@ def sgd_step_(params: Sequence, grads: Sequence, lr):
     if functorch_active():
         raise RuntimeError(f"{_OP}_: in-place updates are not supported under torch.func "
                            "transforms; use the differentiable sgd_step")
-    if needs_autograd(*params):
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         raise RuntimeError(f"{_OP}_: in-place update of tensors that require grad; call it "
                            "under torch.no_grad(), or use the differentiable sgd_step")
+    if forward_ad_active() and has_tangent(*params, *grads, *(lrs or ())):
+        raise RuntimeError(f"{_OP}_: in-place update of dual tensors (forward-mode AD); use "
+                           "the differentiable sgd_step")
     if recording():  # recorded as the functional op and copy_, which every tracer keeps
         for p, out in zip(params, sgd_step(params, grads, lrs if lrs is not None else lr)):
             p.copy_(out)
