@@ -71,8 +71,19 @@ def _info(args) -> int:
     return 0
 
 
+def _check_writable_file(flag: str, path: str) -> None:
+    """Refuses an output path that cannot be written, before the work that fills it."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; name a file")
+    parent = target.resolve().parent
+    if not (parent.is_dir() and os.access(parent, os.W_OK)):
+        raise ValueError(f"{flag} {path}: {parent} is not a writable directory")
+
+
 def _bench(args) -> int:
     from . import benchmark
+    _check_writable_file("--json", args.json)
     results = benchmark.run(suite=args.suite, ops=args.ops, device=args.device,
                             min_time=args.min_time, progress=not args.no_progress,
                             fresh_pages=args.fresh_pages)
@@ -229,6 +240,7 @@ def _run_plan(args) -> tuple[Path, dict | None]:
     else:
         fresh = _config_from_args(args)
         out = Path(f"runs/{fresh.algo}-{fresh.data}")
+    _check_run_dir(out)
     held = held_checkpoints(out)
     if held and not args.resume:
         raise ValueError(f"{out} already holds a run ({held[0].name}); pass --resume to "
@@ -240,11 +252,17 @@ def _run_plan(args) -> tuple[Path, dict | None]:
     return out, load_checkpoint(held[0])["config"] if args.resume and held else None
 
 
+def _check_run_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run directory")
+
+
 def _demo(args) -> int:
     from .engine import RunConfig, held_checkpoints, train
     _prepare_process(args.threads)
     cfg = RunConfig(algo="protonet", **PRESETS["digits"], device=_device(args))
     out = Path(args.out)
+    _check_run_dir(out)
     print("pymeta demo: ProtoNet (conv4) meta-trained on digits 0-4 (scikit-learn's 8x8 "
           "digits, upsampled to 28x28), tested on the unseen digits 5-9")
     res = train(cfg, out, resume=bool(held_checkpoints(out)),  # a checkpoint is never overwritten
@@ -285,9 +303,7 @@ def _eval_runs(args) -> int:
     from .data.runs import load_runs
     from .engine import evaluate_runs
     if args.json:  # checked first: not after a whole evaluation
-        target = Path(args.json).expanduser().resolve().parent
-        if not (target.is_dir() and os.access(target, os.W_OK)):
-            raise ValueError(f"--json {args.json}: {target} is not a writable directory")
+        _check_writable_file("--json", args.json)
     learner, device = _load_learner(args)
     pre = learner.preprocessing
     if pre.get("dataset") != "omniglot":
@@ -486,9 +502,17 @@ def main(argv=None) -> int:
             raise
         return 2
     except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        resume = (f"; continue from its last checkpoint with: pymeta {args.command} --out {out}"
-                  f"{' --resume' * (args.command == 'train')}"
-                  if args.command in ("train", "demo") and out else "")
-        print(f"interrupted{resume}", file=sys.stderr)
+        print(f"interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str:
+    """How to continue an interrupted run, if it wrote a checkpoint."""
+    from .engine import held_checkpoints
+    out = getattr(args, "out", None)
+    if args.command not in ("train", "demo") or not out:
+        return ""
+    if not held_checkpoints(out):
+        return f"; no checkpoint in {out} yet, so nothing to resume: run the command again"
+    return (f"; continue from its last checkpoint with: pymeta {args.command} --out {out}"
+            f"{' --resume' * (args.command == 'train')}")

@@ -87,6 +87,12 @@ def test_bad_options_give_one_line(args, message):
      "weight_decay must be a finite number >= 0, got -1.0"),
     (["eval-runs", "--checkpoint", "missing.pt", "--runs", "x", "--json", "/no/dir/r.json"],
      "--json /no/dir/r.json: /no/dir is not a writable directory"),
+    (["eval-runs", "--checkpoint", "missing.pt", "--runs", "x", "--json", "."],
+     "--json . is a directory; name a file"),
+    (["bench", "--json", "."], "--json . is a directory; name a file"),  # before the timings
+    (["train", "--out", "/dev/null", "--steps", "1"], "--out /dev/null is a file, not a run "
+                                                      "directory"),
+    (["demo", "--out", "/dev/null"], "--out /dev/null is a file, not a run directory"),
     (["bench", "--ops", "batch_norm_relu_pool"],
      "the targets suite has no case for batch_norm_relu_pool; time it with --suite full"),
 ])
@@ -247,12 +253,20 @@ def test_a_folder_that_changed_is_refused_by_eval_and_resume(tmp_path):
         in res.stderr
 
 
-def test_an_interrupted_train_says_how_to_resume(monkeypatch, capsys):
+def test_an_interrupted_train_says_how_to_resume(monkeypatch, capsys, tmp_path):
+    """--resume is suggested once a checkpoint exists; before that it would start a run
+    with default options, not the interrupted one's."""
     import pymeta.cli as cli
 
     def interrupted(args):
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, "_train", interrupted)
-    assert cli.main(["train", "--out", "runs/x"]) == 130
+    out = tmp_path / "x"
+    assert cli.main(["train", "--out", str(out)]) == 130
     assert capsys.readouterr().err.strip() == (
-        "interrupted; continue from its last checkpoint with: pymeta train --out runs/x --resume")
+        f"interrupted; no checkpoint in {out} yet, so nothing to resume: run the command again")
+    out.mkdir()
+    (out / "last.pt").touch()
+    assert cli.main(["train", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted; continue from its last checkpoint with: pymeta train --out {out} --resume")

@@ -299,7 +299,8 @@ def test_trainer_in_process_learns_and_validates(tmp_path):
 
 
 def test_validation_before_the_first_log_without_progress_bar(tmp_path):
-    """A disabled bar has no postfix: validating before any training log must not crash."""
+    """A disabled bar has no postfix: validating before any training log must not crash.
+    Each validation logs the training window up to its own step, for its report line."""
     splits = build_splits(RunConfig(data="digits"))
     cfg = RunConfig(ways=3, shots=1, queries=2, steps=3, val_every=2, log_every=10,
                     val_episodes=2)
@@ -308,6 +309,7 @@ def test_validation_before_the_first_log_without_progress_bar(tmp_path):
                       fixed_episodes(splits.val, 3, 1, 2, n=2), tmp_path, progress=False)
     assert trainer.fit()["steps"] == 3
     assert [r["step"] for r in logged_rows(tmp_path, "val")] == [2, 3]
+    assert [r["step"] for r in logged_rows(tmp_path, "train")] == [2, 3]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -332,7 +332,8 @@ class Trainer:
 
     def _log_and_save(self, bar, train_text: str, validating: bool, val: dict | None) -> str:
         cfg = self.cfg
-        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+        # at each validation too: its line's training scores are then its own step's window
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps or validating:
             train_text = self._log_train()
             bar.set_postfix_str(train_text)
         if validating:
