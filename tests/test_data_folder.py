@@ -1,5 +1,6 @@
 """FewShotImageFolder on generated images: class folders, CSV splits, errors and the cache."""
 import csv
+import shutil
 import warnings
 
 import numpy as np
@@ -132,6 +133,23 @@ def test_corrupt_image_names_file(class_folders):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(ValueError, match=str(bad)):
         load_image_folder(class_folders, image_size=8)
+
+
+def test_broken_links_warn_at_the_callers_line_and_too_few_classes_to_split(class_folders):
+    (class_folders / "bee" / "3.png").symlink_to(class_folders / "gone.png")
+    with pytest.warns(UserWarning) as caught:
+        ds = FewShotImageFolder(class_folders, image_size=12, cache=False)
+    assert ds.classes.counts.tolist() == [3, 3, 3]
+    broken = [w for w in caught if "skipped 1 broken symbolic link(s)" in str(w.message)]
+    assert len(broken) == 1 and broken[0].filename == __file__
+    assert "bee/3.png" in str(broken[0].message)
+    from pymeta.engine import RunConfig, build_splits
+    (class_folders / "bee" / "3.png").unlink()
+    for name in ("cow", "empty_class"):  # two classes: no random train/val/test split
+        shutil.rmtree(class_folders / name)
+    with pytest.raises(ValueError, match="holds 2 class folder.s.; a random train/val/test "
+                                         "split needs at least 3"):
+        build_splits(RunConfig(data="folder", root=str(class_folders), image_size=12))
 
 
 def test_missing_or_empty_root(tmp_path):

@@ -275,6 +275,25 @@ def test_background_evaluation_and_vinyals(fake_root, monkeypatch):
     assert only_mu.names == ["Mu/character02"]
 
 
+def test_incomplete_copy_warns_once_at_the_callers_line(fake_root):
+    with pytest.warns(UserWarning, match="fewer than 20 drawings") as caught:
+        load_omniglot("background", fake_root, cache=False)
+    assert len(caught) == 1 and caught[0].filename == __file__
+
+
+def test_hidden_zip_members_are_skipped_as_in_folders(fake_root):
+    """macOS's ._x.png resource forks and hidden folders are not drawings, in a zip as in
+    an extracted folder (whose walk skips them)."""
+    expected = load_omniglot("background", fake_root, cache=False)
+    with zipfile.ZipFile(fake_root / "omniglot" / "images_background.zip", "a") as z:
+        z.writestr("images_background/Beta/character01/._01_01.png", b"\0\5\x16\7")
+        z.writestr("images_background/.Trash/character01/01_01.png", b"not a png")
+    got = load_omniglot("background", fake_root, cache=False)
+    assert got.names == expected.names and torch.equal(got.images, expected.images)
+    with pytest.raises(ValueError, match="alphabets is empty: name at least one of"):
+        load_omniglot("background", fake_root, alphabets=[], cache=False)
+
+
 def test_corrupt_image_names_member(tmp_path):
     bad = "images_evaluation/Mu/character02/02_01.png"
     (tmp_path / "omniglot").mkdir()

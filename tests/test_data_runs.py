@@ -121,6 +121,10 @@ def test_image_size(written):
     out, _, runs = written
     small = load_runs(out / "..", image_size=14)
     assert small[0].support.shape == (20, 1, 14, 14)
+    for bad in (0, 28.0, True):
+        with pytest.raises(ValueError, match=f"load_runs: image_size must be a positive int, "
+                                             f"got {bad}"):
+            load_runs(out / "..", image_size=bad)
 
 
 @pytest.fixture

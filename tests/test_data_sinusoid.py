@@ -59,6 +59,9 @@ def test_bad_arguments(kwargs, message):
     (dict(length=2.7), "length must be an int >= 0, got 2.7"),
     (dict(length=True), "length must be an int >= 0, got True"),
     (dict(amplitude=(0.1, math.inf)), "amplitude must be finite"),
+    (dict(x_range=(1,)), r"x_range must be finite \(low, high\) with low <= high, got \(1,\)"),
+    (dict(phase=[0, 1, 2]), r"phase must be finite .*got \[0, 1, 2\]"),
+    (dict(amplitude="ab"), "amplitude must be finite"),
 ])
 def test_bad_lengths_ranges_and_indices(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -91,7 +91,7 @@ def test_clear_errors():
         EpisodeSampler(store, 5, 3, 5)
     for bad in (dict(ways=0), dict(shots=0), dict(queries=-1), dict(tasks=0), dict(ways=2.0),
                 dict(seed=-1), dict(seed=1.5), dict(ways=True), dict(length=-1),
-                dict(dtype=torch.int64)):   # floats and bools are refused at construction
+                dict(dtype=torch.int64), dict(augment="no")):  # refused at construction
         kw = dict(ways=2, shots=1, queries=1, tasks=1) | bad
         with pytest.raises(ValueError, match=next(iter(bad))):
             EpisodeSampler(store, **kw)
@@ -135,6 +135,14 @@ def test_store_refuses_a_class_twice():
         with pytest.raises(ValueError, match=message):
             store.with_rotations(angles)
     assert store.with_rotations((90.0,)).num_classes == 6   # a float angle is an angle
+    with pytest.raises(ValueError, match=r"already hold rotated copies \[90\]; call "
+                                         "with_rotations once"):  # split() would lose track
+        store.with_rotations((90,)).with_rotations((180,))
+    empty = store.subset([])  # [] is a float tensor to torch
+    assert empty.num_classes == 0 and len(empty) == 0
+    for classes, fraction in ((1, 0.5), (3, 0.9)):  # nothing left for the rest
+        with pytest.raises(ValueError, match=f"cannot hold out {fraction} of {classes} class"):
+            toy_store(num_classes=classes).split(fraction)
 
 
 def test_splits_keep_rotated_copies_of_a_class_together():

@@ -274,6 +274,7 @@ def test_evaluate_counts_diverged_tasks(bad, value):
     ("rotations", "False", "rotations must be True or False, got 'False'"),
     ("learner_kwargs", "x", "learner_kwargs must be a dict"),
     ("test_settings", [[5]], "test_settings must be \\[ways, shots\\] pairs"),
+    ("device", "gpu", "device must be a torch device such as cpu, cuda or cuda:1, got 'gpu'"),
 ])
 def test_run_config_refuses_values_of_the_wrong_type(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -363,6 +364,38 @@ def test_progress_bar_shows_the_latest_validation_only(tmp_path, capsys):
             fixed_episodes(splits.val, 3, 1, 2, n=2), tmp_path, progress=True).fit()
     last = capsys.readouterr().err.split("\r")[-1]
     assert last.count("val acc=") == 1 and "[, " not in last and ", ," not in last, last
+
+
+def test_a_directory_holding_a_run_is_not_trained_into_afresh(tmp_path):
+    """A second fresh run would overwrite the first's metrics, or test its best.pt as its
+    own; a Trainer that trained without a checkpoint cannot start over either."""
+    trainer = _tiny_trainer(tmp_path / "run", steps=2)
+    trainer.fit()
+    rows = logged_rows(tmp_path / "run")
+    for again in (trainer, _tiny_trainer(tmp_path / "run", steps=2)):
+        with pytest.raises(ValueError, match="already holds a run .*pass resume=True"):
+            again.fit()
+    assert logged_rows(tmp_path / "run") == rows
+    assert trainer.fit(resume=True)["steps"] == 2  # a finished run: nothing more to train
+    cut = _tiny_trainer(tmp_path / "cut")  # interrupted before its first checkpoint (step 2)
+    interrupt_fit_after(cut, 1)
+    for resume in (False, True):
+        with pytest.raises(ValueError, match="1 steps were trained, but .* holds no checkpoint"):
+            cut.fit(resume=resume)
+
+
+def test_evaluating_on_another_dataset_is_a_cross_domain_test(tmp_path):
+    """The class check guards a run's own dataset against changed splits; another dataset
+    shares no class with it."""
+    from pymeta.engine.setup import evaluate_split
+    learner = ProtoNet(Conv4(hidden=4, out_channels=4))
+    learner.preprocessing = {"dataset": "omniglot", "split_classes": {"test": "x"}}
+    cfg = RunConfig(data="digits", ways=3, shots=1, queries=2, test_episodes=2)
+    res = evaluate_split(learner, cfg, build_splits(cfg))
+    assert 0 <= res["acc"] <= 1 and res["ways"] == 3
+    learner.preprocessing["dataset"] = "digits"  # the same dataset, other classes: refused
+    with pytest.raises(ValueError, match="test classes differ from the run's"):
+        evaluate_split(learner, cfg, build_splits(cfg))
 
 
 def test_resume_accepts_changes_that_do_not_touch_training(tmp_path):

@@ -6,6 +6,7 @@ import glob
 import hashlib
 import io
 import os
+import sys
 import warnings
 import zipfile
 import zlib
@@ -25,6 +26,18 @@ R = TypeVar("R")
 CACHE_FORMAT = 2  # 2: with a content digest
 
 
+def warn_caller(message: str, category: type = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside pymeta: the user's call, by
+    whichever path inside the package it came."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
 class FileTree:
     """Read-only view of the files under a folder or inside a zip, by relative posix path.
 
@@ -41,8 +54,7 @@ class FileTree:
                 self._zip = zipfile.ZipFile(self.path)
             except (zipfile.BadZipFile, OSError) as e:
                 raise ValueError(f"{self.path} is not a readable zip archive: {e}") from e
-            self._files = sorted(n for n in self._zip.namelist()
-                                 if not n.endswith("/") and not n.startswith("__MACOSX/"))
+            self._files = sorted(n for n in self._zip.namelist() if _listed_member(n))
         else:
             raise FileNotFoundError(f"no such file or directory: {self.path}")
 
@@ -90,6 +102,13 @@ class FileTree:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _listed_member(name: str) -> bool:
+    """A zip member that :func:`_walk` would list for the extracted folder: a file, with no
+    hidden part (macOS's ``._x.png`` resource forks) and not under ``__MACOSX/``."""
+    return not (name.endswith("/") or name.startswith("__MACOSX/")
+                or any(part.startswith(".") for part in name.split("/")))
 
 
 def _walk(root: Path) -> list[str]:
@@ -183,8 +202,8 @@ def cache_load(path: Path, key: dict) -> ImageClasses | None:
         return ImageClasses(blob["images"], blob["offsets"], list(blob["names"]),
                             dict(blob["preprocessing"]))
     except Exception as e:  # truncated/corrupt/foreign file: rebuild rather than fail
-        warnings.warn(f"ignoring unreadable cache {path} ({type(e).__name__}: {e}); rebuilding it",
-                      RuntimeWarning, stacklevel=3)
+        warn_caller(f"ignoring unreadable cache {path} ({type(e).__name__}: {e}); rebuilding it",
+                    RuntimeWarning)
         return None
 
 
@@ -201,8 +220,8 @@ def _digest(images: torch.Tensor, offsets: torch.Tensor, names) -> str:
 def cache_save(path: Path, key: dict, classes: ImageClasses) -> None:
     """Write the cache atomically; an unwritable location only warns (the data is in memory)."""
     if _marked_read_only(path.parent):
-        warnings.warn(f"not writing cache {path}: its directory is marked read-only",
-                      RuntimeWarning, stacklevel=3)
+        warn_caller(f"not writing cache {path}: its directory is marked read-only",
+                    RuntimeWarning)
         return
     images, names = classes.images.contiguous(), list(classes.names)
     blob = {"format": CACHE_FORMAT, "key": key, "images": images, "offsets": classes.offsets,
@@ -212,7 +231,7 @@ def cache_save(path: Path, key: dict, classes: ImageClasses) -> None:
         with atomic_open(path, "wb") as f:
             torch.save(blob, f)
     except OSError as e:
-        warnings.warn(f"could not write cache {path}: {e}", RuntimeWarning, stacklevel=3)
+        warn_caller(f"could not write cache {path}: {e}", RuntimeWarning)
         return
     # Caches of older versions of the same source are dead weight now.
     for stale in path.parent.glob(f"{glob.escape(path.stem.rsplit('-', 1)[0])}-*.pt"):

@@ -81,6 +81,8 @@ class ImageClasses:
     def subset(self, classes) -> "ImageClasses":
         """The classes at the given indices, in that order (each at most once)."""
         given = torch.as_tensor(classes)
+        if not given.numel():  # [] makes a float tensor
+            given = given.to(torch.int64)
         if given.dtype == torch.bool or given.is_floating_point():
             raise TypeError(f"subset takes class indices, got a {given.dtype} tensor (for a "
                             f"mask, pass mask.nonzero().flatten())")
@@ -100,6 +102,9 @@ class ImageClasses:
         bases = list(dict.fromkeys(groups))
         perm = torch.randperm(len(bases), generator=torch.Generator().manual_seed(seed))
         n_held = max(1, round(len(bases) * fraction))
+        if n_held >= len(bases):
+            raise ValueError(f"cannot hold out {fraction:g} of {len(bases)} class(es) and keep "
+                             f"any for the rest: too few classes")
         held_bases = {bases[i] for i in perm[:n_held].tolist()}
         held = [c for c, b in enumerate(groups) if b in held_bases]
         rest = [c for c, b in enumerate(groups) if b not in held_bases]
@@ -135,6 +140,10 @@ class ImageClasses:
 
     def with_rotations(self, angles=(90, 180, 270)) -> "ImageClasses":
         """Add each class rotated by each angle as a new class (Omniglot's augmentation)."""
+        if "rotations" in self.preprocessing:  # split() groups one set of rotated copies
+            raise ValueError(f"these classes already hold rotated copies "
+                             f"{self.preprocessing['rotations']}; call with_rotations once, "
+                             f"with every angle")
         parts = [self]
         turns = [_quarter_turns(a) for a in angles]
         if len(set(turns)) != len(turns):

@@ -9,13 +9,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ._util import (cache_dir, cache_file, cache_load, cache_save, default_cache_dir, open_image,
-                    parallel_map, stack_classes)
+                    parallel_map, stack_classes, warn_caller)
 from .._checks import check_count
 from .classes import ImageClasses
 from .paths import data_root
@@ -130,9 +129,11 @@ def _is_image(name: str) -> bool:
 
 
 def _folder_listing(folder: Path) -> dict:
-    listing, seen, empty = {}, {}, []
+    listing, seen, empty, broken = {}, {}, [], []
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in d.iterdir() if _is_image(f.name) and f.is_file())
+        named = [f for f in d.iterdir() if _is_image(f.name)]
+        files = sorted(f for f in named if f.is_file())
+        broken += [f for f in named if f.is_symlink() and not f.exists()]
         for f in files:  # a symlinked copy could be support and query of one episode
             first = seen.setdefault(f.resolve(), f)
             if first != f:
@@ -144,10 +145,11 @@ def _folder_listing(folder: Path) -> dict:
     if not listing:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders "
                                 f"under {folder}")
+    if broken:  # images the folder names but cannot give: said, not dropped quietly
+        warn_caller(f"{folder}: skipped {len(broken)} broken symbolic link(s), e.g. {broken[0]}")
     if empty:  # the class count differs from the folder count: say so
-        warnings.warn(f"{folder}: skipped {len(empty)} folder(s) with no images "
-                      f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty[:5])}",
-                      UserWarning, stacklevel=4)
+        warn_caller(f"{folder}: skipped {len(empty)} folder(s) with no images "
+                    f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty[:5])}")
     return listing
 
 

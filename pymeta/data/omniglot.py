@@ -7,14 +7,13 @@ decoded once into an :class:`ImageClasses` and optionally cached as a ``.pt`` fi
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from ._util import (FileTree, cache_dir, cache_file, cache_load, cache_save, default_cache_dir,
-                    open_image, parallel_map, stack_classes)
+                    open_image, parallel_map, stack_classes, warn_caller)
 from .._checks import check_count
 from .classes import ImageClasses, concat
 from .download import DownloadError, download_file
@@ -124,8 +123,8 @@ def load_omniglot(split: str = "background", root: str | os.PathLike | None = No
     try:
         index = {name: _index(tree) for name, tree in trees.items()}
         keys = _filter_alphabets(_split_keys(split, index), alphabets, split)
-        parts = [_decode_archive(trees[name], name, [k for k in keys if k[0] == name],
-                                 image_size, cache)
+        parts = [_decode_archive(trees[name], index[name], name,
+                                 [k for k in keys if k[0] == name], image_size, cache)
                  for name in archives if any(k[0] == name for k in keys)]
     finally:
         for tree in trees.values():
@@ -198,10 +197,9 @@ def _index(tree: FileTree) -> dict:
     short = sorted((len(files), f"{a}/{c}") for (a, c), files in index.items()
                    if len(files) < DRAWINGS)
     if short:  # a zip's CRCs catch damage, but not files missing from an extracted copy
-        warnings.warn(f"{tree.path}: {len(short)} character(s) have fewer than {DRAWINGS} "
-                      f"drawings (e.g. {short[0][1]}: {short[0][0]}); the copy looks "
-                      f"incomplete, so classes and fixed episodes differ from Omniglot's",
-                      stacklevel=2)
+        warn_caller(f"{tree.path}: {len(short)} character(s) have fewer than {DRAWINGS} "
+                    f"drawings (e.g. {short[0][1]}: {short[0][0]}); the copy looks "
+                    f"incomplete, so classes and fixed episodes differ from Omniglot's")
     return index
 
 
@@ -227,6 +225,8 @@ def _filter_alphabets(keys: list, alphabets, split: str) -> list:
     wanted = [alphabets] if isinstance(alphabets, str) else list(alphabets)
     available = sorted({k[1] for k in keys})
     unknown = [a for a in wanted if a not in available]
+    if not wanted:
+        raise ValueError(f"alphabets is empty: name at least one of {available} (None: all)")
     if unknown:
         raise ValueError(f"unknown Omniglot alphabet(s) {unknown} for split {split!r}; "
                          f"available: {available}")
@@ -242,25 +242,25 @@ def _preprocessing(image_size: int) -> dict:
             "stroke": 1, "resample": "lanczos"}
 
 
-def _decode_archive(tree: FileTree, name: str, keys: list, image_size: int,
+def _decode_archive(tree: FileTree, index: dict, name: str, keys: list, image_size: int,
                     cache) -> ImageClasses:
     """The classes ``keys`` of one archive; with a cache, the whole archive is decoded once."""
     directory = cache_dir(cache, default_cache_dir(tree.path.parent / "cache", "omniglot"))
     if directory is None:
-        return _decode(tree, keys, image_size)
+        return _decode(tree, index, keys, image_size)
     key = {"archive": name, "image_size": image_size, "threshold": THRESHOLD,
            "source": tree.fingerprint()}
     path = cache_file(directory, f"{name}-{image_size}px", key, str(tree.path.resolve()))
     full = cache_load(path, key)
     if full is None:
-        full = _decode(tree, sorted((name, a, c) for a, c in _index(tree)), image_size)
+        full = _decode(tree, index, sorted((name, a, c) for a, c in index), image_size)
         cache_save(path, key, full)
     position = {n: i for i, n in enumerate(full.names)}
     return full.subset([position[_name(k)] for k in keys])
 
 
-def _decode(tree: FileTree, keys: list, image_size: int) -> ImageClasses:
-    index = _index(tree)
+def _decode(tree: FileTree, index: dict, keys: list, image_size: int) -> ImageClasses:
+    """The classes ``keys`` of ``tree``, whose :func:`_index` is ``index``."""
     groups = [index[(a, c)] for _, a, c in keys]
     blobs = [(tree.read(rel), tree.where(rel)) for g in groups for rel in g]
     arrays = iter(parallel_map(lambda b: preprocess_omniglot(open_image(*b), image_size), blobs))

@@ -67,6 +67,7 @@ def load_runs(path: str | os.PathLike, image_size: int = 28) -> list[OneShotRun]
         >>> len(runs), runs[0].support.shape, runs[0].answers[:3]  # doctest: +SKIP
         (20, torch.Size([20, 1, 28, 28]), tensor([11, 3, 7]))
     """
+    image_size = check_count("load_runs", "image_size", image_size)
     with FileTree(path) as tree:
         prefixes = _run_prefixes(tree.files)
         if not prefixes:
@@ -180,8 +181,8 @@ def write_runs(classes_source: str | os.PathLike, out_dir: str | os.PathLike, n_
 
     Example:
         >>> from pymeta.data import write_runs, load_runs
-        >>> write_runs("images_evaluation.zip", "my_runs", n_runs=20, seed=0)  # doctest: +SKIP
-        >>> len(load_runs("my_runs"))                                          # doctest: +SKIP
+        >>> manifest = write_runs("images_evaluation.zip", "my_runs")  # doctest: +SKIP
+        >>> len(load_runs("my_runs"))                                  # doctest: +SKIP
         20
     """
     n_runs = check_count("write_runs", "n_runs", n_runs)

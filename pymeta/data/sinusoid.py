@@ -37,11 +37,10 @@ class SinusoidTasks(Dataset):
                  phase: tuple = (0.0, math.pi), x_range: tuple = (-5.0, 5.0)):
         for name, value in (("shots", shots), ("queries", queries), ("tasks", tasks)):
             check_count("SinusoidTasks", name, value)
-        for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase),
-                               ("x_range", x_range)):
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        for name, bounds in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
+            if not _finite_range(bounds):
                 raise ValueError(f"SinusoidTasks: {name} must be finite (low, high) with "
-                                 f"low <= high, got {(lo, hi)}")
+                                 f"low <= high, got {bounds!r}")
         self.shots, self.queries, self.tasks = shots, queries, tasks
         self.seed = check_count("SinusoidTasks", "seed", seed, low=0)
         self.ways = None
@@ -82,6 +81,15 @@ def fixed_sinusoid_tasks(n: int = 1000, shots: int = 5, queries: int = 100,
     """The seeded evaluation set: one item of ``n`` tasks (MAML's test protocol: K=5 support
     points and 100 query points per task), identical for every learner."""
     return SinusoidTasks(shots, queries, tasks=n, seed=seed, length=1)
+
+
+def _finite_range(bounds) -> bool:
+    """Whether ``bounds`` is a (low, high) pair of finite real numbers with low <= high."""
+    try:
+        lo, hi = bounds
+        return math.isfinite(lo) and math.isfinite(hi) and lo <= hi
+    except (TypeError, ValueError):
+        return False
 
 
 __all__ = ["SinusoidTasks", "fixed_sinusoid_tasks"]

@@ -5,6 +5,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class RunConfig:
@@ -119,6 +121,11 @@ class RunConfig:
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.schedule not in ("step", "cosine", "none"):
             raise ValueError(f"schedule must be step, cosine or none, got {self.schedule!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:1, got "
+                             f"{self.device!r}") from None
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be bf16 or fp16, got {self.amp!r}")
         if any(not _is(s, "int") or s < 0 for s in self.eval_steps):

@@ -170,7 +170,12 @@ def _folder(cfg: RunConfig) -> Splits:
     if all(any(p.exists() for p in (root / f"{n}.csv", root / "splits" / f"{n}.csv", root / n))
            for n in names):
         return Splits(*(load_image_folder(root, split=n, image_size=size) for n in names))
-    rest, test = load_image_folder(root, image_size=size).split(cfg.val_fraction, cfg.split_seed)
+    classes = load_image_folder(root, image_size=size)
+    if classes.num_classes < 3:
+        raise ValueError(f"{root} holds {classes.num_classes} class folder(s); a random "
+                         f"train/val/test split needs at least 3 (or give train/val/test "
+                         f"split files or folders)")
+    rest, test = classes.split(cfg.val_fraction, cfg.split_seed)
     train, val = rest.split(cfg.val_fraction / (1 - cfg.val_fraction), cfg.split_seed + 1)
     return Splits(train, val, test)
 
@@ -318,8 +323,10 @@ def evaluate_split(learner, cfg: RunConfig, data, ways: int | None = None,
     """Score ``learner`` on the fixed ``split`` tasks of ``data`` (from :func:`build_splits`);
     gradient-based learners adapt with ``steps`` inner steps (default: their ``test_steps``);
     ``shard`` as in :func:`pymeta.engine.evaluate.episode_scores`."""
-    check_same_classes(getattr(learner, "preprocessing", {}), data.preprocessing, [split],
-                       f"cannot evaluate on the {split} split")
+    recorded = getattr(learner, "preprocessing", {})
+    if recorded.get("dataset") == data.preprocessing.get("dataset"):  # else a cross-domain
+        check_same_classes(recorded, data.preprocessing, [split],   # test: no shared class
+                           f"cannot evaluate on the {split} split")
     sampler = data.eval_sampler(cfg, split, _or(episodes, cfg.test_episodes), ways, shots, queries)
     res = evaluate(learner, sampler, cfg.device, cfg.amp, progress=progress, steps=steps,
                    shard=shard)

@@ -174,6 +174,10 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.rank + step)
 
     def _checkpoint_to_resume(self, resume: bool) -> dict | None:
+        held = held_checkpoints(self.out_dir)
+        if held and not resume:  # a fresh run would overwrite it, or test its best.pt
+            raise ValueError(f"{self.out_dir} already holds a run ({held[0].name}); pass "
+                             f"resume=True to continue it, or choose another directory")
         # to the CPU: RNG states must stay there, the rest moves into device tensors
         start = self._resume_from() if resume else None
         return None if start is None else load_checkpoint(start)
@@ -314,6 +318,10 @@ class Trainer:
         if state is not None:  # process 0's model, in every process
             self.load_state_dict(state)
             return
+        if self.step:  # the learner has moved: a fresh start would not start from scratch
+            raise ValueError(f"Trainer: {self.step} steps were trained, but {self.out_dir} holds "
+                             f"no checkpoint to continue from; build a new Trainer and learner "
+                             f"to start over")
         if self.lead:
             self.log = MetricsLog(self.out_dir)
         if self.world > 1:

@@ -160,10 +160,10 @@ class Siamese(FewShotLearner):
         return self._score(self._distances(zs, zq).unsqueeze(-1))
 
     def _score(self, features: Tensor) -> Tensor:
-        if is_lazy(self.scorer.weight):  # first call: the head takes the backbone's dtype,
-            w = self.scorer.weight              # and trainable weights even in inference mode
-            with torch.inference_mode(False):
+        if is_lazy(self.scorer.weight):  # first call: sized in the backbone's dtype, with
+            with torch.inference_mode(False):  # trainable weights even under inference_mode
                 self.scorer.to(next(self.backbone.parameters(), features).dtype)
+                w = self.scorer.weight
                 self.scorer(torch.zeros(features.shape[-1], dtype=w.dtype, device=w.device))
         return upcast(self.scorer(*in_weight_dtype(self.scorer, features)).squeeze(-1))
 

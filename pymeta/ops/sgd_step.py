@@ -18,9 +18,9 @@ import torch
 
 from .. import _C
 from ._kernels import (CPU_DTYPES, DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function,
-                       check_float_tensors, forward_ad_active, functorch_active, has_tangent, launch,
-                       needs_autograd, numpy_float, numpy_launch, ptr, recording, shape_str,
-                       valid_float_tensors)
+                       check_float_tensors, forward_ad_active, functorch_active, has_tangent,
+                       launch, needs_autograd, numpy_float, numpy_launch, ptr, recording,
+                       shape_str, valid_float_tensors)
 
 _OP = "sgd_step"
 _FULL, _SHARED, _SCALAR, _PER_TASK = range(4)
