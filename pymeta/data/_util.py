@@ -24,6 +24,7 @@ from .paths import user_cache
 T = TypeVar("T")
 R = TypeVar("R")
 CACHE_FORMAT = 2  # 2: with a content digest
+_PACKAGE = str(Path(__file__).resolve().parents[1]) + os.sep  # pymeta/
 
 
 def warn_caller(message: str, category: type = UserWarning) -> None:
@@ -33,9 +34,6 @@ def warn_caller(message: str, category: type = UserWarning) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
-
-
-_PACKAGE = str(Path(__file__).resolve().parents[1])
 
 
 class FileTree:
