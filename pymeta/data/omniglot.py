@@ -19,8 +19,6 @@ from .classes import ImageClasses, concat
 from .download import DownloadError, download_file
 from .paths import data_root
 
-ARCHIVES = {"background": "images_background", "evaluation": "images_evaluation",
-            "small1": "images_background_small1", "small2": "images_background_small2"}
 CHECKSUMS = {
     "images_background": {"md5": "68d2efa1b9178cc56df9314c21c6e718"},
     "images_evaluation": {"md5": "6b91aef0f799c5bb55b94e3f2daec811"},
