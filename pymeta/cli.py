@@ -378,7 +378,8 @@ def _add_train(sub) -> None:
                    help="a backbone constructor option, repeatable: e.g. hidden=32")
     p.add_argument("--data", choices=DATASETS, help="default digits (embedded, no download); "
                    "sinusoid: MAML's sine regression, with the sinusoid preset's settings")
-    p.add_argument("--root", help="data directory (default: $PYMETA_DATA or ~/.cache/pymeta)")
+    p.add_argument("--root", help="data directory (default: $PYMETA_DATA, else "
+                                  "$XDG_CACHE_HOME/pymeta, by default ~/.cache/pymeta)")
     p.add_argument("--protocol", choices=["small", "lake", "vinyals"],
                    help="omniglot split protocol (default small)")
     p.add_argument("--no-rotations", action="store_true",

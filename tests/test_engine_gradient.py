@@ -169,9 +169,10 @@ def test_omniglot_preset_gives_gradient_learners_5_way_episodes_and_maml_lslr():
     assert sine.learner_kwargs == {"inner_lr": 0.01, "steps": 2, "test_steps": 10}  # merged
 
 
-def test_better_follows_the_metric_direction_and_never_takes_nan():
+def test_better_follows_the_metric_direction_and_never_takes_nan_or_inf():
     from pymeta.engine.evaluate import better
     assert better("acc", 0.5, None) and better("acc", 0.6, 0.5) and not better("acc", 0.4, 0.5)
     assert better("mse", 0.3, 0.4) and not better("mse", 0.5, 0.4)
     assert not better("mse", float("nan"), None) and not better("acc", float("nan"), 0.1)
     assert not better("mse", float("inf"), 0.4) and better("mse", 0.4, float("inf"))
+    assert not better("mse", float("inf"), None)  # a first validation that diverged

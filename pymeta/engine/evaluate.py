@@ -33,9 +33,9 @@ def metric_name(learner) -> str:
 
 
 def better(metric: str, new: float, old: float | None) -> bool:
-    """Whether score ``new`` improves on ``old`` (None: nothing to beat yet); NaN never does
-    (a diverged regression scores NaN or inf)."""
-    if math.isnan(new):
+    """Whether score ``new`` improves on ``old`` (None: nothing to beat yet); NaN and inf
+    never do (a diverged regression scores NaN or inf)."""
+    if not math.isfinite(new):
         return False
     return old is None or (new < old if metric == "mse" else new > old)
 

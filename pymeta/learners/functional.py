@@ -21,7 +21,8 @@ Grouped convolution was chosen over unfold + batched matmul: for conv4 (64 chann
 5-way 1-shot 15-query, 32 tasks, one second-order MAML step, float32, 1 CPU thread) it took
 8.0 s (channels_last) / 8.3 s against 20.1 s for unfold + matmul.
 
-BatchNorm: in training, statistics come from each task's own batch (as in MAML). In eval,
+BatchNorm: in training, statistics come from each task's own batch (as in MAML), except in
+a BatchNorm the user left in eval mode (frozen), which keeps its running ones. In eval,
 ``bn_mode="transductive"`` (default) still uses each task's batch statistics, and
 ``bn_mode="running"`` uses the module's running statistics. When training with
 ``update_stats=True``, the running statistics get the mean over tasks of the per-task
@@ -390,8 +391,9 @@ def batched_forward(module: nn.Module, params: Mapping[str, Tensor], buffers:
         per_task: force the per-task loop (for testing and debugging).
         fused: run conv4's BatchNorm - ReLU - max-pool tails (with batch statistics, on
             CPU) as one kernel, :func:`pymeta.ops.batch_norm_relu_pool`: less memory, faster,
-            differentiable twice (second-order MAML); a third derivative raises. ``False``
-            keeps torch's three ops, differentiable to any order.
+            differentiable twice (second-order MAML; a graph of the second derivative,
+            ``create_graph=True`` on it, raises). ``False`` keeps torch's three ops,
+            differentiable to any order.
 
     Returns:
         ``[T, B, *out]``.

@@ -359,8 +359,9 @@ class MAML(GradientLearner):
             ``[steps, n_params]`` parameter ``lslr_rates``); test steps beyond ``steps`` reuse the
             last step's rates.
         bn_mode: BatchNorm in eval: ``"transductive"`` (per-task batch statistics, as in
-            MAML) or ``"running"`` (running statistics). Training always uses per-task batch
-            statistics and updates the running ones with the mean over tasks.
+            MAML) or ``"running"`` (running statistics). Training uses per-task batch
+            statistics and updates the running ones with the mean over tasks; a BatchNorm
+            left in eval mode (frozen) keeps its running statistics and is not updated.
         task_chunk: tasks processed together. Each chunk's meta-gradient is taken as soon
             as its loss is computed (inside :meth:`meta_loss`), so only one chunk's graph is
             alive at a time and nothing is recomputed; the loss then backpropagates once (no
