@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the quick-start job: ProtoNet on the embedded digits",
                        description="Meta-train ProtoNet on digits 0-4 and test it on the unseen "
-                                   "digits 5-9 (no download; a few minutes on 2 CPU cores).")
+                                   "digits 5-9 (no download; about 1.5 minutes on 2 CPU cores).")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     _add_common(p)
     p.set_defaults(func=_demo, device="cpu")
