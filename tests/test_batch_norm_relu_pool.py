@@ -152,3 +152,34 @@ def test_returned_statistics_are_not_the_saved_ones():
     mean.mul_(0.9)
     var.add_(1.0)
     assert torch.equal(torch.autograd.grad(out.sum(), x)[0], expected)
+
+
+def test_outputs_follow_the_input_device_not_the_default_one():
+    """Outputs allocated on torch's default device (meta here) were written through by the
+    CPU kernel: a crash."""
+    x, (w, b) = rand(2, 3, 4, 4), params(3)
+    expected = f(x, w, b)
+    torch.set_default_device("meta")
+    try:
+        got = f(x, w, b)
+    finally:
+        torch.set_default_device(None)
+    assert all(t.device.type == "cpu" for t in got)
+    assert_close(got, expected, DT)
+
+
+def test_fake_traced_and_functorch_tensors_take_torchs_ops():
+    """Tensors without data (FakeTensorMode, make_fx) reached the kernel as null pointers;
+    they, and torch.func's wrappers, now run the reference ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    x, (w, b) = rand(2, 3, 4, 6), params(3)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert [tuple(t.shape) for t in f(x, w, b)] == [(2, 3, 2, 3), (3,), (3,)]
+    traced = make_fx(lambda *a: f(*a)[0])(x, w.detach(), b.detach())
+    x2 = rand(2, 3, 4, 6, gen=gen(5))
+    assert_close(traced(x2, w.detach(), b.detach()),
+                 reference.batch_norm_relu_pool(x2, w, b)[0], DT)
+    grad = torch.func.grad(lambda u: f(u, w, b)[0].square().sum())(x)
+    ref = torch.func.grad(lambda u: reference.batch_norm_relu_pool(u, w, b)[0].square().sum())(x)
+    assert_close(grad, ref, DT)

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from .. import _C
-from ._kernels import DTYPE_CODES, check_float_tensors, launch, ptr, shape_str
+from . import reference
+from ._kernels import (DTYPE_CODES, check_float_tensors, functorch_active, launch, ptr,
+                       recording, shape_str)
 
 _OP = "batch_norm_relu_pool"
 
@@ -57,8 +59,9 @@ class _BatchNormReluPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         N, C, H, W = x.shape
-        out = torch.empty(N, C, H // 2, W // 2, dtype=x.dtype, memory_format=torch.channels_last)
-        stats = torch.empty(2, C, dtype=torch.float64)
+        out = torch.empty(N, C, H // 2, W // 2, dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
+        stats = torch.empty(2, C, dtype=torch.float64, device=x.device)
         _C.batch_norm_relu_pool_forward(*_code(x), ptr(x), ptr(weight), ptr(bias), eps, ptr(out),
                                         ptr(stats[0]), ptr(stats[1]))
         ctx.save_for_backward(x, weight, bias, stats)
@@ -134,6 +137,8 @@ def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         (True, (8, 4, 3, 3))
     """
     _check(x, weight, bias, eps)
+    if recording() or functorch_active():  # fake, traced or functorch-wrapped tensors carry
+        return reference.batch_norm_relu_pool(x, weight, bias, float(eps))  # no data: torch's
     x = x.contiguous(memory_format=torch.channels_last)  # outside the Function: recorded
     return _BatchNormReluPool.apply(x, weight.contiguous(), bias.contiguous(), float(eps))
 
