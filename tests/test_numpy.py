@@ -133,3 +133,16 @@ def test_sgd_step_none_params_read_as_zero_as_for_tensors():
     assert out[0].dtype == np.float32
     ref = ops.sgd_step([None], [torch.from_numpy(g)], 0.5)[0]
     np.testing.assert_array_equal(out[0], ref.numpy())
+
+
+def test_unaligned_buffers_reach_the_kernels_as_aligned_copies():
+    """A view at an odd byte offset is C-contiguous but not element-aligned, which the
+    kernels' vector code assumes; such arrays are copied first and give the same results."""
+    from pymeta.ops._kernels import numpy_float
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 3, 8))
+    odd = np.frombuffer(b"\0" + x.tobytes(), dtype=np.float64, offset=1).reshape(x.shape)
+    assert odd.flags.c_contiguous and not odd.flags.aligned
+    assert numpy_float("op", "x", odd).flags.aligned
+    assert np.array_equal(ops.pairwise_distances(odd, y), ops.pairwise_distances(x, y))
+    assert numpy_float("op", "x", np.float64(2.0).reshape(())).shape == ()

@@ -137,12 +137,15 @@ def check_float_tensors(op: str, numpy: bool = True, **tensors: torch.Tensor) ->
 
 
 def numpy_float(op: str, name: str, a: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
-    """A C-contiguous float32/float64 copy-if-needed of ``a``."""
+    """A C-contiguous, element-aligned float32/float64 copy-if-needed of ``a`` (a buffer
+    view at an odd offset is contiguous but not aligned, which the kernels assume)."""
     if a.dtype.kind != "f" or a.dtype not in NUMPY_DTYPE_CODES:
         raise TypeError(f"{op}: {name} must be a float32 or float64 array, got {a.dtype}")
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{op}: arrays must share one dtype, got {dtype} and {a.dtype} ({name})")
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)  # which makes 0-d 1-d
+    if a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return np.require(a, requirements=("C", "A"))  # np.ascontiguousarray makes 0-d 1-d
 
 
 def ptr(t: torch.Tensor | np.ndarray | None) -> int:
