@@ -973,3 +973,23 @@ def test_numpy_integer_options_are_stored_as_ints():
     import numpy as np
     learner = MAML(nn.Linear(3, 2), steps=np.int64(2), task_chunk=np.int64(2))
     assert json.loads(json.dumps(learner.extra_config()))["task_chunk"] == 2
+
+
+def test_compiled_callers_get_the_eager_inner_loop():
+    """Traced by torch.compile (AOTAutograd), the inner loop's autograd.grad gave no
+    gradients, so tasks silently did not adapt; the learners' entry points run eagerly."""
+    learner = MAML(mlp(), steps=2)
+    sx, sy, qx, qy = episode("mlp")
+
+    def meta_gradients(fn):
+        learner.zero_grad(set_to_none=True)
+        loss = fn(sx, sy, qx, qy)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in learner.parameters()]
+
+    loss, grads = meta_gradients(learner.meta_loss)
+    got_loss, got_grads = meta_gradients(torch.compile(learner.meta_loss, backend="aot_eager"))
+    torch.testing.assert_close(got_loss, loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got_grads, grads, rtol=1e-10, atol=1e-12)
+    fast = torch.compile(learner.adapt, backend="aot_eager")(sx, sy)
+    torch.testing.assert_close(fast, learner.adapt(sx, sy), rtol=1e-12, atol=1e-14)

@@ -37,17 +37,20 @@ CPU_TASK_CHUNK = 2  # "auto" task_chunk for convolutional models on CPU (bench/R
 _SECOND, _FIRST, _EVAL = "second", "first", "eval"  # how the inner loop connects to the meta-params
 
 
-def outside_inference_mode(method: Callable) -> Callable:
-    """Runs ``method`` under ``torch.no_grad()`` instead of ``torch.inference_mode()`` (which
-    Lightning's evaluation uses): the inner loop needs autograd even when nothing outside
-    does, and inference tensors cannot enter it, so inference-tensor inputs are cloned."""
+def inner_loop_entry(method: Callable) -> Callable:
+    """A public method that runs the inner loop, which needs eager autograd:
+    - under ``torch.compile`` it runs eagerly (a graph break): traced, the inner loop's
+      ``autograd.grad`` gave no gradients, so the tasks silently did not adapt;
+    - under ``torch.inference_mode()`` (Lightning's evaluation) it runs under
+      ``torch.no_grad()`` instead, with inference-tensor inputs cloned (they cannot enter
+      autograd)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         if not torch.is_inference_mode_enabled():
             return method(self, *args, **kwargs)
         with torch.inference_mode(False), torch.no_grad():
             return method(self, *map(_normal, args), **{k: _normal(v) for k, v in kwargs.items()})
-    return wrapper
+    return torch.compiler.disable(wrapper)
 
 
 def _normal(a):
@@ -105,7 +108,7 @@ class GradientLearner(FewShotLearner):
 
     # ---- public API -------------------------------------------------------------------------
 
-    @outside_inference_mode
+    @inner_loop_entry
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: Optional[int] = None,
               ways: Optional[int] = None) -> dict[str, Tensor]:
         """Fast weights ``name -> [T, ...]`` of the adapted parameters after ``steps`` inner
@@ -122,7 +125,7 @@ class GradientLearner(FewShotLearner):
         feats = support_x if body is None else self._fwd(body, meta, support_x, self.training)
         return self._inner_loop(meta, head, feats, support_y, steps, mode, self.training, ways)
 
-    @outside_inference_mode
+    @inner_loop_entry
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                 ways: Optional[int], steps: Optional[int] = None) -> Tensor:
         """Query logits ``[T, Q, ways]`` after ``steps`` inner steps on the support set
@@ -422,7 +425,7 @@ class MAML(GradientLearner):
             self.lslr_rates = nn.Parameter(torch.full((steps, n), self.inner_lr,
                                                       dtype=like.dtype, device=like.device))
 
-    @outside_inference_mode
+    @inner_loop_entry
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                   query_y: Tensor, ways: Optional[int] = None) -> Tensor:
         """Mean query loss over tasks after ``steps`` inner steps, differentiable to the
@@ -432,7 +435,7 @@ class MAML(GradientLearner):
         return self._chunked(support_x, support_y, query_x, query_y, self.steps, self._mode(),
                              ways)[0]
 
-    @outside_inference_mode
+    @inner_loop_entry
     def loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
              ways: int) -> tuple[Tensor, Tensor]:
         """(:meth:`meta_loss`, query logits ``[T, Q, ways]`` after the training steps; the

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import sgd_step
-from .maml import _EVAL, GradientLearner, outside_inference_mode
+from .maml import _EVAL, GradientLearner, inner_loop_entry
 
 
 class Reptile(GradientLearner):
@@ -55,7 +55,7 @@ class Reptile(GradientLearner):
                  fixed_init: Optional[Sequence[str]] = None) -> None:
         super().__init__(model, inner_lr, steps, test_steps, bn_mode, loss, per_task, fixed_init)
 
-    @outside_inference_mode
+    @inner_loop_entry
     def loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
              ways: int) -> tuple[Tensor, Tensor]:
         """(Detached mean query loss of the adapted weights, query logits); accumulates
