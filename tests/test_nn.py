@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import token_model
 from pymeta.nn import BACKBONES, Conv4, ResNet12, build_backbone, feature_dim
 
 SMALL_RESNET = dict(channels=(4, 8, 8, 16))
@@ -128,7 +129,8 @@ def test_mlp_is_the_plain_perceptron():
     w = net[0].weight
     assert w.abs().max() <= 0.02 and abs(w.std() - 0.0088) < 0.0005 and not net[0].bias.any()
     for bad, message in ((dict(hidden=(0,)), "positive ints"), (dict(activation="x"), "one of"),
-                         (dict(init_std=0.0), "init_std must be positive")):
+                         (dict(init_std=0.0), "init_std must be a positive float, got 0.0"),
+                         (dict(init_std="0.01"), "init_std must be a positive float")):
         with pytest.raises(ValueError, match=message):
             build_backbone("mlp", **bad)
 
@@ -142,6 +144,7 @@ def test_feature_dim():
     assert feature_dim(nn.Flatten(), (3, 2, 2)) == 12                # no parameters at all
     net[1].eval()  # a frozen BatchNorm stays frozen
     assert feature_dim(net, (1, 5, 5)) == 18 and net.training and not net[1].training
+    assert feature_dim(token_model(4), (7,), dtype=torch.int64) == 4  # token ids, not floats
 
 
 def test_autocast_bfloat16_on_cpu():

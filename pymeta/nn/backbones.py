@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_count, check_probability
+from .._checks import check_bool, check_count, check_positive_float, check_probability
 
 Shape = Sequence[int]
 
@@ -203,8 +203,8 @@ def mlp(in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: in
     sizes = [in_features, *hidden, out_features]
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
         raise ValueError(f"mlp: layer sizes must be positive ints, got {sizes}")
-    if init_std is not None and not init_std > 0:
-        raise ValueError(f"mlp: init_std must be positive, got {init_std!r}")
+    if init_std is not None:
+        init_std = check_positive_float("mlp", "init_std", init_std)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers += [nn.Linear(a, b)] + ([acts[activation]()] if i < len(sizes) - 2 else [])
@@ -230,11 +230,14 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
     return BACKBONES[name](**kwargs)
 
 
-def feature_dim(backbone: nn.Module, input_shape: Shape) -> int:
+def feature_dim(backbone: nn.Module, input_shape: Shape,
+                dtype: torch.dtype | None = None) -> int:
     """Features per sample that ``backbone`` gives for one input of ``input_shape``.
 
     Uses the backbone's ``out_features`` when it has one; otherwise runs one zero sample
     through it in eval mode without gradients (so BatchNorm statistics are untouched).
+    ``dtype``: the sample's, e.g. ``torch.int64`` for a model that embeds token ids
+    (default: the backbone's floating dtype).
 
     Example:
         >>> feature_dim(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)), (3, 2, 2))
@@ -245,6 +248,8 @@ def feature_dim(backbone: nn.Module, input_shape: Shape) -> int:
     ref = next((t for t in (*backbone.parameters(), *backbone.buffers())
                 if t.is_floating_point()), None)
     like = {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
+    if dtype is not None:
+        like["dtype"] = dtype
     with evaluating(backbone), torch.no_grad():
         return backbone(torch.zeros(1, *input_shape, **like))[0].numel()
 
