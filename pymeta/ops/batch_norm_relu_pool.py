@@ -137,8 +137,8 @@ def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         (True, (8, 4, 3, 3))
     """
     _check(x, weight, bias, eps)
-    if recording() or functorch_active():  # fake, traced or functorch-wrapped tensors carry
-        return reference.batch_norm_relu_pool(x, weight, bias, float(eps))  # no data: torch's
+    if recording() or functorch_active():  # fake, traced or wrapped: no data for the kernel
+        return reference.batch_norm_relu_pool(x, weight, bias, float(eps))
     x = x.contiguous(memory_format=torch.channels_last)  # outside the Function: recorded
     return _BatchNormReluPool.apply(x, weight.contiguous(), bias.contiguous(), float(eps))
 
