@@ -118,7 +118,16 @@ def _config_from_args(args, resumed: dict | None = None):
         _require_cuda()
     _no_ways_for_regression(fields.get("data"), args.ways or args.eval_ways)
     _only_applicable(fields.get("data", RunConfig.data), fields.get("backbone", "conv4"), args)
+    _step_options_apply(fields.get("schedule", RunConfig.schedule), args, resumed)
     return RunConfig(**fields).validate()
+
+
+def _step_options_apply(schedule: str, args, resumed: dict | None) -> None:
+    """Refuses --lr-step/--lr-gamma where the schedule (maybe a preset's) ignores them."""
+    if schedule != "step" and (args.lr_step is not None or args.lr_gamma is not None):
+        origin = "" if args.schedule else " (the run's)" if resumed else " (the preset's)"
+        raise ValueError(f"--lr-step/--lr-gamma apply to --schedule step only; this run's "
+                         f"schedule is {schedule}{origin}")
 
 
 def _only_applicable(data: str, backbone: str, args) -> None:
@@ -363,9 +372,11 @@ def _add_train(sub) -> None:
                        description="Meta-train a learner on episodes, validating on held-out "
                                    "classes; writes best/last checkpoints, metrics.csv/jsonl and "
                                    "curves.png to --out, then tests the best checkpoint.")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named protocol; explicit "
-                   "options override it (omniglot: the bench/RESULTS.md accuracy protocol, "
-                   "5-way episodes for the gradient learners)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named protocol; each option "
+                   "given overrides its value, and --learner-opt/--backbone-opt only the keys "
+                   "they name (omniglot: the bench/RESULTS.md accuracy protocol, 5-way "
+                   "episodes for the gradient learners, MAML++ rates and a cosine schedule for "
+                   "maml; a preset also sets the validation and test ways and shots)")
     p.add_argument("--algo", choices=ALGOS, help="learner (default protonet)")
     p.add_argument("--backbone", choices=["conv4", "resnet12", "mlp"],
                    help="default conv4 (mlp for --data sinusoid)")
@@ -375,7 +386,8 @@ def _add_train(sub) -> None:
                         "loss=contrastive (siamese), inner_lr=0.4 steps=1 test_steps=3 "
                         "(maml, ...), task_chunk=1|null, checkpoint_inner=true (maml)")
     p.add_argument("--backbone-opt", action="append", metavar="KEY=VALUE",
-                   help="a backbone constructor option, repeatable: e.g. hidden=32")
+                   help="a backbone constructor option, repeatable: e.g. hidden=32 (conv4), "
+                        "channels=[4,8,8,16] (resnet12), hidden=[40,40] (mlp)")
     p.add_argument("--data", choices=DATASETS, help="default digits (embedded, no download); "
                    "sinusoid: MAML's sine regression, with the sinusoid preset's settings")
     p.add_argument("--root", help="data directory (default: $PYMETA_DATA, else "
@@ -391,8 +403,10 @@ def _add_train(sub) -> None:
     for name, help_ in (("ways", "N classes per task"), ("shots", "K support images per class"),
                         ("queries", "Q query images per class"),
                         ("meta-batch", "tasks per outer step"),
-                        ("eval-ways", "N for validation and test (default: --ways)"),
-                        ("eval-shots", "K for validation and test (default: --shots)"),
+                        ("eval-ways", "N for validation and test (default: --ways, or "
+                                      "the preset's)"),
+                        ("eval-shots", "K for validation and test (default: --shots, or "
+                                       "the preset's)"),
                         ("eval-queries", "Q for validation and test (default 15)"),
                         ("steps", "outer steps"), ("lr-step", "multiply the rate by --lr-gamma "
                                                    "every this many steps (schedule step)"),
@@ -416,7 +430,9 @@ def _add_train(sub) -> None:
     p.add_argument("--grad-clip", type=float, metavar="NORM",
                    help="clip the meta-gradient's global norm to NORM before each outer step "
                         "(default: none; the sinusoid preset: 1)")
-    p.add_argument("--schedule", choices=["step", "cosine", "none"])
+    p.add_argument("--schedule", choices=["step", "cosine", "none"],
+                   help="outer learning-rate schedule (default step; cosine in the omniglot "
+                        "preset's maml)")
     p.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     p.add_argument("--out", help="run directory (default runs/<algo>-<data>)")
     p.add_argument("--resume", action="store_true",

@@ -82,6 +82,12 @@ def test_bad_options_give_one_line(args, message):
       "--val-episodes", "2", "--test-episodes", "2", "--no-progress"],
      "every validation scored NaN"),
     (["train", "--lr", "inf", "--steps", "1"], "lr must be a positive finite number, got inf"),
+    # options the schedule would ignore, given or set by a preset
+    (["train", "--schedule", "none", "--lr-step", "1", "--steps", "1"],
+     "--lr-step/--lr-gamma apply to --schedule step only; this run's schedule is none"),
+    (["train", "--preset", "omniglot", "--algo", "maml", "--lr-gamma", "0.1", "--steps", "1"],
+     "this run's schedule is cosine (the preset's)"),
+    (["train", "--seed", str(2 ** 64), "--steps", "1"], "seed must be in [0, 2**63), got "),
     (["train", "--lr-gamma", "0", "--steps", "1"], "lr_gamma must be a positive finite number"),
     (["train", "--weight-decay", "-1", "--steps", "1"],
      "weight_decay must be a finite number >= 0, got -1.0"),

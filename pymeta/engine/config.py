@@ -130,6 +130,9 @@ class RunConfig:
             raise ValueError(f"amp must be bf16 or fp16, got {self.amp!r}")
         if any(not _is(s, "int") or s < 0 for s in self.eval_steps):
             raise ValueError(f"eval_steps must be ints >= 0, got {self.eval_steps}")
+        for name in ("seed", "split_seed"):  # torch's generators take 64-bit seeds
+            if not 0 <= getattr(self, name) < 2 ** 63:
+                raise ValueError(f"{name} must be in [0, 2**63), got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if any(not isinstance(s, (list, tuple)) or len(s) != 2 or not all(
