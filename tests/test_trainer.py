@@ -191,8 +191,9 @@ def test_resume_without_last_pt_continues_from_best_pt(tmp_path):
     (tmp_path / "cut" / "last.pt").unlink()
     best_step = load_checkpoint(tmp_path / "cut" / "best.pt")["step"]
     resumed = _tiny_trainer(tmp_path / "cut")
-    with pytest.warns(UserWarning, match="last.pt is missing: resuming from"):
+    with pytest.warns(UserWarning, match="last.pt is missing: resuming from") as caught:
         resumed.fit(resume=True)
+    assert [w.filename for w in caught if "last.pt is missing" in str(w.message)] == [__file__]
     assert best_step in (2, 4) and resumed.step == 6
     for a, b in zip(ref.learner.parameters(), resumed.learner.parameters()):
         assert torch.equal(a, b)

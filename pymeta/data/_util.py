@@ -6,8 +6,6 @@ import glob
 import hashlib
 import io
 import os
-import sys
-import warnings
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -18,22 +16,13 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_open
+from .._warnings import warn_caller
 from .classes import ImageClasses
 from .paths import user_cache
 
 T = TypeVar("T")
 R = TypeVar("R")
 CACHE_FORMAT = 2  # 2: with a content digest
-_PACKAGE = str(Path(__file__).resolve().parents[1]) + os.sep  # pymeta/
-
-
-def warn_caller(message: str, category: type = UserWarning) -> None:
-    """``warnings.warn`` attributed to the first frame outside pymeta: the user's call, by
-    whichever path inside the package it came."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
 
 
 class FileTree:

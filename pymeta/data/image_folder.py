@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ._util import (cache_dir, cache_file, cache_load, cache_save, default_cache_dir, open_image,
-                    parallel_map, stack_classes, warn_caller)
+                    parallel_map, stack_classes)
 from .._checks import check_count
+from .._warnings import warn_caller
 from .classes import ImageClasses
 from .paths import data_root
 

@@ -13,8 +13,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ._util import (FileTree, cache_dir, cache_file, cache_load, cache_save, default_cache_dir,
-                    open_image, parallel_map, stack_classes, warn_caller)
+                    open_image, parallel_map, stack_classes)
 from .._checks import check_count
+from .._warnings import warn_caller
 from .classes import ImageClasses, concat
 from .download import DownloadError, download_file
 from .paths import data_root

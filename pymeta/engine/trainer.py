@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._atomic import directory_lock
+from .._warnings import warn_caller
 from ..data.episodes import Episode, EpisodeSampler, episode_loader
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -178,20 +179,15 @@ class Trainer:
         if held and not resume:  # a fresh run would overwrite it, or test its best.pt
             raise ValueError(f"{self.out_dir} already holds a run ({held[0].name}); pass "
                              f"resume=True to continue it, or choose another directory")
+        if not held:  # a fresh run
+            return None
+        # last.pt, else best.pt, a whole training state too (a run killed between the two
+        # writes, or last.pt deleted), rather than a fresh start that would overwrite it
+        if held[0].name == "best.pt":
+            warn_caller(f"{self.out_dir / 'last.pt'} is missing: resuming from {held[0]}, "
+                        "whose step may be earlier (the steps after it are trained again)")
         # to the CPU: RNG states must stay there, the rest moves into device tensors
-        start = self._resume_from() if resume else None
-        return None if start is None else load_checkpoint(start)
-
-    def _resume_from(self) -> Path | None:
-        """``last.pt``; else ``best.pt``, a whole training state too (a run killed between
-        the two writes, or ``last.pt`` deleted), rather than a fresh start that would
-        overwrite it; None when the run has no checkpoint yet."""
-        held = held_checkpoints(self.out_dir)
-        if held and held[0].name == "best.pt":
-            warnings.warn(f"{self.out_dir / 'last.pt'} is missing: resuming from {held[0]}, "
-                          "whose step may be earlier (the steps after it are trained again)",
-                          stacklevel=3)
-        return held[0] if held else None
+        return load_checkpoint(held[0])
 
     def save(self, name: str) -> Path:
         path = self.out_dir / name
