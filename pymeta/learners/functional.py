@@ -44,7 +44,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn.backbones import Conv4, ResNet12, _pooled, _ResidualBlock, kept_modes
-from ..ops._kernels import functorch_active
 from ..ops.batch_norm_relu_pool import batch_norm_relu_pool
 
 BN_MODES = ("transductive", "running")
@@ -414,9 +413,9 @@ def batched_forward(module: nn.Module, params: Mapping[str, Tensor], buffers:
         buffers = dict(module.named_buffers())
     if per_task:
         return _per_task(module, params, buffers, x, training, bn_mode, update_stats)
-    fuse = fused and not functorch_active() and not torch.compiler.is_compiling()
+    # (under torch.func and tracers the op itself runs torch's ops)
     ctx = _Ctx(T, params, buffers, training, bn_mode, update_stats, _wants_channels_last(module),
-               fuse)
+               fused)
     a = _run(module, "", _Act(x.reshape(-1, *x.shape[2:]), False), ctx)
     y = _flat(a, ctx).x
     return y.reshape(T, -1, *y.shape[1:])
