@@ -69,6 +69,13 @@ py::dict info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pymeta's compiled kernels over raw buffers (see pymeta/_C.pyi)";
   const auto nogil = py::call_guard<py::gil_scoped_release>();
+  py::register_exception_translator([](std::exception_ptr e) {
+    try {
+      if (e) std::rethrow_exception(e);
+    } catch (const pymeta::OutOfMemory& oom) {
+      PyErr_SetString(PyExc_MemoryError, oom.what());
+    }
+  });
 
   m.def(
       "pairwise_distances_forward",

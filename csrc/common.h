@@ -9,6 +9,11 @@
 namespace pymeta {
 
 // Codes shared with pymeta/ops/_kernels.py.
+// Host scratch a kernel could not allocate; bindings.cpp raises it as MemoryError.
+struct OutOfMemory : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 enum class Metric : int { SqEuclidean = 0, Euclidean = 1, Cosine = 2, Dot = 3 };
 

@@ -1,10 +1,13 @@
 """Bad input raises a clear Python exception naming the problem, never a crash.
 
 The CPU/CUDA mix is in test_cuda.py."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_python
 from pymeta import ops
 
 pd, cp, sgd, sgd_ = ops.pairwise_distances, ops.class_prototypes, ops.sgd_step, ops.sgd_step_
@@ -152,3 +155,27 @@ def test_traced_graphs_check_new_inputs(op):
         traced = torch.jit.trace(fn, example, check_trace=False)
     with pytest.raises(RuntimeError, match=match):  # TorchScript wraps the ValueError
         traced(*bad)
+
+
+KERNEL_SCRATCH_OOM = """
+import resource, torch, pymeta.ops as ops
+D = 4 << 20  # y is 128 MiB; pairwise_distances' scratch, y transposed, 128 MiB per thread
+x, y = torch.ones(1, 1, D), torch.ones(1, 8, D)
+ops.pairwise_distances(x[..., :4096].contiguous(), y[..., :4096].contiguous())  # threads up
+size = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, ((size << 10) + (64 << 20), resource.RLIM_INFINITY))
+try:
+    ops.pairwise_distances(x, y)
+except MemoryError as e:
+    print("MemoryError:", e)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_kernel_scratch_out_of_memory_raises_memory_error():
+    """Scratch that cannot be allocated inside a parallel region used to abort the process
+    (an uncaught std::bad_alloc); it is allocated before the region and raises instead."""
+    result = run_python("-c", KERNEL_SCRATCH_OOM)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MemoryError: out of memory for" in result.stdout
+    assert "MiB of kernel scratch" in result.stdout

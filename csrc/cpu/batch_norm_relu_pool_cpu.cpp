@@ -33,13 +33,12 @@ struct Geometry {
 
 // Sums of width values over items [0, count), taken per fixed block of kRowBlock items and
 // added in block order, so they never depend on the thread count: add(i0, i1, acc) adds
-// items [i0, i1) into acc[0, width).
+// items [i0, i1) into acc[0, width), on nt threads.
 template <class Add>
-std::vector<double> block_sums(const Device& dev, std::int64_t count, std::int64_t width,
-                               std::int64_t work, Add add) {
+std::vector<double> block_sums(int nt, std::int64_t count, std::int64_t width, Add add) {
   const std::int64_t nblk = ceil_div(count, kRowBlock);
   std::vector<double> part(nblk * width, 0.0), sums(width, 0.0);
-  parallel_region(threads_for(dev, work), [&] {
+  parallel_region(nt, [&] {
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < nblk; ++b)
       add(b * kRowBlock, std::min(count, (b + 1) * kRowBlock), &part[b * width]);
@@ -77,7 +76,7 @@ PYMETA_SIMD_CLONES void sum_rows(const T* x, const T* a, std::int64_t r0, std::i
 template <class T>
 std::vector<double> channel_sums(const Device& dev, const Geometry& g, const T* x, const T* a,
                                  const double* center) {
-  return block_sums(dev, g.rows(), a ? 2 * g.K : g.K, g.rows() * g.K,
+  return block_sums(threads_for(dev, g.rows() * g.K), g.rows(), a ? 2 * g.K : g.K,
                     [&](std::int64_t r0, std::int64_t r1, double* acc) {
                       sum_rows(x, a, r0, r1, g.K, center, acc);
                     });
@@ -297,15 +296,16 @@ template <class T>
 std::vector<double> grad_sums(const Device& dev, const Geometry& g, const T* x, const T* gg,
                               const Coef<T>& f, const T* grad_out) {
   const std::int64_t n = (gg ? 3 : 2) * g.K;
-  return block_sums(dev, g.units(), n, g.rows() * g.K,
-                    [&](std::int64_t u0, std::int64_t u1, double* acc) {
-                      std::vector<T> row(n);
-                      for (std::int64_t u = u0; u < u1; ++u) {
-                        std::fill(row.begin(), row.end(), T(0));
-                        grad_sums_unit(g, x, gg, f, grad_out, u / g.Ho, u % g.Ho, row.data());
-                        for (std::int64_t k = 0; k < n; ++k) acc[k] += double(row[k]);
-                      }
-                    });
+  const int nt = threads_for(dev, g.rows() * g.K);
+  ThreadScratch<T> rows(nt, n);
+  return block_sums(nt, g.units(), n, [&](std::int64_t u0, std::int64_t u1, double* acc) {
+    T* row = rows.get();
+    for (std::int64_t u = u0; u < u1; ++u) {
+      std::fill(row, row + n, T(0));
+      grad_sums_unit(g, x, gg, f, grad_out, u / g.Ho, u % g.Ho, row);
+      for (std::int64_t k = 0; k < n; ++k) acc[k] += double(row[k]);
+    }
+  });
 }
 
 // Pass 2: dx of every pixel (grad_x_unit; pixels outside every window get no dy) and, with

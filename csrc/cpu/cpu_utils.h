@@ -6,7 +6,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <new>
+#include <string>
 #include <type_traits>
+#include <vector>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -44,6 +47,29 @@ inline void parallel_region(int nt, F body) {
 #pragma omp parallel num_threads(nt)
   body();
 }
+
+// Per-thread scratch for a parallel_region of nt threads, allocated before the region: an
+// allocation that fails inside one cannot be caught (std::terminate), while here it reaches
+// Python as MemoryError. get() is the calling thread's slice; with nt == 1 the body runs in
+// the caller, which may itself be a thread of someone else's OpenMP team, so slice 0.
+template <class T>
+class ThreadScratch {
+ public:
+  ThreadScratch(int nt, std::int64_t per_thread) : nt_(nt < 1 ? 1 : nt), per_thread_(per_thread) {
+    try {
+      buf_.resize(std::size_t(nt_ * per_thread));
+    } catch (const std::bad_alloc&) {
+      throw OutOfMemory("out of memory for " + std::to_string((nt_ * per_thread * sizeof(T)) >> 20) +
+                        " MiB of kernel scratch (" + std::to_string(nt_) +
+                        " threads); use fewer threads (torch.set_num_threads) or smaller inputs");
+    }
+  }
+  T* get() { return buf_.data() + (nt_ == 1 ? 0 : omp_get_thread_num()) * per_thread_; }
+
+ private:
+  std::int64_t nt_, per_thread_;
+  std::vector<T> buf_;
+};
 
 // Explicit 32-byte vectors (GCC/Clang vector extensions): 8 floats or 4 doubles, one AVX
 // register (two SSE ones in the baseline clone; wider generic vectors spill to the stack).

@@ -305,8 +305,9 @@ void forward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::i
   // Vectors over support rows once they fill a vector (see forward_rows_t).
   const bool transposed = N >= kLanes<T>;
   const std::int64_t Np = ceil_div(N, kLanes<T>) * kLanes<T>;
+  ThreadScratch<T> transposes(nt, transposed ? D * Np : 0);
   parallel_region(nt, [&] {
-    std::vector<T> yT(transposed ? D * Np : 0);
+    T* yT = transposes.get();
     std::int64_t yT_task = -1;
 #pragma omp for schedule(static)
     for (std::int64_t u = 0; u < B * nqb; ++u) {
@@ -322,7 +323,7 @@ void forward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::i
           for (std::int64_t n = 0; n < Np; ++n) yT[d * Np + n] = n < N ? yb[n * D + d] : T(0);
         yT_task = b;
       }
-      forward_rows_t(m, x + (b * Q + q0) * D, rows, yT.data(), Np, nyb, N, D,
+      forward_rows_t(m, x + (b * Q + q0) * D, rows, yT, Np, nyb, N, D,
                      out + (b * Q + q0) * N);
     }
   });
@@ -414,15 +415,17 @@ void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::
   // gx is written once and not read here: past the cache size it bypasses the cache.
   const bool stream = gx && B * Q * D * std::int64_t(sizeof(T)) >= kStreamBytes &&
                       aligned16(gx) && (D * sizeof(T)) % 16 == 0;
+  ThreadScratch<T> weights(nt, qc * N), alphas(nt, qc);
   parallel_region(nt, [&] {
-    std::vector<T> W(qc * N), alpha(qc);
+    T* W = weights.get();
+    T* alpha = alphas.get();
 #pragma omp for schedule(static)
     for (std::int64_t u = 0; u < B * nc; ++u) {
       const std::int64_t b = u / nc, q0 = (u % nc) * qc, rows = std::min(qc, Q - q0);
       T* gyp = !gy ? nullptr : direct ? gy + b * N * D : partial.data() + u * N * D;
       if (gyp) std::fill(gyp, gyp + N * D, T(0));
-      for (std::int64_t r = 0; r < rows; ++r) alpha[r] = coefs.row(b, q0 + r, W.data() + r * N);
-      backward_rows(form, x + (b * Q + q0) * D, rows, y + b * N * D, W.data(), alpha.data(), N, D,
+      for (std::int64_t r = 0; r < rows; ++r) alpha[r] = coefs.row(b, q0 + r, W + r * N);
+      backward_rows(form, x + (b * Q + q0) * D, rows, y + b * N * D, W, alpha, N, D,
                     gx ? gx + (b * Q + q0) * D : nullptr, gyp, stream);
     }
     if (stream) stream_fence();

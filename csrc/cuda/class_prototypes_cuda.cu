@@ -1,6 +1,7 @@
 // Per-class means of z [B,S,D] under int64 labels [B,S] (see ops.h), and their gradient.
-// Few-shot S is small, so each block scans its task's labels in order: deterministic, no atomics
-// on the outputs, and labels outside [0, C) are never used as an index.
+// The forward's blocks scan their task's labels in order: deterministic, no atomics on the
+// outputs. Class counts (validation, backward) take one pass with integer atomics. Labels
+// outside [0, C) are never used as an index.
 #include <cmath>
 
 #include "cuda_utils.cuh"
@@ -9,8 +10,9 @@ namespace pymeta::cuda {
 namespace {
 
 using Key = unsigned long long;
+using Count = unsigned long long;
 constexpr Key kNoProblem = ~Key(0);
-constexpr unsigned kValidateThreads = 128;
+constexpr unsigned kFlatThreads = 256;  // blocks of the label-wise kernels
 
 // One block per (b, c), threads over D: out[b,c,:] = mean of the rows labelled c, NaN if none.
 template <class T>
@@ -40,51 +42,68 @@ __device__ __forceinline__ Key problem_key(i64 b, i64 kind, i64 index, i64 K) {
   return Key((2 * b + kind) * K + index);
 }
 
-// One block per task; only the per-thread first hit is reported, the rest cannot be lower.
-__global__ void validate_kernel(i64 B, i64 S, i64 C, const i64* __restrict__ labels,
-                                Key* __restrict__ first) {
+// Threads over all B*S labels: counts[b, label] (zeroed before) for labels in [0, C); the first
+// out-of-range label goes to *first when given. Integer atomics: exact in any order.
+__global__ void count_kernel(i64 B, i64 S, i64 C, const i64* __restrict__ labels,
+                             Count* __restrict__ counts, Key* __restrict__ first) {
   const i64 K = max(S, C);
-  for (i64 b = blockIdx.x; b < B; b += gridDim.x) {
-    const i64* lab = labels + b * S;
-    for (i64 s = threadIdx.x; s < S; s += blockDim.x) {
-      if (lab[s] < 0 || lab[s] >= C) {
-        atomicMin(first, problem_key(b, 0, s, K));
-        break;
-      }
-    }
-    for (i64 c = threadIdx.x; c < C; c += blockDim.x) {
-      bool found = false;
-      for (i64 s = 0; s < S && !found; ++s) found = lab[s] == c;
-      if (!found) {
-        atomicMin(first, problem_key(b, 1, c, K));
-        break;
-      }
-    }
+  for (i64 i = i64(blockIdx.x) * blockDim.x + threadIdx.x; i < B * S;
+       i += i64(gridDim.x) * blockDim.x) {
+    const i64 b = i / S, label = labels[i];
+    if (label >= 0 && label < C)
+      atomicAdd(counts + b * C + label, Count(1));
+    else if (first)
+      atomicMin(first, problem_key(b, 0, i % S, K));
   }
 }
 
-// One block per (b, s), threads over D: grad_z[b,s,:] = grad_out[b,l,:] / count(l), l = label.
+// Threads over all B*C classes: a class without an example goes to *first.
+__global__ void empty_class_kernel(i64 B, i64 S, i64 C, const Count* __restrict__ counts,
+                                   Key* __restrict__ first) {
+  const i64 K = max(S, C);
+  for (i64 i = i64(blockIdx.x) * blockDim.x + threadIdx.x; i < B * C;
+       i += i64(gridDim.x) * blockDim.x)
+    if (counts[i] == 0) atomicMin(first, problem_key(i / C, 1, i % C, K));
+}
+
+// Scratch counts [B, C] of each class's examples, filled by count_kernel.
+struct ClassCounts {
+  Scratch counts;
+  ClassCounts(i64 B, i64 S, i64 C, const i64* labels, Key* first, cudaStream_t stream,
+              const char* name)
+      : counts(std::max<i64>(B * C, 1) * sizeof(Count), stream, name) {
+    PYMETA_CUDA_CHECK(name, cudaMemsetAsync(counts.as<Count>(), 0, B * C * sizeof(Count), stream));
+    count_kernel<<<grid_for(ceil_div(B * S, kFlatThreads)), kFlatThreads, 0, stream>>>(
+        B, S, C, labels, counts.as<Count>(), first);
+    check_launch(name);
+  }
+};
+
+// One block per (b, s), threads over D: grad_z[b,s,:] = grad_out[b,l,:] / count(l), l = label
+// (zero for a label outside [0, C), which only unvalidated calls can pass).
 template <class T>
 __global__ void backward_kernel(i64 B, i64 S, i64 C, i64 D, const T* __restrict__ grad_out,
-                                const i64* __restrict__ labels, T* __restrict__ grad_z) {
+                                const i64* __restrict__ labels, const Count* __restrict__ counts,
+                                T* __restrict__ grad_z) {
   using A = acc_t<T>;
   for (i64 row = blockIdx.x; row < B * S; row += gridDim.x) {
     const i64 b = row / S, label = labels[row];
     const bool valid = label >= 0 && label < C;
-    i64 count = 0;  // >= 1 for a valid label: the row itself
-    if (valid)
-      for (i64 s = 0; s < S; ++s) count += labels[b * S + s] == label;
+    const A count = valid ? A(counts[b * C + label]) : A(1);  // >= 1: the row itself
     const T* g = grad_out + (b * C + (valid ? label : 0)) * D;
     for (i64 d = threadIdx.x; d < D; d += blockDim.x)
-      grad_z[row * D + d] = from_acc<T>(valid ? to_acc(g[d]) / A(count) : A(0));
+      grad_z[row * D + d] = from_acc<T>(valid ? to_acc(g[d]) / count : A(0));
   }
 }
 
-// Runs validate_kernel and copies its verdict to the host (synchronizes the stream).
+// Counts each class's examples, finds the first problem and copies it to the host
+// (synchronizes the stream).
 LabelCheck validate(i64 B, i64 S, i64 C, const i64* labels, cudaStream_t stream, const char* name) {
   Scratch first(sizeof(Key), stream, name);
   PYMETA_CUDA_CHECK(name, cudaMemsetAsync(first.as<Key>(), 0xFF, sizeof(Key), stream));
-  validate_kernel<<<grid_for(B), kValidateThreads, 0, stream>>>(B, S, C, labels, first.as<Key>());
+  const ClassCounts counts(B, S, C, labels, first.as<Key>(), stream, name);
+  empty_class_kernel<<<grid_for(ceil_div(B * C, kFlatThreads)), kFlatThreads, 0, stream>>>(
+      B, S, C, counts.counts.as<Count>(), first.as<Key>());
   check_launch(name);
   Key key = kNoProblem;
   PYMETA_CUDA_CHECK(name, cudaMemcpyAsync(&key, first.as<Key>(), sizeof(Key),
@@ -133,10 +152,12 @@ void class_prototypes_backward(const Device& dev, DType dtype, i64 B, i64 S, i64
   constexpr const char* kName = "class_prototypes_backward";
   if (B <= 0 || S <= 0 || D <= 0) return;  // empty grad_z (C == 0 still writes zeros)
   DeviceGuard guard(dev, kName);
+  const ClassCounts counts(B, S, C, labels, nullptr, guard.stream(), kName);
   dispatch_dtype(dtype, kName, [&](auto tag) {
     using T = typename decltype(tag)::type;
     backward_kernel<T><<<grid_for(B * S), threads_for(D), 0, guard.stream()>>>(
-        B, S, C, D, static_cast<const T*>(grad_out), labels, static_cast<T*>(grad_z));
+        B, S, C, D, static_cast<const T*>(grad_out), labels, counts.counts.as<Count>(),
+        static_cast<T*>(grad_z));
     check_launch(kName);
   });
 }

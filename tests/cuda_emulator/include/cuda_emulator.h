@@ -184,6 +184,10 @@ inline unsigned long long atomicMin(unsigned long long* address, unsigned long l
   return old;
 }
 
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long v) {
+  return __atomic_fetch_add(address, v, __ATOMIC_SEQ_CST);
+}
+
 template <class T>
 inline T min(T a, T b) {
   return b < a ? b : a;
