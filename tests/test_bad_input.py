@@ -64,6 +64,8 @@ CASES = {
     "cp numpy label shape": (lambda: cp(np.ones((3, 4)), np.zeros(2, int), 2), ValueError, "labels must have shape"),
     "cp negative label": (lambda: cp(f(3, 4), torch.tensor([0, -1, 1]), 2), ValueError, r"label -1 at sample 1 of the task is outside \[0, 2\)"),
     "cp large label": (lambda: cp(f(3, 4), torch.tensor([0, 2, 1]), 2), ValueError, r"label 2 at sample 1 .* outside \[0, 2\)"),
+    "cp uint64 label": (lambda: cp(f(3, 4), torch.tensor([0, 2**63 + 5, 1], dtype=torch.uint64), 2), ValueError, r"label 9223372036854775813 at sample 1 .* outside \[0, 2\)"),
+    "cp numpy uint64 label": (lambda: cp(np.ones((3, 4)), np.array([0, 1, 2**64 - 1], np.uint64), 5), ValueError, r"label 18446744073709551615 at sample 2 .* outside \[0, 5\)"),
     "cp sparse labels": (lambda: cp(f(3, 4), L.to_sparse(), 2), TypeError, "labels is a torch.sparse_coo tensor; pass a dense one"),
     "cp empty class": (lambda: cp(f(2, 3, 4), torch.tensor([[0, 1, 0], [0, 0, 0]]), 2), ValueError, "class 1 has no example in task 1"),
     # sgd_step

@@ -35,7 +35,10 @@ def _check_shapes(z, labels, num_classes) -> None:
                          f"its feature dim), got {shape_str(labels.shape)}")
 
 
-def _raise_label_error(status: int, task: int, index: int, value: int, lead, num_classes: int):
+def _raise_label_error(status: int, task: int, index: int, value: int, lead, num_classes: int,
+                       unsigned64: bool = False):
+    if unsigned64 and value < 0:  # a uint64 label >= 2**63, wrapped by the int64 conversion
+        value += 2**64
     index_of_task = tuple(int(i) for i in np.unravel_index(task, lead)) if lead else ()
     where = f"task {index_of_task[0] if len(lead) == 1 else index_of_task}" if lead else "the task"
     if status == _OUT_OF_RANGE:
@@ -45,36 +48,39 @@ def _raise_label_error(status: int, task: int, index: int, value: int, lead, num
                      f"[0, {num_classes}) needs at least one sample")
 
 
-def _raise_first_in_task0(labels, B, S, num_classes, lead):
+def _raise_first_in_task0(labels, B, S, num_classes, lead, unsigned64):
     """With more classes than samples every task has an empty class: names task 0's first
     problem without the kernel's per-class counts (too large to allocate for a huge C)."""
     row = labels.reshape(B, S)[0].tolist()
     for s, value in enumerate(row):
         if not 0 <= value < num_classes:
-            _raise_label_error(_OUT_OF_RANGE, 0, s, value, lead, num_classes)
+            _raise_label_error(_OUT_OF_RANGE, 0, s, value, lead, num_classes, unsigned64)
     present = set(row)
     empty = next(c for c in range(num_classes) if c not in present)
     _raise_label_error(_EMPTY_CLASS, 0, empty, 0, lead, num_classes)
 
 
-def _launch_forward(dev, z, labels, out, lead, num_classes, validate, dtype_code):
+def _launch_forward(dev, z, labels, out, lead, num_classes, validate, dtype_code,
+                    unsigned64=False):
+    """Runs the forward kernel on int64 ``labels`` (``unsigned64``: converted from uint64)."""
     *_, S, D = z.shape
     B = math.prod(lead)
     if validate and B and num_classes > S:
-        _raise_first_in_task0(labels, B, S, num_classes, lead)
+        _raise_first_in_task0(labels, B, S, num_classes, lead, unsigned64)
     status = _C.class_prototypes_forward(*dev, dtype_code, B, S, num_classes, D, ptr(z),
                                          ptr(labels), ptr(out), validate)
     if status[0]:
-        _raise_label_error(*status, lead, num_classes)
+        _raise_label_error(*status, lead, num_classes, unsigned64)
 
 
 def _forward_kernel(z, labels, num_classes: int, validate: bool = False) -> torch.Tensor:
     lead = tuple(z.shape[:-2])
+    unsigned64 = labels.dtype == torch.uint64
     z, labels = z.contiguous(), labels.contiguous().long()
     out = z.new_empty(*lead, num_classes, z.shape[-1])
     if out.numel() or validate:
         _launch_forward(launch(z), z, labels, out, lead, num_classes, validate,
-                        DTYPE_CODES[z.dtype])
+                        DTYPE_CODES[z.dtype], unsigned64)
     return out
 
 
@@ -242,11 +248,12 @@ def _numpy(z, labels, num_classes: int, validate: bool) -> np.ndarray:
     z = numpy_float(_OP, "z", z)
     _check_shapes(z, labels, num_classes)
     lead = tuple(z.shape[:-2])
+    unsigned64 = labels.dtype == np.uint64
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     out = np.empty((*lead, num_classes, z.shape[-1]), z.dtype)
     if out.size or validate:
         _launch_forward(numpy_launch(), z, labels, out, lead, int(num_classes), bool(validate),
-                        NUMPY_DTYPE_CODES[z.dtype])
+                        NUMPY_DTYPE_CODES[z.dtype], unsigned64)
     return out
 
 
