@@ -245,3 +245,19 @@ def test_sgd_step_edge_cases_match_the_cpu(emulated, monkeypatch, dtype):
         monkeypatch, emulated,
         lambda *t: torch.cat([o.flatten() for o in sgd_step(list(t[:2]), list(t[2:]), 0.5)]),
         sgd_edge_inputs(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_prototypes_are_bitwise_the_cpu_kernels(emulated, monkeypatch, dtype):
+    """Both sum each class in sample order and scale by 1/count: the same bits, uneven shots
+    and unsorted labels included (outputs and gradients)."""
+    g = gen(7)
+    labels = torch.stack([torch.randint(0, 3, (11,), generator=g) for _ in range(4)])
+    labels[:, :3] = torch.arange(3)  # every class present; shots differ
+    z = rand(4, 11, 37, dtype=dtype, gen=g) * 3
+    fn = lambda a, lab: class_prototypes(a, lab, 3)  # noqa: E731
+    cpu = outputs_and_grads(fn, (z, labels), dtype)
+    with monkeypatch.context() as m:
+        route_to(m, emulated)
+        for got, want in zip(outputs_and_grads(fn, (z, labels), dtype), cpu):
+            assert torch.equal(got, want)

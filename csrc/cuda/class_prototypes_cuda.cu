@@ -1,6 +1,7 @@
 // Per-class means of z [B,S,D] under int64 labels [B,S] (see ops.h), and their gradient.
 // The forward's blocks scan their task's labels in order: deterministic, no atomics on the
-// outputs. Class counts (validation, backward) take one pass with integer atomics. Labels
+// outputs, and (summed in sample order, scaled by 1/count) bitwise the CPU kernels' float32
+// and float64 results. Class counts (validation, backward) take one pass with integer atomics. Labels
 // outside [0, C) are never used as an index.
 #include <cmath>
 
@@ -30,7 +31,7 @@ __global__ void forward_kernel(i64 B, i64 S, i64 C, i64 D, const T* __restrict__
         sum += to_acc(z[(b * S + s) * D + d]);
         ++count;
       }
-      out[row * D + d] = from_acc<T>(count > 0 ? sum / A(count) : A(NAN));
+      out[row * D + d] = from_acc<T>(count > 0 ? sum * (A(1) / A(count)) : A(NAN));
     }
   }
 }
@@ -89,10 +90,10 @@ __global__ void backward_kernel(i64 B, i64 S, i64 C, i64 D, const T* __restrict_
   for (i64 row = blockIdx.x; row < B * S; row += gridDim.x) {
     const i64 b = row / S, label = labels[row];
     const bool valid = label >= 0 && label < C;
-    const A count = valid ? A(counts[b * C + label]) : A(1);  // >= 1: the row itself
+    const A scale = valid ? A(1) / A(counts[b * C + label]) : A(0);  // count >= 1: the row
     const T* g = grad_out + (b * C + (valid ? label : 0)) * D;
     for (i64 d = threadIdx.x; d < D; d += blockDim.x)
-      grad_z[row * D + d] = from_acc<T>(valid ? to_acc(g[d]) / count : A(0));
+      grad_z[row * D + d] = from_acc<T>(valid ? to_acc(g[d]) * scale : A(0));
   }
 }
 
