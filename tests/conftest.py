@@ -72,6 +72,35 @@ def pairwise_edge_cases(dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
             (x * 1e18, y * 1e18), (x * 1e-20, y * 0)]   # no fast-math overflow or flush
 
 
+def assert_cosine_clamp_gradients(dtype) -> None:
+    """Cosine gradients where a row's norm is far below the clamp (1e-8; not zero, so the
+    pair's similarity is far below an ulp of 1 - distance), on either side, match float64,
+    also per row block (those rows' gradients are tiny). A norm exactly at the clamp passes
+    its gradient through, as torch.clamp_min's does."""
+    g = gen(5)
+    x, y = rand(2, 3, 4, dtype=dtype, gen=g), rand(2, 2, 4, dtype=dtype, gen=g)
+    x[:, 0] *= 1e-16 if dtype == torch.float32 else 1e-25
+    y[1, 1] *= 1e-16 if dtype == torch.float32 else 1e-25
+    go = torch.randn(2, 3, 2, dtype=dtype, generator=gen(3))
+    grads = vjp(lambda a, b: ops.pairwise_distances(a, b, "cosine"),
+                (x.requires_grad_(), y.requires_grad_()), go)[1]
+    exact = vjp(lambda a, b: reference.pairwise_distances(a, b, "cosine"),
+                (x.double().requires_grad_(), y.double().requires_grad_()), go.double())[1]
+    tol = 10 * torch.finfo(dtype).eps
+    for got, want in [*zip(grads, exact), (grads[1][0], exact[1][0]), (grads[0][1], exact[0][1])]:
+        assert relative_error(got, want) < tol
+    at_limit, ones = torch.tensor([[[1e-8, 0]]], dtype=dtype), torch.ones(1, 1, 2, dtype=dtype)
+    got, want = (vjp(lambda a: fn(a, ones, "cosine"), (at_limit.clone().requires_grad_(),))[1][0]
+                 for fn in (ops.pairwise_distances, reference.pairwise_distances))
+    assert relative_error(got, want) < tol  # [0, -7.1e7]: the radial term cancels the first
+    assert got[0, 0, 0].abs() < 1e-6 * got[0, 0, 1].abs()
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|."""
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+
+
 # out-of-range labels and classes without samples, for unvalidated class_prototypes (C = 5)
 WILD_LABELS = torch.tensor([[0, 1, 2, 3, -1, 4, 100, 2], [0, 0, 0, 0, 0, 0, 0, 0],
                             [4, 3, 2, 1, 0, 5, -7, 1]])

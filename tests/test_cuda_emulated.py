@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (METRICS, WILD_LABELS, assert_same_as_cpu, covering_labels, gen,
-                      outputs_and_grads,
-                      pairwise_edge_cases, rand, sgd_edge_inputs, with_non_finite)
+from conftest import (METRICS, WILD_LABELS, assert_cosine_clamp_gradients, assert_same_as_cpu,
+                      covering_labels, gen, outputs_and_grads, pairwise_edge_cases, rand,
+                      sgd_edge_inputs, with_non_finite)
 from pymeta.ops import class_prototypes, pairwise_distances, reference, sgd_step, sgd_step_
 from pymeta.ops._kernels import DTYPE_CODES
 
@@ -113,6 +113,11 @@ def test_half_types_accumulate_in_float(emulated, dtype, metric):
         ref = ref.detach()
         err = float((got.double() - ref).abs().max() / ref.abs().max())
         assert err <= torch.finfo(dtype).eps, f"{metric} {dtype}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cosine_gradients_of_rows_at_the_norm_clamp(on_emulated_cuda, dtype):
+    assert_cosine_clamp_gradients(dtype)
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 4, 33), (2, 25, 5, 600), (1, 1, 1, 1)])

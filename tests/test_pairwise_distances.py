@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import (DTYPES, METRICS, SETTINGS, assert_close, gen, lead_shapes, rand, seeds,
-                      sizes, vjp)
+from conftest import (DTYPES, METRICS, SETTINGS, assert_close, assert_cosine_clamp_gradients, gen,
+                      lead_shapes, rand, seeds, sizes, vjp)
 from pymeta import ops
 from pymeta.ops import reference
 
@@ -61,6 +61,13 @@ def test_gradcheck_and_gradgradcheck(metric):
     assert torch.autograd.gradgradcheck(fn, (x, y))
     # one side only needing a gradient
     assert torch.autograd.gradgradcheck(fn, (x, y.detach()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cosine_gradients_of_rows_at_the_norm_clamp(dtype):
+    """Rows whose norm is far below the clamp once lost the other side's radial term (the
+    similarity was read back from 1 - distance: 29% off)."""
+    assert_cosine_clamp_gradients(dtype)
 
 
 def test_cosine_zero_vector_is_distance_one_with_finite_grads():

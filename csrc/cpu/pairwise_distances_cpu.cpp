@@ -339,10 +339,23 @@ struct Coefs {
   const T* out;   // [B,Q,N]
   const T* nx;    // raw norms [B,Q] (cosine)
   const T* ny;    // raw norms [B,N] (cosine)
-  std::int64_t Q, N;
+  const T* x;     // [B,Q,D] (cosine)
+  const T* y;     // [B,N,D] (cosine)
+  std::int64_t Q, N, D;
 
   static T clamp(T v) { return std::max(v, static_cast<T>(kCosineEps)); }
-  static bool live(T v) { return v > static_cast<T>(kCosineEps); }
+  // Whether a norm passes its gradient through the clamp (at the limit too, as torch's clamp).
+  static bool live(T v) { return v >= static_cast<T>(kCosineEps); }
+
+  // The cosine similarity of (q, n), which the radial terms need. 1 - out carries it to about
+  // one ulp of 1; that is exact enough unless the other row's norm is clamped, where the
+  // similarity (<= |other| / eps) can be far below an ulp: then it is recomputed.
+  T similarity(std::int64_t b, std::int64_t q, std::int64_t n, T other_norm) const {
+    if (live(other_norm)) return T(1) - out[(b * Q + q) * N + n];
+    T s;
+    row_sums<1, false>(x + (b * Q + q) * D, y + (b * N + n) * D, D, &s);
+    return s / (clamp(nx[b * Q + q]) * clamp(ny[b * N + n]));
+  }
 
   // Fills W[0..N) for row (b, q) and returns alpha_q.
   T row(std::int64_t b, std::int64_t q, T* W) const {
@@ -363,12 +376,13 @@ struct Coefs {
         case Metric::Cosine: {
           const T nxq = clamp(nx[b * Q + q]);
           W[n] = -gv / (nxq * clamp(ny[b * N + n]));
-          alpha += gv * (T(1) - out[base + n]) / (nxq * nxq);
+          if (live(nx[b * Q + q]))  // else the row has no radial term
+            alpha += gv * similarity(b, q, n, ny[b * N + n]) / (nxq * nxq);
           break;
         }
       }
     }
-    return (m == Metric::Cosine && !live(nx[b * Q + q])) ? T(0) : alpha;
+    return alpha;
   }
 
   T beta(std::int64_t b, std::int64_t n) const {
@@ -381,7 +395,7 @@ struct Coefs {
         case Metric::Euclidean: s += out[i] != 0 ? g[i] / out[i] : T(0); break;
         case Metric::Cosine: {
           const T nyn = clamp(ny[b * N + n]);
-          s += g[i] * (T(1) - out[i]) / (nyn * nyn);
+          s += g[i] * similarity(b, q, n, nx[b * Q + q]) / (nyn * nyn);
           break;
         }
         default: break;
@@ -404,7 +418,7 @@ void backward(const Device& dev, Metric m, std::int64_t B, std::int64_t Q, std::
     nx = row_norms(dev, x, B * Q, D);
     ny = row_norms(dev, y, B * N, D);
   }
-  const Coefs<T> coefs{m, g, out, nx.data(), ny.data(), Q, N};
+  const Coefs<T> coefs{m, g, out, nx.data(), ny.data(), x, y, Q, N, D};
   const int form = m == Metric::SqEuclidean || m == Metric::Euclidean ? kDiff
                    : m == Metric::Dot                                   ? kNoSelf
                                                                         : kSelf;

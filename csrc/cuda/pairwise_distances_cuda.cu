@@ -98,19 +98,34 @@ __global__ void row_norms_kernel(i64 rows, i64 D, const T* __restrict__ v,
   }
 }
 
-// For one (self, other) row pair with upstream gradient g and forward distance dist, the weight w
-// of the other row and the coefficient a of the self row in grad_self = sum a*self + w*other.
-// Symmetric in the two sides, so the same formula serves grad_x and grad_y (see ops.h/brief).
-// ns, no are the unclamped norms |self|, |other| (cosine only).
+// Cosine only: the similarity of a (self, other) row pair for self's radial term, which a
+// clamped self norm drops (so it is not computed then). 1 - dist carries it to about one ulp of 1; that is exact
+// enough unless the other row's norm is clamped, where the similarity (<= |other| / eps) can
+// be far below an ulp: then it is recomputed from the rows (rare: tiny or zero rows).
+template <class T, class A>
+__device__ __forceinline__ A radial_similarity(A dist, A ns, A no, const T* self, const T* other,
+                                               i64 D) {
+  if (ns < A(kCosineEps)) return A(0);
+  if (no >= A(kCosineEps)) return A(1) - dist;
+  A s = 0;
+  for (i64 d = 0; d < D; ++d) s += to_acc(self[d]) * to_acc(other[d]);
+  return s / (clamp_eps(ns) * clamp_eps(no));
+}
+
+// For one (self, other) row pair with upstream gradient g and forward distance dist (cosine:
+// radial_similarity instead), the weight w of the other row and the coefficient a of the self
+// row in grad_self = sum a*self + w*other. Symmetric in the two sides, so the same formula
+// serves grad_x and grad_y (see ops.h/brief). ns, no are the unclamped norms |self|, |other|
+// (cosine only); a norm at the clamp's limit passes its gradient, as torch's clamp does.
 template <Metric M, class A>
 __device__ __forceinline__ void pair_coef(A g, A dist, A ns, A no, A& w, A& a) {
   if constexpr (M == Metric::Dot) {
     w = -g;
     a = 0;
   } else if constexpr (M == Metric::Cosine) {
-    const A eps = A(kCosineEps), cs = clamp_eps(ns), co = clamp_eps(no);
+    const A cs = clamp_eps(ns), co = clamp_eps(no);
     w = -g / (cs * co);
-    a = ns > eps ? g * (A(1) - dist) / (cs * cs) : A(0);  // 1 - dist = cosine similarity
+    a = ns >= A(kCosineEps) ? g * dist / (cs * cs) : A(0);  // dist: the similarity
   } else {
     if constexpr (M == Metric::Euclidean) g = dist != A(0) ? g / (A(2) * dist) : A(0);
     w = A(-2) * g;
@@ -142,9 +157,12 @@ __global__ void backward_kernel(i64 B, i64 R, i64 K, i64 D, i64 g_r, i64 g_k,
       A alpha = 0, sum = 0;
       for (i64 k = 0; k < K; ++k) {
         const i64 gi = g_base + k * g_k;
+        const A no = kNeedsNorms ? other_norm[b * K + k] : A(0);
+        A dist = kNeedsDist ? to_acc(out[gi]) : A(0);
+        if constexpr (M == Metric::Cosine)
+          dist = radial_similarity(dist, ns, no, self + row * D, other_b + k * D, D);
         A w, a;
-        pair_coef<M>(to_acc(grad_out[gi]), kNeedsDist ? to_acc(out[gi]) : A(0), ns,
-                     kNeedsNorms ? other_norm[b * K + k] : A(0), w, a);
+        pair_coef<M>(to_acc(grad_out[gi]), dist, ns, no, w, a);
         const A o = to_acc(other_b[k * D + d]);
         if constexpr (kDiff) {
           sum += w * (o - s);
