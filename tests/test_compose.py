@@ -267,3 +267,35 @@ def test_sgd_step_jvp_takes_the_shape_of_the_output():
     want = jvp(lambda a, r: a - r * grad, (p, lr), (dp, dlr))[1]
     assert got.shape == (3, 2, 4)
     assert_close(got, want)
+
+
+# ---- torch.export -----------------------------------------------------------------------
+
+class _Exported(torch.nn.Module):
+    """Each op once; the class count comes from an input's (dynamic) size."""
+
+    def forward(self, x, y, z, labels, onehot, w, b):
+        protos = cp(z, labels, onehot.shape[-1])
+        fast = ops.sgd_step([w], [protos.sum(-2, keepdim=True).mean(0)], 0.1)[0]
+        pooled = ops.batch_norm_relu_pool(x.reshape(2, 3, 4, 4) * fast.sum(), w[0, :3], b)[0]
+        return pd(x, y, "cosine").sum() + protos.sum() + pooled.sum()
+
+
+def _export_inputs(C):
+    g = gen(C)
+    return (rand(2, 48, gen=g), rand(5, 48, gen=g), rand(2, 12, 8, gen=g),
+            covering_labels((2,), 12, C, g), torch.zeros(C), rand(1, 8, gen=g), rand(3, gen=g))
+
+
+def test_export_with_a_dynamic_class_count_saves_and_loads(tmp_path):
+    """Non-strict export once refused num_classes as a SymInt, and a reloaded program that
+    used batch_norm_relu_pool failed (its reference kept a no_grad block without values)."""
+    auto = torch.export.Dim.AUTO
+    dims = {"x": None, "y": None, "z": {1: auto}, "labels": {1: auto}, "onehot": {0: auto},
+            "w": None, "b": None}
+    module = _Exported().double()
+    program = torch.export.export(module, _export_inputs(3), dynamic_shapes=dims, strict=False)
+    torch.export.save(program, tmp_path / "program.pt2")
+    loaded = torch.export.load(tmp_path / "program.pt2").module()
+    for C in (3, 4):
+        assert_close(loaded(*_export_inputs(C)), module(*_export_inputs(C)))

@@ -22,17 +22,23 @@ _MAX_CLASSES = 2**31 - 1
 
 
 def _check_shapes(z, labels, num_classes) -> None:
+    # A SymInt (a traced dynamic size) is checked by the registered op when the graph runs.
+    if not isinstance(num_classes, torch.SymInt):
+        _check_num_classes(num_classes)
+    if z.ndim < 2:
+        raise ValueError(f"{_OP}: z needs shape [..., samples, features], got {shape_str(z.shape)}")
+    if tuple(labels.shape) != tuple(z.shape[:-1]):
+        raise ValueError(f"{_OP}: labels must have shape {shape_str(z.shape[:-1])} (z without "
+                         f"its feature dim), got {shape_str(labels.shape)}")
+
+
+def _check_num_classes(num_classes) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
         raise TypeError(f"{_OP}: num_classes must be an int, got {type(num_classes).__name__}")
     if num_classes < 0:
         raise ValueError(f"{_OP}: num_classes must be >= 0, got {num_classes}")
     if num_classes > _MAX_CLASSES:
         raise ValueError(f"{_OP}: num_classes {num_classes} is too large (at most 2**31 - 1)")
-    if z.ndim < 2:
-        raise ValueError(f"{_OP}: z needs shape [..., samples, features], got {shape_str(z.shape)}")
-    if tuple(labels.shape) != tuple(z.shape[:-1]):
-        raise ValueError(f"{_OP}: labels must have shape {shape_str(z.shape[:-1])} (z without "
-                         f"its feature dim), got {shape_str(labels.shape)}")
 
 
 def _raise_label_error(status: int, task: int, index: int, value: int, lead, num_classes: int,
@@ -291,7 +297,8 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
         _check_tensors(z, labels, num_classes)  # the slow path names the problem
         _check_validate(validate)
         validate = bool(validate)
-    num_classes = int(num_classes)
+    if not isinstance(num_classes, torch.SymInt):  # a SymInt: a traced dynamic size
+        num_classes = int(num_classes)
     if recording():
         return torch.ops.pymeta.class_prototypes(z, labels, num_classes)
     if validate and z.is_cuda and torch.cuda.is_current_stream_capturing():

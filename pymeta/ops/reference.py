@@ -58,5 +58,5 @@ def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """(max_pool2d(relu(batch_norm(x))), batch mean, biased batch variance), torch's own ops."""
     dims = (0, 2, 3)
     out = F.max_pool2d(F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)), 2)
-    with torch.no_grad():
-        return out, x.mean(dims), x.var(dims, unbiased=False)
+    x = x.detach()  # not no_grad(): an exported graph keeps a no_grad block it cannot reload
+    return out, x.mean(dims), x.var(dims, unbiased=False)
