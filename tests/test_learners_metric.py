@@ -216,6 +216,18 @@ def test_matching_matches_reference(fce, scale):
     assert learner.scale.requires_grad == ("learn_scale" not in scale)
 
 
+def test_matching_fixed_scale_is_exactly_the_one_given():
+    """A fixed scale was stored as a float32 log: 7 became 7.0000005 in a float64 model."""
+    sx, sy, qx, qy = episode(seed=3, ways=4, S=9)
+    learner = MatchingNet(mlp(), scale=7.0, learn_scale=False).double()
+    assert learner.scale.item() == 7.0 and learner.extra_config()["scale"] == 7.0
+    ref = ref_matching(learner.backbone, sx, sy, qx, qy, 4, 7.0)[1]
+    torch.testing.assert_close(learner(sx, sy, qx, 4), ref, rtol=1e-13, atol=1e-13)
+    old = {**learner.state_dict(), "log_scale": torch.tensor(7.0).log()}  # a buffer, once
+    learner.load_state_dict(old)
+    assert learner.scale.item() == 7.0
+
+
 def test_matching_sharp_attention_stays_finite():
     """Sharp attention underflows float32 probabilities (< e^-87); the log-probs stay exact."""
     sx, sy, qx, qy = episode(seed=2, ways=4, S=9)

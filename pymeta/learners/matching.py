@@ -69,12 +69,11 @@ class MatchingNet(FewShotLearner):
         fce_steps = check_count("MatchingNet", "fce_steps", fce_steps)
         self.fce, self.fce_steps, self.feature_dim = fce, fce_steps, feature_dim
         self.learn_scale = check_bool("MatchingNet", "learn_scale", learn_scale)
-        # kept as log s: Adam's steps are then relative, so s can move by orders of magnitude
-        log_scale = torch.tensor(scale).log()
         if self.learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
+            # as log s: Adam's steps are then relative, so s can move by orders of magnitude
+            self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
         else:
-            self.register_buffer("log_scale", log_scale)  # same state_dict key either way
+            self.fixed_scale = scale  # a constant, not state: exact in any dtype
         if fce:
             self.support_lstm = nn.LSTM(feature_dim, feature_dim, batch_first=True,
                                         bidirectional=True)
@@ -82,7 +81,14 @@ class MatchingNet(FewShotLearner):
 
     @property
     def scale(self) -> Tensor:
-        return self.log_scale.exp()
+        if self.learn_scale:
+            return self.log_scale.exp()
+        return torch.tensor(self.fixed_scale, dtype=torch.float64)  # 0-d: takes the model's dtype
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        if not self.learn_scale:  # earlier checkpoints held a fixed scale as a buffer
+            state_dict.pop(prefix + "log_scale", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _logits(self, zs: Tensor, support_y: Tensor, zq: Tensor, ways: int) -> Tensor:
         zs, zq = as_vectors(zs), as_vectors(zq)
