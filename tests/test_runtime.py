@@ -7,7 +7,7 @@ import torch
 
 import pymeta
 from conftest import (DTYPES, METRICS, assert_close, covering_labels, gen, num_threads, rand, ref_sgd,
-                      run_python)
+                      relative_error, run_python)
 from pymeta import ops
 from pymeta.ops import reference
 
@@ -43,6 +43,28 @@ def test_pairwise_distances_threads(metric, T, dtype):
     tol = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float32 else {}
     assert_close(out, ref, dtype, **tol)
     assert_close([gx, gy], torch.autograd.grad(ref, (x, y), go), dtype, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(), (1,), (4,)])
+@pytest.mark.parametrize("metric", METRICS)
+def test_pairwise_distances_second_order_threads(metric, lead, dtype):
+    """Second derivatives run through the torch reference; its dot and cosine were matmuls,
+    whose rounding followed the thread count."""
+    g = gen(9)
+    x = rand(*lead, 75, 64, dtype=dtype, gen=g, requires_grad=True)
+    y = rand(*lead, 5, 64, dtype=dtype, gen=g, requires_grad=True)
+
+    def run():
+        out = ops.pairwise_distances(x, y, metric)
+        gx, gy = torch.autograd.grad(out.logsumexp(-1).sum(), (x, y), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + gy.square().sum(), (x, y))
+    hx, hy = _same_at_every_thread_count(run)
+    ref = reference.pairwise_distances(x, y, metric)
+    rgx, rgy = torch.autograd.grad(ref.logsumexp(-1).sum(), (x, y), create_graph=True)
+    want = torch.autograd.grad(rgx.square().sum() + rgy.square().sum(), (x, y))
+    for got, w in zip((hx, hy), want):  # float32 sums of squares cancel: relative to the scale
+        assert relative_error(got, w) < (1e-4 if dtype == torch.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

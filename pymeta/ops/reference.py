@@ -2,7 +2,8 @@
 
 They define the ops' semantics, are differentiable to any order through torch autograd, and
 are what the tests check the compiled kernels against. They are also used for the
-double-backward of ``pairwise_distances``, whose second derivative is rarely on a hot path.
+double-backward of ``pairwise_distances``, whose second derivative is rarely on a hot path:
+so they avoid matmuls, whose rounding depends on the thread count.
 """
 from __future__ import annotations
 
@@ -23,12 +24,19 @@ def pairwise_distances(x: torch.Tensor, y: torch.Tensor,
         nonzero = sq != 0
         return torch.where(nonzero, torch.where(nonzero, sq, 1).sqrt(), 0)
     if metric == "dot":
-        return -(x @ y.transpose(-1, -2))
+        return -_inner(x, y)
     if metric == "cosine":
         nx = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
         ny = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-        return 1 - (x / nx) @ (y / ny).transpose(-1, -2)
+        return 1 - _inner(x / nx, y / ny)
     raise ValueError(f"unknown metric {metric!r}")
+
+
+def _inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Inner products of every row pair, ``[..., Q, N]``, as a product summed over features:
+    unlike a matmul (and its backward), it rounds alike at any thread count, which the ops'
+    second derivatives, computed through here, then keep."""
+    return (x.unsqueeze(-2) * y.unsqueeze(-3)).sum(-1)
 
 
 def pairwise_distances_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
