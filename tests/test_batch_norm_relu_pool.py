@@ -86,13 +86,17 @@ def test_ties_send_the_gradient_to_the_first_maximum():
 
 
 def test_nan_propagates_like_torch():
-    x = rand(2, 3, 4, 4)
-    x[1, 2, 3, 0] = float("nan")
+    """Outputs and gradients; the ReLU passes a NaN's gradient, as torch's does (the bias of
+    a NaN channel once got 0 instead of its pooled output count)."""
+    x = rand(2, 3, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        x[1, 2, 3, 0] = float("nan")
     w, b = params(3)
-    out = f(x, w, b)[0].detach()
-    ref = reference.batch_norm_relu_pool(x, w, b)[0].detach()
+    out, grads = vjp(lambda *a: f(*a)[0], (x, w, b))
+    ref, ref_grads = vjp(lambda *a: reference.batch_norm_relu_pool(*a)[0], (x, w, b))
     assert torch.equal(out.isnan(), ref.isnan()) and out[:, 2].isnan().all()
-    assert_close(out, ref)
+    assert_close([out, *grads], [ref, *ref_grads])
+    assert grads[2][2] == ref_grads[2][2] != 0
 
 
 def test_bitwise_identical_across_thread_counts():

@@ -141,9 +141,11 @@ __attribute__((always_inline)) inline V pick_max(V a, V b) {
   return ((b > a) | (b != b)) ? b : a;
 }
 
+// value where the ReLU passes gradient: everywhere but at inputs <= 0 (a NaN passes, as in
+// torch's threshold_backward).
 template <class V>
 __attribute__((always_inline)) inline V zero_unless(V value, V keep_if_positive) {
-  return keep_if_positive > V{} ? value : V{};
+  return keep_if_positive <= V{} ? V{} : value;
 }
 
 // One window's four pixels at channel k, normalised: y_i = (x_i - mean) * scale + bias.
