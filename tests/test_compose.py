@@ -299,3 +299,26 @@ def test_export_with_a_dynamic_class_count_saves_and_loads(tmp_path):
     loaded = torch.export.load(tmp_path / "program.pt2").module()
     for C in (3, 4):
         assert_close(loaded(*_export_inputs(C)), module(*_export_inputs(C)))
+
+
+# ---- torch.autocast ---------------------------------------------------------------------
+
+def test_autocast_computes_half_inputs_in_float32():
+    """Under CPU autocast a Linear or conv gives bfloat16, which the CPU kernels lack: the
+    ops cast up, as torch.cdist does (they used to raise), and gradients flow back."""
+    g, f32 = gen(4), torch.float32
+    x, y, z = (rand(2, n, 8, dtype=f32, gen=g) for n in (6, 3, 6))
+    images, w, b = (rand(*s, dtype=f32, gen=g) for s in ((2, 3, 4, 4), (3,), (3,)))
+    half = [t.bfloat16().requires_grad_() for t in (x, y, z, images)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [pd(half[0], half[1], "cosine"), cp(half[2], LABELS[:2, :6], 3),
+                ops.batch_norm_relu_pool(half[3], w, b)[0]]
+    wants = [pd(half[0].float(), half[1].float(), "cosine"),
+             cp(half[2].float(), LABELS[:2, :6], 3),
+             ops.batch_norm_relu_pool(half[3].float(), w, b)[0]]
+    for out, want in zip(outs, wants):
+        assert out.dtype == torch.float32 and torch.equal(out, want)
+    grads = torch.autograd.grad(sum(o.sum() for o in outs), half)
+    assert all(gr.dtype == torch.bfloat16 and gr.abs().sum() > 0 for gr in grads)
+    with pytest.raises(TypeError, match=r"got torch.bfloat16 \(cast with .float\(\)\)"):
+        pd(half[0], half[1])  # outside autocast: no silent cast

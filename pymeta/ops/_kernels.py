@@ -105,6 +105,22 @@ def valid_float_tensors(*tensors) -> bool:
     return t0.is_cuda and CUDA_BUILT and dtype in DTYPE_CODES
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def autocast_float32(*tensors):
+    """Under autocast (for the first tensor's device type) the ops compute in float32, as
+    torch.cdist and autocast's other float32 ops do: float16/bfloat16 tensors are cast up.
+    Anything else, and everything outside autocast, is returned as it is."""
+    t0 = tensors[0]
+    if (isinstance(t0, torch.Tensor)
+            and any(isinstance(t, torch.Tensor) and t.dtype in _HALF_DTYPES for t in tensors)
+            and torch.is_autocast_enabled(t0.device.type)):
+        return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF_DTYPES
+                     else t for t in tensors)
+    return tensors
+
+
 def check_float_tensors(op: str, numpy: bool = True, **tensors: torch.Tensor) -> torch.Tensor:
     """Checks that all tensors share one supported floating dtype and one device (``numpy``:
     whether the op also takes numpy arrays, for the message)."""
@@ -132,7 +148,8 @@ def check_float_tensors(op: str, numpy: bool = True, **tensors: torch.Tensor) ->
     elif t0.device.type != "cpu":
         raise ValueError(f"{op}: unsupported device {t0.device}; use cpu or cuda")
     elif t0.dtype not in CPU_DTYPES:
-        raise TypeError(f"{op}: CPU kernels support float32 and float64, got {t0.dtype}")
+        raise TypeError(f"{op}: CPU kernels support float32 and float64, got {t0.dtype} "
+                        "(cast with .float())")
     return t0
 
 

@@ -16,8 +16,8 @@ import torch
 
 from .. import _C
 from . import reference
-from ._kernels import (DTYPE_CODES, check_float_tensors, functorch_active, launch, ptr,
-                       recording, shape_str)
+from ._kernels import (DTYPE_CODES, autocast_float32, check_float_tensors, functorch_active,
+                       launch, ptr, recording, shape_str)
 
 _OP = "batch_norm_relu_pool"
 
@@ -136,6 +136,7 @@ def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         >>> bool(torch.allclose(out, ref)), tuple(out.shape)
         (True, (8, 4, 3, 3))
     """
+    x, weight, bias = autocast_float32(x, weight, bias)
     _check(x, weight, bias, eps)
     if recording() or functorch_active():  # fake, traced or wrapped: no data for the kernel
         return reference.batch_norm_relu_pool(x, weight, bias, float(eps))

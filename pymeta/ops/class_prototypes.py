@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from .. import _C
-from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, batch_front,
-                       check_float_tensors, functorch_active, launch, needs_autograd, numpy_float,
-                       numpy_launch, ptr, recording, shape_str, valid_float_tensors)
+from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, autocast_float32,
+                       batch_front, check_float_tensors, functorch_active, launch,
+                       needs_autograd, numpy_float, numpy_launch, ptr, recording, shape_str,
+                       valid_float_tensors)
 
 _OP = "class_prototypes"
 _OUT_OF_RANGE, _EMPTY_CLASS = 1, 2
@@ -294,6 +295,7 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
             and labels.device == z.device
             and type(num_classes) is int and 0 <= num_classes <= _MAX_CLASSES and z.ndim >= 2
             and labels.shape == z.shape[:-1] and (validate is True or validate is False)):
+        z, = autocast_float32(z)
         _check_tensors(z, labels, num_classes)  # the slow path names the problem
         _check_validate(validate)
         validate = bool(validate)

@@ -15,10 +15,10 @@ import torch
 
 from .. import _C
 from . import reference
-from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, batch_front,
-                       check_float_tensors, forward_ad_active, functorch_active, launch,
-                       needs_autograd, numpy_float, numpy_launch, ptr, recording, shape_str,
-                       valid_float_tensors)
+from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, autocast_float32,
+                       batch_front, check_float_tensors, forward_ad_active, functorch_active,
+                       launch, needs_autograd, numpy_float, numpy_launch, ptr, recording,
+                       shape_str, valid_float_tensors)
 
 METRICS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
 _READS_OUTPUT = ("euclidean", "cosine")  # metrics whose backward reads the distances
@@ -267,6 +267,7 @@ def pairwise_distances(x, y, metric: str = "sqeuclidean"):
     if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
         return _numpy(x, y, metric)
     if not valid_float_tensors(x, y):
+        x, y = autocast_float32(x, y)
         check_float_tensors(_OP, x=x, y=y)
     code = _check_shapes(x, y, metric)
     if recording():
