@@ -322,3 +322,35 @@ def test_autocast_computes_half_inputs_in_float32():
     assert all(gr.dtype == torch.bfloat16 and gr.abs().sum() > 0 for gr in grads)
     with pytest.raises(TypeError, match=r"got torch.bfloat16 \(cast with .float\(\)\)"):
         pd(half[0], half[1])  # outside autocast: no silent cast
+
+
+# ---- tensors with the negative bit -------------------------------------------------------
+
+def test_negative_bit_views_are_read_as_their_values():
+    """A contiguous tensor with the negative bit (torch._neg_view, or a complex .conj().imag)
+    stores its values negated: the kernels once read the raw memory (every op was off).
+    Each case runs with such views, then with plain negations (copies without the bit)."""
+    g = gen(6)
+    x, y, z = (rand(2, n, 8, gen=g, requires_grad=True) for n in (6, 3, 6))
+    images = rand(2, 3, 4, 4, gen=g).contiguous(memory_format=torch.channels_last)
+    w, b, p, grad = rand(3, gen=g), rand(3, gen=g), rand(4, 3, gen=g), rand(4, 3, gen=g)
+    lr = torch.tensor(0.25 + 0.5j, dtype=torch.complex128).conj().imag  # -0.5, negative bit
+    assert lr.is_neg() and torch._neg_view(p).is_neg()
+    cases = [
+        (lambda neg, a, c: pd(neg(a), c, "dot"), (x, y)),
+        (lambda neg, a: cp(neg(a), neg(-LABELS[:2, :6]), 3), (z,)),
+        (lambda neg, a: ops.batch_norm_relu_pool(neg(a), neg(w), neg(b))[0],
+         (images.requires_grad_(),)),
+        (lambda neg, a: ops.sgd_step([neg(a)], [neg(grad)], [lr if neg is torch._neg_view
+                                                              else lr.clone()])[0],
+         (p.requires_grad_(),)),
+    ]
+    for fn, inputs in cases:
+        out, want = fn(torch._neg_view, *inputs), fn(torch.neg, *inputs)
+        assert_close(out, want)
+        go = torch.randn(out.shape, dtype=out.dtype, generator=gen(1))
+        assert_close(torch.autograd.grad(out, inputs, go), torch.autograd.grad(want, inputs, go))
+    q = p.detach().clone()
+    with torch.no_grad():
+        ops.sgd_step_([torch._neg_view(q)], [grad], 0.5)  # in place: q = -(-q - 0.5 g)
+    assert_close(q, p.detach() + 0.5 * grad)

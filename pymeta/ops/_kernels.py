@@ -165,6 +165,13 @@ def numpy_float(op: str, name: str, a: np.ndarray, dtype: np.dtype | None = None
     return np.require(a, requirements=("C", "A"))  # np.ascontiguousarray makes 0-d 1-d
 
 
+def dense(t: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """``t`` in ``memory_format`` with its values in memory, for a kernel: a tensor with the
+    negative bit set (``torch._neg_view``, ``.conj().imag``) stores the negated values."""
+    t = t.contiguous(memory_format=memory_format)
+    return t.resolve_neg() if t.is_neg() else t
+
+
 def ptr(t: torch.Tensor | np.ndarray | None) -> int:
     if t is None:
         return 0

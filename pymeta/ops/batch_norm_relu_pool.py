@@ -16,8 +16,8 @@ import torch
 
 from .. import _C
 from . import reference
-from ._kernels import (DTYPE_CODES, autocast_float32, check_float_tensors, functorch_active,
-                       launch, ptr, recording, shape_str)
+from ._kernels import (DTYPE_CODES, autocast_float32, check_float_tensors, dense,
+                       functorch_active, launch, ptr, recording, shape_str)
 
 _OP = "batch_norm_relu_pool"
 
@@ -84,7 +84,7 @@ class _Backward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stats, grad_out, eps, needs):
-        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        grad_out = dense(grad_out, torch.channels_last)
         gx, gw, gb = (_empty(t, n) for t, n in zip((x, weight, bias), needs))
         _C.batch_norm_relu_pool_backward(*_code(x), ptr(x), ptr(weight), ptr(bias),
                                          ptr(stats[0]), ptr(stats[1]), eps, ptr(grad_out),
@@ -100,9 +100,9 @@ class _Backward(torch.autograd.Function):
                                "differentiate torch's batch_norm, relu and max_pool2d instead")
         x, weight, bias, stats, grad_out = ctx.saved_tensors
         gg = (torch.zeros_like(x) if gg is None
-              else gg.contiguous(memory_format=torch.channels_last))
-        ggw = torch.zeros_like(weight) if ggw is None else ggw.contiguous()
-        ggb = torch.zeros_like(bias) if ggb is None else ggb.contiguous()
+              else dense(gg, torch.channels_last))
+        ggw = torch.zeros_like(weight) if ggw is None else dense(ggw)
+        ggb = torch.zeros_like(bias) if ggb is None else dense(ggb)
         need_x, need_w, _, _, need_go = ctx.needs_input_grad[:5]
         gx, gw, ggo = _empty(x, need_x), _empty(weight, need_w), _empty(grad_out, need_go)
         _C.batch_norm_relu_pool_double_backward(
@@ -140,8 +140,8 @@ def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     _check(x, weight, bias, eps)
     if recording() or functorch_active():  # fake, traced or wrapped: no data for the kernel
         return reference.batch_norm_relu_pool(x, weight, bias, float(eps))
-    x = x.contiguous(memory_format=torch.channels_last)  # outside the Function: recorded
-    return _BatchNormReluPool.apply(x, weight.contiguous(), bias.contiguous(), float(eps))
+    x = dense(x, torch.channels_last)  # outside the Function: recorded
+    return _BatchNormReluPool.apply(x, dense(weight), dense(bias), float(eps))
 
 
 __all__ = ["batch_norm_relu_pool"]

@@ -13,7 +13,7 @@ import torch
 
 from .. import _C
 from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, autocast_float32,
-                       batch_front, check_float_tensors, functorch_active, launch,
+                       batch_front, check_float_tensors, dense, functorch_active, launch,
                        needs_autograd, numpy_float, numpy_launch, ptr, recording, shape_str,
                        valid_float_tensors)
 
@@ -83,7 +83,7 @@ def _launch_forward(dev, z, labels, out, lead, num_classes, validate, dtype_code
 def _forward_kernel(z, labels, num_classes: int, validate: bool = False) -> torch.Tensor:
     lead = tuple(z.shape[:-2])
     unsigned64 = labels.dtype == torch.uint64
-    z, labels = z.contiguous(), labels.contiguous().long()
+    z, labels = dense(z), dense(labels).long()
     out = z.new_empty(*lead, num_classes, z.shape[-1])
     if out.numel() or validate:
         _launch_forward(launch(z), z, labels, out, lead, num_classes, validate,
@@ -94,7 +94,7 @@ def _forward_kernel(z, labels, num_classes: int, validate: bool = False) -> torc
 def _backward_kernel(grad, labels, num_classes: int) -> torch.Tensor:
     *lead, C, D = grad.shape
     S = labels.shape[-1]
-    grad, labels = grad.contiguous(), labels.contiguous().long()
+    grad, labels = dense(grad), dense(labels).long()
     gz = grad.new_empty(*lead, S, D)
     if gz.numel():
         _C.class_prototypes_backward(*launch(grad), DTYPE_CODES[grad.dtype],

@@ -16,7 +16,7 @@ import torch
 from .. import _C
 from . import reference
 from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, autocast_float32,
-                       batch_front, check_float_tensors, forward_ad_active, functorch_active,
+                       batch_front, check_float_tensors, dense, forward_ad_active, functorch_active,
                        launch, needs_autograd, numpy_float, numpy_launch, ptr, recording,
                        shape_str, valid_float_tensors)
 
@@ -44,7 +44,7 @@ def _check_shapes(x, y, metric: str) -> int:
 def _forward_kernel(x: torch.Tensor, y: torch.Tensor, code: int) -> torch.Tensor:
     *lead, Q, D = x.shape
     N = y.shape[-2]
-    x, y = x.contiguous(), y.contiguous()
+    x, y = dense(x), dense(y)
     out = x.new_empty(*lead, Q, N)
     if out.numel():
         _C.pairwise_distances_forward(*launch(x), DTYPE_CODES[x.dtype], code, math.prod(lead), Q,
@@ -55,8 +55,8 @@ def _forward_kernel(x: torch.Tensor, y: torch.Tensor, code: int) -> torch.Tensor
 def _backward_kernel(g, x, y, out, code: int, need_x: bool = True, need_y: bool = True):
     *lead, Q, D = x.shape
     N = y.shape[-2]
-    x, y, g = x.contiguous(), y.contiguous(), g.contiguous()
-    out = None if out is None else out.contiguous()  # None: the metric does not read it
+    x, y, g = dense(x), dense(y), dense(g)
+    out = None if out is None else dense(out)  # None: the metric does not read it
     if Q * N == 0:  # no distances: the gradients are exactly zero
         return (torch.zeros_like(x) if need_x else None), (torch.zeros_like(y) if need_y else None)
     gx = torch.empty_like(x) if need_x else None

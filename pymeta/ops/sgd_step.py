@@ -18,7 +18,7 @@ import torch
 
 from .. import _C
 from ._kernels import (CPU_DTYPES, DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function,
-                       check_float_tensors, forward_ad_active, functorch_active, has_tangent,
+                       check_float_tensors, dense, forward_ad_active, functorch_active, has_tangent,
                        launch, needs_autograd, numpy_float, numpy_launch, ptr, recording,
                        shape_str, valid_float_tensors)
 
@@ -77,14 +77,14 @@ class _Plan:
 
 
 def _contiguous(t):
-    return np.ascontiguousarray(t) if isinstance(t, np.ndarray) else t.contiguous()
+    return np.ascontiguousarray(t) if isinstance(t, np.ndarray) else dense(t)
 
 
 def _materialize(t, shape):
     """A dense copy of ``t`` broadcast to ``shape``."""
     if isinstance(t, np.ndarray):
         return np.ascontiguousarray(np.broadcast_to(t, shape))
-    return t.expand(shape).contiguous()
+    return dense(t.expand(shape))
 
 
 def _descriptor(out, ops, T) -> list[int]:
@@ -136,12 +136,13 @@ def _plain_run(params, grads, lr: float, dtype, device, grad_mode: bool):
     outs, desc = [], []
     for p, g in zip(params, grads):
         if not (isinstance(g, torch.Tensor) and g.dtype is dtype and g.device == device
-                and g.layout is torch.strided and g.is_contiguous()) \
+                and g.layout is torch.strided and g.is_contiguous() and not g.is_neg()) \
                 or grad_mode and g.requires_grad:
             return None
         if p is not None and not (isinstance(p, torch.Tensor) and p.dtype is dtype
                                   and p.device == device and p.layout is torch.strided
-                                  and p.is_contiguous() and not (grad_mode and p.requires_grad)):
+                                  and p.is_contiguous() and not p.is_neg()
+                                  and not (grad_mode and p.requires_grad)):
             return None
         gs, n = g.shape, g.numel()
         if p is None or (ps := p.shape) == gs:
@@ -234,7 +235,7 @@ class _SgdStep(torch.autograd.Function):
             if functorch_active() or torch.is_grad_enabled():  # a graph of the backward
                 steps = sgd_step([None] * n, list(gos), list(lrs) if lrs else ctx.lr)
             else:
-                steps = _kernel([None] * n, [go.contiguous() for go in gos], lrs, ctx.lr)
+                steps = _kernel([None] * n, [dense(go) for go in gos], lrs, ctx.lr)
             dgs = [d.sum_to_size(shape) if need[n + i] else None
                    for i, (d, shape) in enumerate(zip(steps, ctx.grad_shapes))]
         dlrs = []
@@ -586,8 +587,8 @@ def sgd_step_(params: Sequence, grads: Sequence, lr):
         if p.is_inference() and not torch.is_inference_mode_enabled():
             raise RuntimeError(f"{_OP}_: params[{i}] is an inference tensor; update it inside "
                                f"torch.inference_mode(), as torch requires")
-    outs = [p if p.is_contiguous() else torch.empty_like(p, memory_format=torch.contiguous_format)
-            for p in params]
+    outs = [p if p.is_contiguous() and not p.is_neg()
+            else torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
     _kernel(params, grads, lrs, lr_float, outs)
     for p, o in zip(params, outs):
         if o is not p:
