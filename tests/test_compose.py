@@ -354,3 +354,32 @@ def test_negative_bit_views_are_read_as_their_values():
     with torch.no_grad():
         ops.sgd_step_([torch._neg_view(q)], [grad], 0.5)  # in place: q = -(-q - 0.5 g)
     assert_close(q, p.detach() + 0.5 * grad)
+
+
+# ---- tensor subclasses ------------------------------------------------------------------
+
+def test_wrapper_subclasses_take_the_registered_ops():
+    """A Python-dispatch wrapper (torch's TwoTensor: its data lives in inner tensors) and a
+    fake tensor used outside its mode have no data of their own: the ops once passed their
+    null data pointer to the kernels and crashed the process."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    g = gen(2)
+    x, y, z, p = rand(6, 8, gen=g), rand(3, 8, gen=g), rand(6, 8, gen=g), rand(4, 3, gen=g)
+    images, w, b = rand(2, 3, 4, 4, gen=g), rand(3, gen=g), rand(3, gen=g)
+    two = lambda t: TwoTensor(t, t.clone())  # noqa: E731
+    runs = [(lambda a, c: pd(a, c, "cosine"), (x, y)),
+            (lambda a: cp(a, LABELS[0, :6], 3), (z,)),
+            (lambda a, c: ops.sgd_step([a], [c], 0.3)[0], (p, p)),
+            (lambda a: ops.batch_norm_relu_pool(a, w, b)[0], (images,))]
+    for fn, inputs in runs:
+        out = fn(*map(two, inputs))
+        assert type(out) is TwoTensor
+        assert_close([out.a, out.b], [fn(*inputs)] * 2)
+    q = two(p.clone())
+    ops.sgd_step_([q], [two(p)], 0.5)
+    assert_close([q.a, q.b], [p * 0.5] * 2)
+    with FakeTensorMode():
+        fx, fy = torch.randn(5, 4), torch.randn(3, 4)
+    assert pd(fx, fy).shape == (5, 3) and ops.sgd_step([fx], [fx], 0.1)[0].shape == (5, 4)

@@ -90,14 +90,26 @@ def recording() -> bool:
             or torch._C._get_tracing_state() is not None)
 
 
+# Tensor types whose data the kernels read directly; subclasses take the general path.
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def wrapped(*tensors) -> bool:
+    """Whether any tensor is a Python-dispatch subclass (a wrapper such as torch's TwoTensor,
+    a fake tensor): its data is not in its own storage, so the registered ops (which such
+    subclasses dispatch) or torch's ops serve it."""
+    return any(type(t) not in PLAIN_TYPES and isinstance(t, torch.Tensor)
+               and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python) for t in tensors)
+
+
 def valid_float_tensors(*tensors) -> bool:
     """The cheap common-case test behind :func:`check_float_tensors` (no message built)."""
     t0 = tensors[0]
-    if not isinstance(t0, torch.Tensor):
+    if type(t0) not in PLAIN_TYPES:
         return False
     dtype, device = t0.dtype, t0.device
     for t in tensors:
-        if (not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.device != device
+        if (type(t) not in PLAIN_TYPES or t.dtype is not dtype or t.device != device
                 or t.layout is not torch.strided):
             return False
     if t0.is_cpu:

@@ -17,7 +17,7 @@ import torch
 from .. import _C
 from . import reference
 from ._kernels import (DTYPE_CODES, autocast_float32, check_float_tensors, dense,
-                       functorch_active, launch, ptr, recording, shape_str)
+                       functorch_active, launch, ptr, recording, shape_str, wrapped)
 
 _OP = "batch_norm_relu_pool"
 
@@ -138,7 +138,7 @@ def batch_norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """
     x, weight, bias = autocast_float32(x, weight, bias)
     _check(x, weight, bias, eps)
-    if recording() or functorch_active():  # fake, traced or wrapped: no data for the kernel
+    if recording() or functorch_active() or wrapped(x, weight, bias):  # no data for the kernel
         return reference.batch_norm_relu_pool(x, weight, bias, float(eps))
     x = dense(x, torch.channels_last)  # outside the Function: recorded
     return _BatchNormReluPool.apply(x, dense(weight), dense(bias), float(eps))

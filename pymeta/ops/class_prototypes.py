@@ -15,7 +15,7 @@ from .. import _C
 from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, autocast_float32,
                        batch_front, check_float_tensors, dense, functorch_active, launch,
                        needs_autograd, numpy_float, numpy_launch, ptr, recording, shape_str,
-                       valid_float_tensors)
+                       valid_float_tensors, wrapped)
 
 _OP = "class_prototypes"
 _OUT_OF_RANGE, _EMPTY_CLASS = 1, 2
@@ -301,7 +301,7 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
         validate = bool(validate)
     if not isinstance(num_classes, torch.SymInt):  # a SymInt: a traced dynamic size
         num_classes = int(num_classes)
-    if recording():
+    if recording() or wrapped(z, labels):
         return torch.ops.pymeta.class_prototypes(z, labels, num_classes)
     if validate and z.is_cuda and torch.cuda.is_current_stream_capturing():
         validate = False  # its host sync is illegal while a CUDA graph is being captured

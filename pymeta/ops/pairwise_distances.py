@@ -18,7 +18,7 @@ from . import reference
 from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, autocast_float32,
                        batch_front, check_float_tensors, dense, forward_ad_active, functorch_active,
                        launch, needs_autograd, numpy_float, numpy_launch, ptr, recording,
-                       shape_str, valid_float_tensors)
+                       shape_str, valid_float_tensors, wrapped)
 
 METRICS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
 _READS_OUTPUT = ("euclidean", "cosine")  # metrics whose backward reads the distances
@@ -270,7 +270,7 @@ def pairwise_distances(x, y, metric: str = "sqeuclidean"):
         x, y = autocast_float32(x, y)
         check_float_tensors(_OP, x=x, y=y)
     code = _check_shapes(x, y, metric)
-    if recording():
+    if recording() or wrapped(x, y):
         return torch.ops.pymeta.pairwise_distances(x, y, metric)
     if functorch_active() or needs_autograd(x, y):
         return apply_function(_PairwiseDistances, x, y, metric)

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from .. import _C
-from ._kernels import (CPU_DTYPES, DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function,
-                       check_float_tensors, dense, forward_ad_active, functorch_active, has_tangent,
-                       launch, needs_autograd, numpy_float, numpy_launch, ptr, recording,
-                       shape_str, valid_float_tensors)
+from ._kernels import (CPU_DTYPES, DTYPE_CODES, NUMPY_DTYPE_CODES, PLAIN_TYPES, apply_function,
+                       check_float_tensors, dense, forward_ad_active, functorch_active,
+                       has_tangent, launch, needs_autograd, numpy_float, numpy_launch, ptr,
+                       recording, shape_str, valid_float_tensors, wrapped)
 
 _OP = "sgd_step"
 _FULL, _SHARED, _SCALAR, _PER_TASK = range(4)
@@ -135,11 +135,11 @@ def _plain_run(params, grads, lr: float, dtype, device, grad_mode: bool):
         return None
     outs, desc = [], []
     for p, g in zip(params, grads):
-        if not (isinstance(g, torch.Tensor) and g.dtype is dtype and g.device == device
+        if not (type(g) in PLAIN_TYPES and g.dtype is dtype and g.device == device
                 and g.layout is torch.strided and g.is_contiguous() and not g.is_neg()) \
                 or grad_mode and g.requires_grad:
             return None
-        if p is not None and not (isinstance(p, torch.Tensor) and p.dtype is dtype
+        if p is not None and not (type(p) in PLAIN_TYPES and p.dtype is dtype
                                   and p.device == device and p.layout is torch.strided
                                   and p.is_contiguous() and not p.is_neg()
                                   and not (grad_mode and p.requires_grad)):
@@ -533,7 +533,7 @@ def sgd_step(params: Sequence, grads: Sequence, lr):
     if not _common_case(params, grads, lrs):
         _check_tensors(params, grads, lrs)  # the slow path names the problem
     lr_float = 0.0 if lrs is not None else float(lr)
-    if recording():
+    if recording() or wrapped(*params, *grads, *(lrs or ())):
         if any(p is None for p in params):
             params = [torch.zeros_like(g) if p is None else p for p, g in zip(params, grads)]
         return torch.ops.pymeta.sgd_step(list(params), list(grads), lrs or [], lr_float)
@@ -577,7 +577,7 @@ def sgd_step_(params: Sequence, grads: Sequence, lr):
     if forward_ad_active() and has_tangent(*params, *grads, *(lrs or ())):
         raise RuntimeError(f"{_OP}_: in-place update of dual tensors (forward-mode AD); use "
                            "the differentiable sgd_step")
-    if recording():  # recorded as the functional op and copy_, which every tracer keeps
+    if recording() or wrapped(*params, *grads, *(lrs or ())):  # the functional op, copy_
         for p, out in zip(params, sgd_step(params, grads, lrs if lrs is not None else lr)):
             p.copy_(out)
         return params
