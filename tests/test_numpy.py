@@ -146,3 +146,21 @@ def test_unaligned_buffers_reach_the_kernels_as_aligned_copies():
     assert numpy_float("op", "x", odd).flags.aligned
     assert np.array_equal(ops.pairwise_distances(odd, y), ops.pairwise_distances(x, y))
     assert numpy_float("op", "x", np.float64(2.0).reshape(())).shape == ()
+
+
+def test_big_endian_arrays_are_read_in_native_order():
+    """Arrays stored big-endian ('>f8', from a file written elsewhere) were refused as "must be
+    a float32 or float64 array"; they are converted like any other layout."""
+    rng = np.random.default_rng(3)
+    x, y, p, g = (rng.standard_normal(s) for s in ((5, 4), (3, 4), (4, 3), (4, 3)))
+    big = lambda a: a.astype(a.dtype.newbyteorder(">"))  # noqa: E731
+    assert not big(x).dtype.isnative
+    np.testing.assert_array_equal(ops.pairwise_distances(big(x), big(y), "cosine"),
+                                  ops.pairwise_distances(x, y, "cosine"))
+    labels = np.array([0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(ops.class_prototypes(big(x), labels, 3),
+                                  ops.class_prototypes(x, labels, 3))
+    np.testing.assert_array_equal(ops.sgd_step([big(p)], [big(g)], 0.5)[0], p - 0.5 * g)
+    q = big(p)
+    ops.sgd_step_([q], [big(g)], 0.5)
+    np.testing.assert_array_equal(q, p - 0.5 * g)

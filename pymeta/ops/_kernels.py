@@ -168,6 +168,8 @@ def check_float_tensors(op: str, numpy: bool = True, **tensors: torch.Tensor) ->
 def numpy_float(op: str, name: str, a: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
     """A C-contiguous, element-aligned float32/float64 copy-if-needed of ``a`` (a buffer
     view at an odd offset is contiguous but not aligned, which the kernels assume)."""
+    if a.dtype.kind == "f" and not a.dtype.isnative:  # big-endian data, say: native copy
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype.kind != "f" or a.dtype not in NUMPY_DTYPE_CODES:
         raise TypeError(f"{op}: {name} must be a float32 or float64 array, got {a.dtype}")
     if dtype is not None and a.dtype != dtype:
