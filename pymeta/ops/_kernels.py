@@ -98,8 +98,11 @@ def wrapped(*tensors) -> bool:
     """Whether any tensor is a Python-dispatch subclass (a wrapper such as torch's TwoTensor,
     a fake tensor): its data is not in its own storage, so the registered ops (which such
     subclasses dispatch) or torch's ops serve it."""
-    return any(type(t) not in PLAIN_TYPES and isinstance(t, torch.Tensor)
-               and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python) for t in tensors)
+    for t in tensors:
+        if (type(t) not in PLAIN_TYPES and isinstance(t, torch.Tensor)
+                and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)):
+            return True
+    return False
 
 
 def valid_float_tensors(*tensors) -> bool:
@@ -179,10 +182,11 @@ def numpy_float(op: str, name: str, a: np.ndarray, dtype: np.dtype | None = None
     return np.require(a, requirements=("C", "A"))  # np.ascontiguousarray makes 0-d 1-d
 
 
-def dense(t: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
-    """``t`` in ``memory_format`` with its values in memory, for a kernel: a tensor with the
-    negative bit set (``torch._neg_view``, ``.conj().imag``) stores the negated values."""
-    t = t.contiguous(memory_format=memory_format)
+def dense(t: torch.Tensor, memory_format=None) -> torch.Tensor:
+    """``t`` contiguous (in ``memory_format``, if given) with its values in memory, for a
+    kernel: a tensor with the negative bit (``torch._neg_view``, ``.conj().imag``) stores
+    them negated. (No keyword for the default: torch parses one at a cost per call.)"""
+    t = t.contiguous() if memory_format is None else t.contiguous(memory_format=memory_format)
     return t.resolve_neg() if t.is_neg() else t
 
 

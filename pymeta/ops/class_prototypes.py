@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import _C
-from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, autocast_float32,
+from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, PLAIN_TYPES, apply_function, autocast_float32,
                        batch_front, check_float_tensors, dense, functorch_active, launch,
                        needs_autograd, numpy_float, numpy_launch, ptr, recording, shape_str,
                        valid_float_tensors, wrapped)
@@ -83,7 +83,9 @@ def _launch_forward(dev, z, labels, out, lead, num_classes, validate, dtype_code
 def _forward_kernel(z, labels, num_classes: int, validate: bool = False) -> torch.Tensor:
     lead = tuple(z.shape[:-2])
     unsigned64 = labels.dtype == torch.uint64
-    z, labels = dense(z), dense(labels).long()
+    z, labels = z.contiguous(), labels.contiguous().long()
+    if z.is_neg() or labels.is_neg():  # dense() inlined: the hot path of small episodes
+        z, labels = z.resolve_neg(), labels.resolve_neg()
     out = z.new_empty(*lead, num_classes, z.shape[-1])
     if out.numel() or validate:
         _launch_forward(launch(z), z, labels, out, lead, num_classes, validate,
@@ -290,18 +292,20 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
     """
     if isinstance(z, np.ndarray) or isinstance(labels, np.ndarray):
         return _numpy(z, labels, num_classes, validate)
-    if not (valid_float_tensors(z) and isinstance(labels, torch.Tensor)
+    foreign = False
+    if not (valid_float_tensors(z) and type(labels) in PLAIN_TYPES
             and labels.dtype in _INDEX_DTYPES and labels.layout is torch.strided
             and labels.device == z.device
             and type(num_classes) is int and 0 <= num_classes <= _MAX_CLASSES and z.ndim >= 2
             and labels.shape == z.shape[:-1] and (validate is True or validate is False)):
         z, = autocast_float32(z)
         _check_tensors(z, labels, num_classes)  # the slow path names the problem
+        foreign = wrapped(z, labels)
         _check_validate(validate)
         validate = bool(validate)
     if not isinstance(num_classes, torch.SymInt):  # a SymInt: a traced dynamic size
         num_classes = int(num_classes)
-    if recording() or wrapped(z, labels):
+    if foreign or recording():
         return torch.ops.pymeta.class_prototypes(z, labels, num_classes)
     if validate and z.is_cuda and torch.cuda.is_current_stream_capturing():
         validate = False  # its host sync is illegal while a CUDA graph is being captured

@@ -44,7 +44,9 @@ def _check_shapes(x, y, metric: str) -> int:
 def _forward_kernel(x: torch.Tensor, y: torch.Tensor, code: int) -> torch.Tensor:
     *lead, Q, D = x.shape
     N = y.shape[-2]
-    x, y = dense(x), dense(y)
+    x, y = x.contiguous(), y.contiguous()
+    if x.is_neg() or y.is_neg():  # dense() inlined: the hot path of small episodes
+        x, y = x.resolve_neg(), y.resolve_neg()
     out = x.new_empty(*lead, Q, N)
     if out.numel():
         _C.pairwise_distances_forward(*launch(x), DTYPE_CODES[x.dtype], code, math.prod(lead), Q,
@@ -266,11 +268,13 @@ def pairwise_distances(x, y, metric: str = "sqeuclidean"):
     """
     if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
         return _numpy(x, y, metric)
-    if not valid_float_tensors(x, y):
+    foreign = False
+    if not valid_float_tensors(x, y):  # the slow path: plain tensors of one dtype pass above
         x, y = autocast_float32(x, y)
         check_float_tensors(_OP, x=x, y=y)
+        foreign = wrapped(x, y)
     code = _check_shapes(x, y, metric)
-    if recording() or wrapped(x, y):
+    if foreign or recording():
         return torch.ops.pymeta.pairwise_distances(x, y, metric)
     if functorch_active() or needs_autograd(x, y):
         return apply_function(_PairwiseDistances, x, y, metric)
