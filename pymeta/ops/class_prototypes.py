@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from .. import _C
-from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, PLAIN_TYPES, apply_function, autocast_float32,
-                       batch_front, check_float_tensors, dense, functorch_active, launch,
-                       needs_autograd, numpy_float, numpy_launch, ptr, recording, shape_str,
-                       valid_float_tensors, wrapped)
+from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, PLAIN_TYPES, apply_function,
+                       autocast_float32, batch_front, check_float_tensors, dense,
+                       functorch_active, launch, needs_autograd, numpy_float, numpy_launch, ptr,
+                       recording, shape_str, valid_float_tensors, wrapped)
 
 _OP = "class_prototypes"
 _OUT_OF_RANGE, _EMPTY_CLASS = 1, 2
