@@ -383,3 +383,39 @@ def test_wrapper_subclasses_take_the_registered_ops():
     with FakeTensorMode():
         fx, fy = torch.randn(5, 4), torch.randn(3, 4)
     assert pd(fx, fy).shape == (5, 3) and ops.sgd_step([fx], [fx], 0.1)[0].shape == (5, 4)
+
+
+# ---- autograd's own batching -------------------------------------------------------------
+
+def test_vectorized_jacobians_and_batched_gradients():
+    """torch.autograd.functional's vectorize=True and autograd.grad(is_grads_batched=True)
+    batch gradients without storage: the backward once handed them to the kernels (a
+    RuntimeError); it now takes torch's ops for them."""
+    from torch.autograd.functional import hessian, jacobian
+    g = gen(8)
+    x, y, z = rand(2, 3, 4, gen=g), rand(2, 2, 4, gen=g), rand(2, 6, 3, gen=g)
+    p, grads = rand(4, 3, gen=g), rand(2, 4, 3, gen=g)
+    images, w, b = rand(3, 2, 4, 4, gen=g), rand(2, gen=g), rand(2, gen=g)
+    cases = [  # (op with one input, the same through the reference, input, forward-mode too)
+        (lambda a: pd(a, y, "cosine"), lambda a: reference.pairwise_distances(a, y, "cosine"),
+         x, False),
+        (lambda a: cp(a, LABELS[:2, :6], 3),
+         lambda a: reference.class_prototypes(a, LABELS[:2, :6], 3), z, True),
+        (lambda a: ops.sgd_step([p], [a], 0.3)[0], lambda a: p - 0.3 * a, grads, True),
+        (lambda a: ops.sgd_step([a], [grads], 0.3)[0], lambda a: a - 0.3 * grads, p, True),
+        (lambda a: ops.batch_norm_relu_pool(a, w, b)[0],
+         lambda a: reference.batch_norm_relu_pool(a, w, b)[0], images, False),
+    ]
+    for fn, ref, inp, forward_mode in cases:
+        assert_close(jacobian(fn, inp, vectorize=True), jacobian(ref, inp))
+        if forward_mode:
+            assert_close(jacobian(fn, inp, vectorize=True, strategy="forward-mode"),
+                         jacobian(ref, inp))
+        leaf = inp.clone().requires_grad_()
+        out, ref_out = fn(leaf), ref(leaf)
+        batch = torch.randn(5, *out.shape, dtype=out.dtype, generator=gen(1))
+        assert_close(torch.autograd.grad(out, leaf, batch, is_grads_batched=True),
+                     torch.autograd.grad(ref_out, leaf, batch, is_grads_batched=True))
+    for fn, ref, inp, _ in cases[:4]:
+        assert_close(hessian(lambda a: fn(a).pow(3).sum(), inp, vectorize=True),
+                     hessian(lambda a: ref(a).pow(3).sum(), inp))

@@ -105,6 +105,21 @@ def wrapped(*tensors) -> bool:
     return False
 
 
+def batched(*tensors) -> bool:
+    """Whether a gradient is batched by autograd's own vmap (``is_grads_batched``,
+    ``jacobian(vectorize=True)``): such tensors have no storage for the kernels to read."""
+    return not functorch_active() and any(t is not None and not torch._C._has_storage(t)
+                                          for t in tensors)
+
+
+def reference_vjp(fn, inputs, grads):
+    """The gradients of ``fn(*inputs)`` (torch's ops) for ``grads``: the backward of
+    :func:`batched` gradients, which torch's own ops take."""
+    with torch.enable_grad():
+        xs = [t.detach().requires_grad_() for t in inputs]
+        return torch.autograd.grad(fn(*xs), xs, grads, allow_unused=True)
+
+
 def valid_float_tensors(*tensors) -> bool:
     """The cheap common-case test behind :func:`check_float_tensors` (no message built)."""
     t0 = tensors[0]

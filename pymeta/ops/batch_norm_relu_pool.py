@@ -16,8 +16,9 @@ import torch
 
 from .. import _C
 from . import reference
-from ._kernels import (DTYPE_CODES, autocast_float32, check_float_tensors, dense,
-                       functorch_active, launch, ptr, recording, shape_str, wrapped)
+from ._kernels import (DTYPE_CODES, autocast_float32, batched, check_float_tensors, dense,
+                       functorch_active, launch, ptr, recording, reference_vjp, shape_str,
+                       wrapped)
 
 _OP = "batch_norm_relu_pool"
 
@@ -73,6 +74,11 @@ class _BatchNormReluPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         x, weight, bias, stats = ctx.saved_tensors
+        if batched(grad_out):  # autograd's own vmap (jacobian(vectorize=True)): torch's ops
+            grads = reference_vjp(lambda *a: reference.batch_norm_relu_pool(*a, ctx.eps)[0],
+                                  (x, weight, bias), grad_out)
+            return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)),
+                    None)
         grads = _Backward.apply(x, weight, bias, stats, grad_out, ctx.eps,
                                 ctx.needs_input_grad[:3])
         return (*grads, None)

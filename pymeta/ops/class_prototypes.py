@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from .. import _C
+from . import reference
 from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, PLAIN_TYPES, apply_function,
-                       autocast_float32, batch_front, check_float_tensors, dense,
+                       autocast_float32, batch_front, batched, check_float_tensors, dense,
                        functorch_active, launch, needs_autograd, numpy_float, numpy_launch, ptr,
-                       recording, shape_str, valid_float_tensors, wrapped)
+                       recording, reference_vjp, shape_str, valid_float_tensors, wrapped)
 
 _OP = "class_prototypes"
 _OUT_OF_RANGE, _EMPTY_CLASS = 1, 2
@@ -81,6 +82,8 @@ def _launch_forward(dev, z, labels, out, lead, num_classes, validate, dtype_code
 
 
 def _forward_kernel(z, labels, num_classes: int, validate: bool = False) -> torch.Tensor:
+    if batched(z):  # autograd's own vmap (forward-mode jacobian, hessian): torch's ops
+        return reference.class_prototypes(z, labels, num_classes)
     lead = tuple(z.shape[:-2])
     unsigned64 = labels.dtype == torch.uint64
     z, labels = z.contiguous(), labels.contiguous().long()
@@ -94,6 +97,10 @@ def _forward_kernel(z, labels, num_classes: int, validate: bool = False) -> torc
 
 
 def _backward_kernel(grad, labels, num_classes: int) -> torch.Tensor:
+    if batched(grad):  # autograd's own vmap: torch's ops (linear in z, so any z serves)
+        z = torch.zeros(*labels.shape, grad.shape[-1], dtype=grad.dtype, device=grad.device)
+        return reference_vjp(lambda a: reference.class_prototypes(a, labels, num_classes),
+                             (z,), grad)[0]
     *lead, C, D = grad.shape
     S = labels.shape[-1]
     grad, labels = dense(grad), dense(labels).long()

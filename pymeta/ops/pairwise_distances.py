@@ -16,9 +16,9 @@ import torch
 from .. import _C
 from . import reference
 from ._kernels import (DTYPE_CODES, NUMPY_DTYPE_CODES, apply_function, autocast_float32,
-                       batch_front, check_float_tensors, dense, forward_ad_active, functorch_active,
-                       launch, needs_autograd, numpy_float, numpy_launch, ptr, recording,
-                       shape_str, valid_float_tensors, wrapped)
+                       batch_front, batched, check_float_tensors, dense, forward_ad_active,
+                       functorch_active, launch, needs_autograd, numpy_float, numpy_launch, ptr,
+                       recording, reference_vjp, shape_str, valid_float_tensors, wrapped)
 
 METRICS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
 _READS_OUTPUT = ("euclidean", "cosine")  # metrics whose backward reads the distances
@@ -93,6 +93,10 @@ class _PairwiseDistances(torch.autograd.Function):
     def backward(ctx, grad):
         x, y, out = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[:2]
+        if batched(grad):
+            gx, gy = reference_vjp(lambda a, b: reference.pairwise_distances(a, b, ctx.metric),
+                                   (x, y), grad)
+            return gx if need_x else None, gy if need_y else None, None
         if functorch_active() or torch.is_grad_enabled():  # a graph of the backward is built
             gx, gy = apply_function(_PairwiseDistancesBackward, grad, x, y, out, ctx.metric,
                                     need_x, need_y)

@@ -18,7 +18,7 @@ import torch
 
 from .. import _C
 from ._kernels import (CPU_DTYPES, DTYPE_CODES, NUMPY_DTYPE_CODES, PLAIN_TYPES, apply_function,
-                       check_float_tensors, dense, forward_ad_active, functorch_active,
+                       batched, check_float_tensors, dense, forward_ad_active, functorch_active,
                        has_tangent, launch, needs_autograd, numpy_float, numpy_launch, ptr,
                        recording, shape_str, valid_float_tensors, wrapped)
 
@@ -232,7 +232,9 @@ class _SgdStep(torch.autograd.Function):
                for i, (go, s) in enumerate(zip(gos, ctx.param_shapes))]
         dgs = [None] * n
         if any(need[n:2 * n]):
-            if functorch_active() or torch.is_grad_enabled():  # a graph of the backward
+            if batched(*gos):  # autograd's own vmap: torch's ops
+                steps = [-(ctx.lr if lrs is None else lrs[i]) * go for i, go in enumerate(gos)]
+            elif functorch_active() or torch.is_grad_enabled():  # a graph of the backward
                 steps = sgd_step([None] * n, list(gos), list(lrs) if lrs else ctx.lr)
             else:
                 steps = _kernel([None] * n, [dense(go) for go in gos], lrs, ctx.lr)
