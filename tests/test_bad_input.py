@@ -181,3 +181,16 @@ def test_kernel_scratch_out_of_memory_raises_memory_error():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MemoryError: out of memory for" in result.stdout
     assert "MiB of kernel scratch" in result.stdout
+
+
+@pytest.mark.parametrize("lib", ["torch", "numpy"])
+def test_in_place_views_interleaved_in_one_buffer_are_accepted(lib):
+    """Two columns of one matrix span overlapping address ranges but share no element: they
+    were refused as "sharing memory"; elements are now compared where ranges meet."""
+    m = np.random.default_rng(0).standard_normal((4, 3))
+    a = torch.from_numpy(m.copy()) if lib == "torch" else m.copy()
+    want = [m[:, 0] - 0.5 * m[:, 1], m[:, 2] - 0.5 * m[:, 1]]
+    sgd_([a[:, 0], a[:, 2]], [a[:, 1], a[:, 1]], 0.5)
+    np.testing.assert_allclose(np.asarray(a)[:, [0, 2]], np.stack(want, 1), rtol=1e-15)
+    with pytest.raises(ValueError, match=r"params\[0\] shares memory with a grad or rate"):
+        sgd_([a[:3, 0]], [a.reshape(-1)[1:4]], 0.5)  # a[1, 0] is in both

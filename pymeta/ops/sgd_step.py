@@ -450,19 +450,32 @@ def _numpy(params, grads, lr, inplace: bool):
 def _check_no_overlap(params, reads) -> None:
     """An in-place step must not write memory that another operand reads or writes: the
     result would depend on the order the kernel visits elements (and on the thread count).
-    Address ranges are compared (as numpy's ``may_share_memory``), sorted, in one sweep."""
-    tensors = [(i, t) for i, t in enumerate([*params, *reads]) if t is not None]
+    Address ranges are compared (as numpy's ``may_share_memory``), sorted, in one sweep;
+    pairs whose ranges meet are then tested element by element where that is possible."""
+    operands = [*params, *reads]
+    tensors = [(i, t) for i, t in enumerate(operands) if t is not None]
     if isinstance(params[0], np.ndarray):
         pairs = ((i, j) for i, a in tensors[:len(params)] for j, b in tensors
                  if j != i and np.may_share_memory(a, b))
     else:
         pairs = _overlapping_pairs([(*_byte_range(t), i) for i, t in tensors if t.numel()])
     for i, j in pairs:
-        if min(i, j) < len(params):
+        if min(i, j) < len(params) and _share_elements(operands[i], operands[j]):
             i, j = (i, j) if i < len(params) else (j, i)
             what = f"params[{j}]" if j < len(params) else "a grad or rate"
             raise ValueError(f"{_OP}_: params[{i}] shares memory with {what}; an in-place "
                              "step needs params that overlap nothing else (clone one)")
+
+
+def _share_elements(a, b) -> bool:
+    """Whether two operands whose address ranges meet share an element: interleaved views
+    (two columns of one matrix) do not. numpy's exact test; CPU tensors are viewed as arrays,
+    other tensors are assumed to share (the range test stands)."""
+    if isinstance(a, torch.Tensor):
+        if not (a.is_cpu and b.is_cpu) or a.is_neg() or b.is_neg():
+            return True
+        a, b = a.detach().numpy(), b.detach().numpy()
+    return np.shares_memory(a, b)
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
