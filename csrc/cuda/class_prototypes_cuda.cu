@@ -68,16 +68,20 @@ __global__ void empty_class_kernel(i64 B, i64 S, i64 C, const Count* __restrict_
 }
 
 // Scratch counts [B, C] of each class's examples, filled by count_kernel.
-struct ClassCounts {
-  Scratch counts;
+class ClassCounts {
+ public:
   ClassCounts(i64 B, i64 S, i64 C, const i64* labels, Key* first, cudaStream_t stream,
               const char* name)
-      : counts(std::max<i64>(B * C, 1) * sizeof(Count), stream, name) {
-    PYMETA_CUDA_CHECK(name, cudaMemsetAsync(counts.as<Count>(), 0, B * C * sizeof(Count), stream));
+      : scratch_(std::max<i64>(B * C, 1) * sizeof(Count), stream, name) {
+    PYMETA_CUDA_CHECK(name, cudaMemsetAsync(get(), 0, B * C * sizeof(Count), stream));
     count_kernel<<<grid_for(ceil_div(B * S, kFlatThreads)), kFlatThreads, 0, stream>>>(
-        B, S, C, labels, counts.as<Count>(), first);
+        B, S, C, labels, get(), first);
     check_launch(name);
   }
+  Count* get() const { return scratch_.as<Count>(); }
+
+ private:
+  Scratch scratch_;
 };
 
 // One block per (b, s), threads over D: grad_z[b,s,:] = grad_out[b,l,:] / count(l), l = label
@@ -104,7 +108,7 @@ LabelCheck validate(i64 B, i64 S, i64 C, const i64* labels, cudaStream_t stream,
   PYMETA_CUDA_CHECK(name, cudaMemsetAsync(first.as<Key>(), 0xFF, sizeof(Key), stream));
   const ClassCounts counts(B, S, C, labels, first.as<Key>(), stream, name);
   empty_class_kernel<<<grid_for(ceil_div(B * C, kFlatThreads)), kFlatThreads, 0, stream>>>(
-      B, S, C, counts.counts.as<Count>(), first.as<Key>());
+      B, S, C, counts.get(), first.as<Key>());
   check_launch(name);
   Key key = kNoProblem;
   PYMETA_CUDA_CHECK(name, cudaMemcpyAsync(&key, first.as<Key>(), sizeof(Key),
@@ -157,7 +161,7 @@ void class_prototypes_backward(const Device& dev, DType dtype, i64 B, i64 S, i64
   dispatch_dtype(dtype, kName, [&](auto tag) {
     using T = typename decltype(tag)::type;
     backward_kernel<T><<<grid_for(B * S), threads_for(D), 0, guard.stream()>>>(
-        B, S, C, D, static_cast<const T*>(grad_out), labels, counts.counts.as<Count>(),
+        B, S, C, D, static_cast<const T*>(grad_out), labels, counts.get(),
         static_cast<T*>(grad_z));
     check_launch(kName);
   });

@@ -82,8 +82,6 @@ def _launch_forward(dev, z, labels, out, lead, num_classes, validate, dtype_code
 
 
 def _forward_kernel(z, labels, num_classes: int, validate: bool = False) -> torch.Tensor:
-    if batched(z):  # autograd's own vmap (forward-mode jacobian, hessian): torch's ops
-        return reference.class_prototypes(z, labels, num_classes)
     lead = tuple(z.shape[:-2])
     unsigned64 = labels.dtype == torch.uint64
     z, labels = z.contiguous(), labels.contiguous().long()
@@ -128,7 +126,7 @@ class _ClassPrototypes(torch.autograd.Function):
     def jvp(ctx, dz, *_):
         """Forward-mode AD: the op is linear in z."""
         (labels,) = ctx.saved_tensors
-        return _ClassPrototypes.apply(dz, labels, ctx.num_classes, False)
+        return _linear_map(dz, labels, ctx.num_classes)
 
     @staticmethod
     def backward(ctx, grad):
@@ -168,12 +166,21 @@ class _ClassPrototypesBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gg):
         (labels,) = ctx.saved_tensors
-        return apply_function(_ClassPrototypes, gg, labels, ctx.num_classes, False), None, None
+        return _linear_map(gg, labels, ctx.num_classes), None, None
 
     @staticmethod
     def vmap(info, in_dims, grad, labels, num_classes):
         grad, labels = batch_front(info.batch_size, in_dims[:2], grad, labels)
         return _ClassPrototypesBackward.apply(grad, labels, num_classes), 0
+
+
+def _linear_map(t, labels, num_classes: int) -> torch.Tensor:
+    """The op applied to a tangent or a gradient of gradients (unvalidated). Batched by
+    autograd's own vmap (forward-mode jacobian, vectorized hessian), they have no storage
+    for the kernel: torch's ops serve them."""
+    if batched(t):
+        return reference.class_prototypes(t, labels, num_classes)
+    return apply_function(_ClassPrototypes, t, labels, num_classes, False)
 
 
 # ---- registered ops, used under torch.compile ------------------------------------------
@@ -310,8 +317,8 @@ def class_prototypes(z, labels, num_classes: int, validate: bool = True):
         foreign = wrapped(z, labels)
         _check_validate(validate)
         validate = bool(validate)
-    if not isinstance(num_classes, torch.SymInt):  # a SymInt: a traced dynamic size
-        num_classes = int(num_classes)
+        if not isinstance(num_classes, torch.SymInt):  # a SymInt: a traced dynamic size
+            num_classes = int(num_classes)
     if foreign or recording():
         return torch.ops.pymeta.class_prototypes(z, labels, num_classes)
     if validate and z.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -545,10 +545,12 @@ def sgd_step(params: Sequence, grads: Sequence, lr):
     lrs = _check_lists(params, grads, lr)
     if not grads:
         return []
-    if not _common_case(params, grads, lrs):
+    foreign = False
+    if not _common_case(params, grads, lrs):  # plain tensors of one dtype pass it
         _check_tensors(params, grads, lrs)  # the slow path names the problem
+        foreign = wrapped(*params, *grads, *(lrs or ()))
     lr_float = 0.0 if lrs is not None else float(lr)
-    if recording() or wrapped(*params, *grads, *(lrs or ())):
+    if foreign or recording():
         if any(p is None for p in params):
             params = [torch.zeros_like(g) if p is None else p for p, g in zip(params, grads)]
         return torch.ops.pymeta.sgd_step(list(params), list(grads), lrs or [], lr_float)
