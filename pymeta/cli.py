@@ -512,6 +512,9 @@ def main(argv=None) -> int:
     try:
         _one_process_unless_training(args.command)
         return args.func(args)
+    except BrokenPipeError:  # `pymeta info | head -1`: the reader left, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet exit flush
+        return 1
     except (ValueError, RuntimeError, OSError, KeyError, IndexError) as e:
         msg = " ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__
         print(f"pymeta {args.command}: error: {msg}", file=sys.stderr)

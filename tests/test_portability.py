@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import pymeta
+
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 # name: (compiler, OpenMP flag or None for a build without it)
 COMPILERS = {"clang": ("clang++", "-fopenmp"), "aarch64-gcc": ("aarch64-linux-gnu-g++", "-fopenmp"),
@@ -37,3 +39,28 @@ def test_cpu_sources_compile(name):
         if run.returncode or "warning:" in run.stderr:
             failures.append(f"{source.relative_to(CSRC)}:\n{run.stderr[-2000:]}")
     assert not failures, f"{name} rejects or warns on:\n" + "\n".join(failures)
+
+
+def _configure(tmp_path, cuda: str) -> subprocess.CompletedProcess:
+    cmake = shutil.which("cmake")
+    if cmake is None or not (CSRC.parent / "CMakeLists.txt").is_file():
+        pytest.skip("needs cmake and the source tree")
+    pybind11 = pytest.importorskip("pybind11")
+    return subprocess.run([cmake, "-S", str(CSRC.parent), "-B", str(tmp_path / cuda),
+                           f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPYMETA_CUDA={cuda}"],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("spelling", ["off", "0"])
+def test_cmake_reads_the_cuda_option_in_any_case(tmp_path, spelling):
+    """A lower-case or numeric PYMETA_CUDA (from the environment) is not a silent AUTO, and a
+    plain CMake build still knows pymeta's version."""
+    run = _configure(tmp_path, spelling)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"pymeta {pymeta.__version__}: CUDA kernels OFF" in run.stdout
+
+
+def test_cmake_refuses_an_unknown_cuda_option(tmp_path):
+    run = _configure(tmp_path, "maybe")
+    assert run.returncode != 0
+    assert "PYMETA_CUDA must be AUTO, ON or OFF, got 'MAYBE'" in run.stderr

@@ -1,6 +1,11 @@
 """Threads (bitwise determinism), import orders, forked DataLoader workers, info and the CLI."""
 import importlib.metadata
+import shutil
+import subprocess
+import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +143,23 @@ def test_cli_info():
             assert lines[key]
 
 
+def test_the_package_ships_its_types_and_license():
+    """py.typed makes type checkers read the hints and _C.pyi of an installed pymeta."""
+    here = Path(pymeta.__file__).parent
+    assert (here / "py.typed").is_file() and (here / "_C.pyi").is_file()
+    assert any(f.name == "LICENSE" for f in importlib.metadata.files("pymeta") or ())
+
+
+def test_cli_output_into_a_closed_pipe_is_no_error():
+    """`pymeta info | head -1`: the reader has gone (here, before anything is written)."""
+    child = subprocess.Popen([sys.executable, "-m", "pymeta", "info"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+    child.stdout.close()
+    err = child.stderr.read()
+    assert child.wait(timeout=60) == 1
+    assert "error" not in err.lower() and "Exception ignored" not in err, err
+
+
 # ---- subprocesses: import order and fork safety -----------------------------------------
 
 _WORKLOAD = textwrap.dedent("""
@@ -168,6 +190,20 @@ def test_import_order(order):
     code = order + "\ntorch.set_num_threads(2)\n" + _WORKLOAD + "workload(0)\nprint('ok')\n"
     r = run_python("-c", code)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_a_source_checkout_without_the_core_says_so(tmp_path):
+    """Python started in a checkout imports its pymeta/, which has no compiled core: the error
+    says so, not "partially initialized module (most likely due to a circular import)"."""
+    package = tmp_path / "pymeta"
+    package.mkdir()
+    for source in Path(pymeta.__file__).parent.glob("*.py"):
+        shutil.copy(source, package)
+    # -S: no site-packages, so no editable-install finder redirects the import
+    r = subprocess.run([sys.executable, "-S", "-c", "import pymeta"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "pymeta's compiled core (pymeta._C) is not built in" in r.stderr, r.stderr[-2000:]
 
 
 def test_forked_dataloader_workers_do_not_hang():

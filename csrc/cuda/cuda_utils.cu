@@ -92,6 +92,11 @@ void ensure_driver() {
   ok.store(true, std::memory_order_release);
 }
 
+bool large_kernel_params() {
+  static const bool ok = driver_version() >= 12010;
+  return ok;
+}
+
 DeviceGuard::DeviceGuard(const Device& dev, const char* name)
     : index_(dev.index), stream_(reinterpret_cast<cudaStream_t>(dev.stream)) {
   if (!dev.is_cuda())

@@ -29,6 +29,9 @@ inline void check_launch(const char* name) { check(cudaGetLastError(), name); }
 // the CUDA runtime pymeta was built with. Checked once per process (until it succeeds).
 void ensure_driver();
 
+// Whether kernels may take more than 4 KB of parameters (drivers of CUDA 12.1 and later).
+bool large_kernel_params();
+
 // Runs ensure_driver, then makes dev.index the current device for the scope.
 class DeviceGuard {
  public:

@@ -98,22 +98,36 @@ __global__ void row_norms_kernel(i64 rows, i64 D, const T* __restrict__ v,
   }
 }
 
-// Cosine only: the similarity of a (self, other) row pair for self's radial term, which a
-// clamped self norm drops (so it is not computed then). 1 - dist carries it to about one ulp of 1; that is exact
-// enough unless the other row's norm is clamped, where the similarity (<= |other| / eps) can
-// be far below an ulp: then it is recomputed from the rows (rare: tiny or zero rows).
-template <class T, class A>
-__device__ __forceinline__ A radial_similarity(A dist, A ns, A no, const T* self, const T* other,
-                                               i64 D) {
-  if (ns < A(kCosineEps)) return A(0);
-  if (no >= A(kCosineEps)) return A(1) - dist;
-  A s = 0;
-  for (i64 d = 0; d < D; ++d) s += to_acc(self[d]) * to_acc(other[d]);
-  return s / (clamp_eps(ns) * clamp_eps(no));
+// Cosine backward only: the similarity of each pair (b,q,n) into sim [B,Q,N], for the rows'
+// radial terms. In float32/float64, 1 - dist carries it to about one ulp of 1, unless a norm is
+// clamped: the similarity (<= |row| / eps) can then be far below an ulp. Half types round dist
+// to theirs (30x the float32 error for nearly opposite rows). Those pairs are recomputed from
+// the rows, one warp per pair as in the forward.
+template <class T>
+__global__ void cosine_similarity_kernel(i64 B, i64 Q, i64 N, i64 D, const T* __restrict__ x,
+                                         const T* __restrict__ y, const T* __restrict__ out,
+                                         const acc_t<T>* __restrict__ x_norm,
+                                         const acc_t<T>* __restrict__ y_norm,
+                                         acc_t<T>* __restrict__ sim) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarp;
+  const i64 total = B * Q * N, warps = i64(gridDim.x) * blockDim.x / kWarp;
+  for (i64 i = (i64(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; i < total; i += warps) {
+    const i64 bq = i / N, yi = bq / Q * N + i % N;
+    const A nx = x_norm[bq], ny = y_norm[yi];
+    if (std::is_same_v<T, A> && nx >= A(kCosineEps) && ny >= A(kCosineEps)) {
+      if (lane == 0) sim[i] = A(1) - to_acc(out[i]);
+      continue;  // the same branch for the whole warp: nx, ny depend on i only
+    }
+    A s = 0;
+    for (i64 d = lane; d < D; d += kWarp) s += to_acc(x[bq * D + d]) * to_acc(y[yi * D + d]);
+    s = warp_sum(s);
+    if (lane == 0) sim[i] = s / (clamp_eps(nx) * clamp_eps(ny));
+  }
 }
 
 // For one (self, other) row pair with upstream gradient g and forward distance dist (cosine:
-// radial_similarity instead), the weight w of the other row and the coefficient a of the self
+// the similarity instead), the weight w of the other row and the coefficient a of the self
 // row in grad_self = sum a*self + w*other. Symmetric in the two sides, so the same formula
 // serves grad_x and grad_y (see ops.h/brief). ns, no are the unclamped norms |self|, |other|
 // (cosine only); a norm at the clamp's limit passes its gradient, as torch's clamp does.
@@ -142,9 +156,9 @@ __global__ void backward_kernel(i64 B, i64 R, i64 K, i64 D, i64 g_r, i64 g_k,
                                 const T* __restrict__ grad_out, const T* __restrict__ out,
                                 const T* __restrict__ self, const T* __restrict__ other,
                                 const acc_t<T>* __restrict__ self_norm,
-                                const acc_t<T>* __restrict__ other_norm, T* __restrict__ grad) {
+                                const acc_t<T>* __restrict__ other_norm,
+                                const acc_t<T>* __restrict__ sim, T* __restrict__ grad) {
   using A = acc_t<T>;
-  constexpr bool kNeedsDist = M == Metric::Euclidean || M == Metric::Cosine;
   constexpr bool kNeedsNorms = M == Metric::Cosine;
   // The Euclidean metrics have a = -w: sum w * (other - self) keeps close rows from cancelling.
   constexpr bool kDiff = M == Metric::SqEuclidean || M == Metric::Euclidean;
@@ -158,9 +172,9 @@ __global__ void backward_kernel(i64 B, i64 R, i64 K, i64 D, i64 g_r, i64 g_k,
       for (i64 k = 0; k < K; ++k) {
         const i64 gi = g_base + k * g_k;
         const A no = kNeedsNorms ? other_norm[b * K + k] : A(0);
-        A dist = kNeedsDist ? to_acc(out[gi]) : A(0);
-        if constexpr (M == Metric::Cosine)
-          dist = radial_similarity(dist, ns, no, self + row * D, other_b + k * D, D);
+        A dist = A(0);  // cosine: the similarity, needed only for an unclamped self norm
+        if constexpr (M == Metric::Euclidean) dist = to_acc(out[gi]);
+        if constexpr (M == Metric::Cosine) dist = ns >= A(kCosineEps) ? sim[gi] : A(0);
         A w, a;
         pair_coef<M>(to_acc(grad_out[gi]), dist, ns, no, w, a);
         const A o = to_acc(other_b[k * D + d]);
@@ -220,11 +234,13 @@ void pairwise_distances_backward(const Device& dev, DType dtype, Metric metric, 
     const T* o = static_cast<const T*>(out);
     const T* xs = static_cast<const T*>(x);
     const T* ys = static_cast<const T*>(y);
-    // Cosine needs every row norm: computed once into scratch ([B*Q] for x, then [B*N] for y).
+    // Cosine needs every row norm and pair similarity, computed once into scratch: [B*Q]
+    // norms of x, then [B*N] of y, then [B*Q*N] similarities.
     const bool cosine = metric == Metric::Cosine;
-    Scratch norms(cosine ? std::size_t(B * (Q + N)) * sizeof(A) : 0, stream, kName);
-    A* x_norm = norms.as<A>();
+    Scratch scratch(cosine ? std::size_t(B * (Q + N + Q * N)) * sizeof(A) : 0, stream, kName);
+    A* x_norm = scratch.as<A>();
     A* y_norm = cosine ? x_norm + B * Q : nullptr;
+    A* sim = cosine ? y_norm + B * N : nullptr;
     if (cosine) {
       const i64 rows_per_block = kWarpThreads / kWarp;
       row_norms_kernel<T><<<grid_for(ceil_div(B * Q, rows_per_block)), kWarpThreads, 0, stream>>>(
@@ -233,17 +249,20 @@ void pairwise_distances_backward(const Device& dev, DType dtype, Metric metric, 
       row_norms_kernel<T><<<grid_for(ceil_div(B * N, rows_per_block)), kWarpThreads, 0, stream>>>(
           B * N, D, ys, y_norm);
       check_launch(kName);
+      cosine_similarity_kernel<T><<<grid_for(ceil_div(B * Q * N, rows_per_block)), kWarpThreads,
+                                    0, stream>>>(B, Q, N, D, xs, ys, o, x_norm, y_norm, sim);
+      check_launch(kName);
     }
     dispatch_metric(metric, [&](auto m) {
       constexpr Metric M = decltype(m)::value;
       if (want_x) {  // self = x (rows q), other = y (rows n): element (q, n) at q*N + n
         backward_kernel<T, M><<<grid_for(B * Q), threads_for(D), 0, stream>>>(
-            B, Q, N, D, N, 1, g, o, xs, ys, x_norm, y_norm, static_cast<T*>(grad_x));
+            B, Q, N, D, N, 1, g, o, xs, ys, x_norm, y_norm, sim, static_cast<T*>(grad_x));
         check_launch(kName);
       }
       if (want_y) {  // self = y (rows n), other = x (rows q): element (n, q) at q*N + n
         backward_kernel<T, M><<<grid_for(B * N), threads_for(D), 0, stream>>>(
-            B, N, Q, D, 1, N, g, o, ys, xs, y_norm, x_norm, static_cast<T*>(grad_y));
+            B, N, Q, D, 1, N, g, o, ys, xs, y_norm, x_norm, sim, static_cast<T*>(grad_y));
         check_launch(kName);
       }
     });

@@ -14,8 +14,8 @@ constexpr i64 kChunk = 8 * kThreads;  // elements of one tensor handled by one (
 // of the tensors' chunk counts: virtual block v belongs to tensor k with
 // block_start[k] <= v < block_start[k + 1]. Two capacities: conv4-sized lists take the small
 // one (less to copy per launch); longer ones (ResNet-12's 62 tensors) fit the large one, in the
-// 32,764 bytes of parameters that CUDA >= 12.1 allows on Volta and newer (ensure_driver
-// requires a CUDA 13 driver).
+// 32,764 bytes of parameters that drivers of CUDA >= 12.1 allow on Volta and newer (older
+// drivers, which a CUDA 12.x build accepts, get small batches only).
 template <int N>
 struct SgdBatch {
   SgdTensor tensors[N];
@@ -110,7 +110,7 @@ void sgd_step(const Device& dev, DType dtype, i64 T, const std::vector<SgdTensor
   DeviceGuard guard(dev, kName);
   dispatch_dtype(dtype, kName, [&](auto tag) {
     using S = typename decltype(tag)::type;
-    if (live <= kSmallBatch)
+    if (live <= kSmallBatch || !large_kernel_params())
       launch_batches<S, kSmallBatch>(tensors, T, lr_scalar, guard.stream(), kName);
     else
       launch_batches<S, kLargeBatch>(tensors, T, lr_scalar, guard.stream(), kName);

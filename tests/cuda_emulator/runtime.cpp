@@ -14,6 +14,8 @@ void check(cudaError_t err, const char* name) {
 
 void ensure_driver() {}
 
+bool large_kernel_params() { return emu::driver_version() >= 12010; }
+
 DeviceGuard::DeviceGuard(const Device& dev, const char*)
     : index_(dev.index), stream_(reinterpret_cast<cudaStream_t>(dev.stream)) {}
 DeviceGuard::~DeviceGuard() {}

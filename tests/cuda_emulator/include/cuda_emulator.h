@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -58,6 +59,14 @@ struct Errors {
   }
 };
 inline Errors errors;
+
+// The emulated driver's CUDA version (PYMETA_EMULATED_DRIVER, default 13000). Drivers before
+// CUDA 12.1 take at most 4 KB of kernel parameters; later ones 32,764 bytes.
+inline int driver_version() {
+  const char* v = std::getenv("PYMETA_EMULATED_DRIVER");
+  return v && *v ? std::atoi(v) : 13000;
+}
+inline std::size_t max_param_bytes() { return driver_version() >= 12010 ? 32764 : 4096; }
 
 // Lanes of one warp exchange values through slots, meeting at a barrier that times out (and
 // reports divergence) instead of hanging.
@@ -119,6 +128,10 @@ struct Launch {
   dim3 grid, block;
   template <class... A>
   void operator()(A&&... args) const {
+    if ((sizeof(P) + ... + 0) > max_param_bytes()) {
+      errors.set(cudaErrorInvalidValue, "kernel parameters exceed the driver's limit");
+      return;
+    }
     run(grid, block, [&] { kernel(P(args)...); });  // by value per thread, as on a GPU
   }
 };
