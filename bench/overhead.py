@@ -78,7 +78,7 @@ def main() -> None:
     for op, key, mode in benchmark.TARGETS:
         torch.manual_seed(benchmark.SEED)
         with torch.set_grad_enabled(mode != "fwd"):
-            public = benchmark.BUILDERS[op](key, mode, "cpu")[0]["pymeta"]
+            public = benchmark.build_case(op, key, mode, "cpu")[0]["pymeta"]
             raw = RAW[op](key, mode == "fwd+bwd")
             t = benchmark.measure({"public": public, "raw": raw}, args.min_time)
         pub, kern = t["public"] * 1e6, t["raw"] * 1e6

@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from datetime import datetime
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,13 +100,69 @@ def _fwd_bwd(fn: Callable, inputs: tuple, grad_out: torch.Tensor) -> Callable:
     return step
 
 
-def _bind(impls: dict[str, Callable], inputs: tuple, mode: str) -> dict[str, Callable]:
+def _bind(impls: dict[str, Callable], inputs: tuple, mode: str,
+          grad_out: torch.Tensor | None) -> dict[str, Callable]:
     """Zero-argument callables: forward only, or forward + backward of a fixed upstream grad."""
     if mode != "fwd+bwd":
         return {k: functools.partial(f, *inputs) for k, f in impls.items()}
-    with torch.no_grad():
-        grad_out = torch.randn_like(impls["pymeta"](*inputs))
     return {k: _fwd_bwd(f, inputs, grad_out) for k, f in impls.items()}
+
+
+class Case(NamedTuple):
+    """One case's implementations of the same computation on ``inputs``. ``same_as`` names,
+    for an alternative that needs inputs arranged its way (reshape-mean's sorted labels), the
+    pymeta call it must agree with instead of pymeta's own."""
+    impls: dict[str, Callable]
+    inputs: tuple
+    nbytes: int | None = None
+    same_as: dict[str, Callable] = {}
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for v in value for t in _tensors(v)]
+
+
+def _results(fn: Callable, inputs: tuple, grad_out) -> list[torch.Tensor]:
+    """fn's outputs and, with ``grad_out``, the gradients of its inputs."""
+    leaves = [t for t in _tensors(inputs) if t.requires_grad]
+    for t in leaves:
+        t.grad = None
+    out = fn(*inputs)
+    results = _tensors(out)
+    if grad_out is not None:
+        out.backward(grad_out)
+        results += [t.grad for t in leaves]
+    return [t.detach() for t in results]
+
+
+def _verify(case: Case, grad_out, label: str) -> None:
+    """Every alternative computes what pymeta does (to float32 rounding): a ratio between
+    different computations would be meaningless."""
+    want = _results(case.impls["pymeta"], case.inputs, grad_out)
+    for name, fn in case.impls.items():
+        expected = want
+        if name in case.same_as:
+            expected = _results(case.same_as[name], case.inputs, grad_out)
+        got = _results(fn, case.inputs, grad_out)
+        errors = [float((a.double() - b.double()).abs().max() / b.abs().max().clamp_min(1e-30))
+                  for a, b in zip(got, expected) if b.numel()]
+        if len(got) != len(expected) or max(errors, default=0.0) > 1e-3:
+            raise RuntimeError(f"benchmark case {label}: {name} does not compute what pymeta "
+                               f"does (relative differences {errors}); its time would not be "
+                               "comparable")
+
+
+def build_case(op: str, key: tuple, mode: str, device: str) -> tuple[dict[str, Callable], int | None]:
+    """The case's zero-argument callables, checked to agree, and pymeta's bytes moved."""
+    case = BUILDERS[op](key, mode, device)
+    grad_out = None
+    if mode == "fwd+bwd":
+        with torch.no_grad():
+            grad_out = torch.randn_like(case.impls["pymeta"](*case.inputs))
+    _verify(case, grad_out, f"{op} {case_label(op, key)} {mode}")
+    return _bind(case.impls, case.inputs, mode, grad_out), case.nbytes
 
 
 def _randn(device: str, requires_grad: bool, *shape: int) -> torch.Tensor:
@@ -142,7 +198,7 @@ def _pairwise_case(key, mode, device):
     # fwd: x, y read, out written; fwd+bwd adds the upstream grad read, dx and dy written
     passes = 2 if grad else 1
     nbytes = (T * Q * D + T * N * D + T * Q * N) * x.element_size() * passes
-    return _bind(impls, (x, y), mode), nbytes
+    return Case(impls, (x, y), nbytes)
 
 
 # ---- class_prototypes ---------------------------------------------------------------------
@@ -174,7 +230,8 @@ def _prototypes_case(key, mode, device):
              "reshape_mean": lambda z: z.view(T, N, K, D).mean(2),
              "index_add": lambda z: _index_add_means(z, shuffled, offsets, N),
              "onehot_bmm": lambda z: _onehot_means(z, shuffled, classes)}
-    return _bind(impls, (z,), mode), None
+    sorted_labels = ordered.expand(T, -1)
+    return Case(impls, (z,), same_as={"reshape_mean": lambda z: class_prototypes(z, sorted_labels, N)})
 
 
 # ---- sgd_step -----------------------------------------------------------------------------
@@ -211,7 +268,7 @@ def _sgd_case(key, mode, device):
     impls = {"pymeta": functools.partial(sgd_step, lr=LR), "loop": _loop_step,
              "foreach": _foreach_step}
     nbytes = sum(p.nbytes + 2 * g.nbytes for p, g in zip(params, grads))  # p, g read; out written
-    return _bind(impls, (params, grads), mode), nbytes
+    return Case(impls, (params, grads), nbytes)
 
 
 # ---- batch_norm_relu_pool -----------------------------------------------------------------
@@ -237,7 +294,7 @@ def _tail_case(key, mode, device):
     w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
     impls = {"pymeta": lambda *a: batch_norm_relu_pool(*a)[0], "torch": _torch_tail,
              "torch_2d": _torch_tail_2d}
-    return _bind(impls, tuple(t.requires_grad_(grad) for t in (x, w, b)), mode), None
+    return Case(impls, tuple(t.requires_grad_(grad) for t in (x, w, b)))
 
 
 # ---- suites and goals ---------------------------------------------------------------------
@@ -289,8 +346,7 @@ def _full_cases(op: str) -> list[tuple]:
     return [(key, mode) for key in itertools.product(*GRIDS[op]) for mode in ("fwd", "fwd+bwd")]
 
 
-def _cases(suite: str, op_names, device: str = "cpu") -> list[tuple]:
-    op_names = [op for op in op_names if device == "cpu" or op not in CPU_ONLY_OPS]
+def _cases(suite: str, op_names) -> list[tuple]:
     if suite == "targets":
         untargeted = sorted(set(op_names) - set(TARGET_OPS))
         if untargeted:  # measuring nothing and saying "done" would mislead
@@ -335,7 +391,7 @@ def _check(goal: tuple, row: dict, bandwidth: dict) -> dict:
 def _run_case(op: str, key: tuple, mode: str, device: str, min_time: float) -> dict:
     torch.manual_seed(SEED)
     with torch.set_grad_enabled(mode != "fwd"):
-        impls, nbytes = BUILDERS[op](key, mode, device)
+        impls, nbytes = build_case(op, key, mode, device)
         seconds = measure(impls, min_time, device)
     us = {k: t * 1e6 for k, t in seconds.items()}
     fastest = min((k for k in us if k != "pymeta"), key=us.get)
@@ -391,10 +447,14 @@ def _check_args(suite: str, op_names, device: str, min_time: float) -> None:
         raise ValueError(f"unknown ops {unknown}; choose from {', '.join(OPS)}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {device!r}; use cpu or cuda")
+    cpu_only = sorted(set(op_names) & set(CPU_ONLY_OPS))
+    if device != "cpu" and cpu_only:
+        raise ValueError(f"{', '.join(cpu_only)} has no {device} kernel to time; leave it out "
+                         "of the ops")
     if device == "cuda" and not (torch.cuda.is_available() and info()["cuda_kernels"]):
         raise RuntimeError("device cuda needs a CUDA GPU and pymeta built with CUDA kernels")
-    if not min_time > 0:
-        raise ValueError(f"min_time must be > 0, got {min_time}")
+    if not (min_time > 0 and math.isfinite(min_time)):
+        raise ValueError(f"min_time must be a finite number > 0, got {min_time}")
 
 
 def run(suite: str = "targets", ops=None, device: str = "cpu", min_time: float = 0.2,
@@ -408,8 +468,9 @@ def run(suite: str = "targets", ops=None, device: str = "cpu", min_time: float =
     """
     if ops is None:
         ops = TARGET_OPS if suite == "targets" else OPS
+        ops = [op for op in ops if device == "cpu" or op not in CPU_ONLY_OPS]
     _check_args(suite, ops, device, min_time)
-    cases = _cases(suite, ops, device)
+    cases = _cases(suite, ops)
     malloc = "default" if fresh_pages else retain_freed_memory()
     results = {"suite": suite, "device": device, "min_time": min_time,
                "machine": {**machine_info(device), "malloc": malloc},
@@ -471,7 +532,8 @@ def _contention_warning(results: dict) -> list[str]:
         return []
     return [f"WARNING: load average {load:.2f} before the run, with {threads} thread(s) on "
             f"{cpus} CPUs: other processes compete for the cores and parallel regions wait for "
-            "them; compare with a run under OMP_NUM_THREADS=1 or on an idle machine"]
+            f"them; compare with {'a run under OMP_NUM_THREADS=1 or ' if threads > 1 else ''}"
+            "a run on an idle machine"]
 
 
 def _header(results: dict) -> list[str]:

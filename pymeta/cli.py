@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 METRIC_ALGOS = ["protonet", "matching", "siamese", "relation"]
@@ -71,19 +72,25 @@ def _info(args) -> int:
     return 0
 
 
-def _check_writable_file(flag: str, path: str) -> None:
-    """Refuses an output path that cannot be written, before the work that fills it."""
+def _check_writable_file(flag: str, path: str) -> str:
+    """Refuses an output path that cannot be written, before the work that fills it; returns
+    it with ``~`` expanded."""
     target = Path(path).expanduser()
     if target.is_dir():
         raise ValueError(f"{flag} {path} is a directory; name a file")
     parent = target.resolve().parent
-    if not (parent.is_dir() and os.access(parent, os.W_OK)):
-        raise ValueError(f"{flag} {path}: {parent} is not a writable directory")
+    try:  # a real file: os.access passes root everywhere, /sys and /proc included
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: {parent} is not a writable directory "
+                         f"({e.strerror})") from None
+    return str(target)
 
 
 def _bench(args) -> int:
     from . import benchmark
-    _check_writable_file("--json", args.json)
+    args.json = _check_writable_file("--json", args.json)
     results = benchmark.run(suite=args.suite, ops=args.ops, device=args.device,
                             min_time=args.min_time, progress=not args.no_progress,
                             fresh_pages=args.fresh_pages)
@@ -312,7 +319,7 @@ def _eval_runs(args) -> int:
     from .data.runs import load_runs
     from .engine import evaluate_runs
     if args.json:  # checked first: not after a whole evaluation
-        _check_writable_file("--json", args.json)
+        args.json = _check_writable_file("--json", args.json)
     learner, device = _load_learner(args)
     pre = learner.preprocessing
     if pre.get("dataset") != "omniglot":

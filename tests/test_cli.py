@@ -96,6 +96,8 @@ def test_bad_options_give_one_line(args, message):
     (["eval-runs", "--checkpoint", "missing.pt", "--runs", "x", "--json", "."],
      "--json . is a directory; name a file"),
     (["bench", "--json", "."], "--json . is a directory; name a file"),  # before the timings
+    (["bench", "--json", "/proc/r.json"], "/proc is not a writable directory"),
+    (["bench", "--min-time", "inf"], "min_time must be a finite number > 0, got inf"),
     (["train", "--out", "/dev/null", "--steps", "1"], "--out /dev/null is a file, not a run "
                                                       "directory"),
     (["demo", "--out", "/dev/null"], "--out /dev/null is a file, not a run directory"),
