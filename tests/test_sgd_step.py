@@ -135,7 +135,7 @@ def test_working_sets_past_the_cache(shared):
     T, n = 6, 2_000_003
     params = [rand(*(() if shared else (T,)), n, gen=g), rand(3, gen=g)]
     grads = [rand(T, n, gen=g), rand(T, 3, gen=g)]
-    assert_close(ops.sgd_step(params, grads, 0.01), ref_sgd(params, grads, 0.01), torch.float32)
+    assert_close(ops.sgd_step(params, grads, 0.01), ref_sgd(params, grads, 0.01))  # float64
 
 
 def test_zero_task_dim_next_to_other_tensors():
@@ -284,3 +284,11 @@ def test_meta_tensors_get_a_clear_error():
     m = torch.empty(2, 3, device="meta")
     with pytest.raises(ValueError, match="unsupported device meta"):
         ops.sgd_step([m], [m], 0.1)  # the raw kernel once read meta "pointers" and crashed
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_params_are_not_flushed(dtype):
+    tiny = torch.finfo(dtype).tiny / 4
+    p = torch.full((3, 17), tiny, dtype=dtype)
+    out = ops.sgd_step([p], [torch.full_like(p, tiny)], 0.5)[0]
+    assert torch.equal(out, p - 0.5 * torch.full_like(p, tiny)) and (out != 0).all()
