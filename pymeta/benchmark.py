@@ -154,7 +154,8 @@ def _verify(case: Case, grad_out, label: str) -> None:
                                "comparable")
 
 
-def build_case(op: str, key: tuple, mode: str, device: str) -> tuple[dict[str, Callable], int | None]:
+def build_case(op: str, key: tuple, mode: str,
+               device: str) -> tuple[dict[str, Callable], int | None]:
     """The case's zero-argument callables, checked to agree, and pymeta's bytes moved."""
     case = BUILDERS[op](key, mode, device)
     grad_out = None
@@ -231,7 +232,8 @@ def _prototypes_case(key, mode, device):
              "index_add": lambda z: _index_add_means(z, shuffled, offsets, N),
              "onehot_bmm": lambda z: _onehot_means(z, shuffled, classes)}
     sorted_labels = ordered.expand(T, -1)
-    return Case(impls, (z,), same_as={"reshape_mean": lambda z: class_prototypes(z, sorted_labels, N)})
+    same_as = {"reshape_mean": lambda z: class_prototypes(z, sorted_labels, N)}
+    return Case(impls, (z,), same_as=same_as)
 
 
 # ---- sgd_step -----------------------------------------------------------------------------
