@@ -38,12 +38,15 @@ def test_random_labels_match_reference(lead, S, C, D, dtype, seed):
 
 @SETTINGS
 @given(lead=lead_shapes, C=sizes, extra=st.integers(0, 6), D=st.sampled_from([0, 1, 5, 40, 530]),
-       dtype=st.sampled_from(DTYPES), seed=seeds)
-def test_forward_and_backward_match_reference(lead, C, extra, D, dtype, seed):
-    """Valid, shuffled labels with unequal shots: values and gradients."""
+       dtype=st.sampled_from(DTYPES), seed=seeds, strided=st.booleans())
+def test_forward_and_backward_match_reference(lead, C, extra, D, dtype, seed, strided):
+    """Valid, shuffled labels with unequal shots, embeddings dense or strided: values and
+    gradients."""
     g = gen(seed)
     S = C + extra if C else 0  # with no class, no label can be valid
     z = rand(*lead, S, D, dtype=dtype, gen=g, requires_grad=True)
+    if strided:  # the transpose of a [D, S] tensor
+        z = z.detach().mT.contiguous().mT.requires_grad_()
     labels = covering_labels(lead, S, C, g)
     out, (gz,) = vjp(lambda a: cp(a, labels, C), (z,))
     ref, (ref_gz,) = vjp(lambda a: reference.class_prototypes(a, labels, C), (z,))

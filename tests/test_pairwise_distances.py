@@ -14,10 +14,12 @@ pd = ops.pairwise_distances
 support_rows = st.integers(0, 20)
 
 
-def _check_against_reference(lead, Q, N, D, metric, dtype, seed):
+def _check_against_reference(lead, Q, N, D, metric, dtype, seed, strided=False):
     g = gen(seed)
     x = rand(*lead, Q, D, dtype=dtype, gen=g, requires_grad=True)
     y = rand(*lead, N, D, dtype=dtype, gen=g, requires_grad=True)
+    if strided:  # support rows as the transpose of a [D, N] tensor
+        y = y.detach().mT.contiguous().mT.requires_grad_()
     out, grads = vjp(lambda a, b: pd(a, b, metric), (x, y))
     ref, ref_grads = vjp(lambda a, b: reference.pairwise_distances(a, b, metric), (x, y))
     assert out.shape == (*lead, Q, N) and out.dtype == dtype
@@ -29,16 +31,16 @@ def _check_against_reference(lead, Q, N, D, metric, dtype, seed):
 
 @SETTINGS
 @given(lead=lead_shapes, Q=sizes, N=support_rows, D=st.integers(0, 40),
-       metric=st.sampled_from(METRICS), seed=seeds)
-def test_matches_reference_float64(lead, Q, N, D, metric, seed):
-    _check_against_reference(lead, Q, N, D, metric, torch.float64, seed)
+       metric=st.sampled_from(METRICS), seed=seeds, strided=st.booleans())
+def test_matches_reference_float64(lead, Q, N, D, metric, seed, strided):
+    _check_against_reference(lead, Q, N, D, metric, torch.float64, seed, strided)
 
 
 @SETTINGS
 @given(lead=lead_shapes, Q=sizes, N=support_rows, D=st.integers(0, 40),
-       metric=st.sampled_from(METRICS), seed=seeds)
-def test_matches_reference_float32(lead, Q, N, D, metric, seed):
-    _check_against_reference(lead, Q, N, D, metric, torch.float32, seed)
+       metric=st.sampled_from(METRICS), seed=seeds, strided=st.booleans())
+def test_matches_reference_float32(lead, Q, N, D, metric, seed, strided):
+    _check_against_reference(lead, Q, N, D, metric, torch.float32, seed, strided)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
