@@ -2,6 +2,8 @@
 GCC: Clang (macOS, conda toolchains), an aarch64 GCC (Grace Hopper, Graviton), and any
 compiler without OpenMP (Apple Clang without libomp: one thread, csrc/openmp.h). Each case
 skips when its compiler is not installed (``apt install clang g++-aarch64-linux-gnu``)."""
+import concurrent.futures
+import os
 import shutil
 import subprocess
 import sysconfig
@@ -33,11 +35,12 @@ def test_cpu_sources_compile(name):
     flags = ["-std=c++17", openmp or "-Wno-unknown-pragmas", "-fsyntax-only", "-Wall",
              "-Wextra", "-Wno-psabi", f"-I{CSRC}", f"-I{sysconfig.get_paths()['include']}",
              f"-I{pybind11.get_include()}", '-DPYMETA_VERSION="test"']
-    failures = []
-    for source in _sources():
+    def check(source):
         run = subprocess.run([compiler, *flags, str(source)], capture_output=True, text=True)
         if run.returncode or "warning:" in run.stderr:
-            failures.append(f"{source.relative_to(CSRC)}:\n{run.stderr[-2000:]}")
+            return f"{source.relative_to(CSRC)}:\n{run.stderr[-2000:]}"
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        failures = [f for f in pool.map(check, _sources()) if f]
     assert not failures, f"{name} rejects or warns on:\n" + "\n".join(failures)
 
 
