@@ -97,11 +97,13 @@ def test_maml_protonet_second_order():
 
 # ---- torch.compile ----------------------------------------------------------------------
 
-def _all_ops(x, y, w, gr, lr, labels):
-    d = pd(x, y, "euclidean") + pd(x, y, "cosine")
-    p = cp(x, labels, 3)
-    s = ops.sgd_step([w, None, w], [gr, gr, gr], [lr, lr, lr])
-    t = ops.sgd_step([w], [gr], 0.25)
+def _all_ops(x, y, w, gr, lr, labels, impl=ops):
+    """Every op once; ``impl=reference`` computes the same with torch's own ops."""
+    d = impl.pairwise_distances(x, y, "euclidean") + impl.pairwise_distances(x, y, "cosine")
+    p = impl.class_prototypes(x, labels, 3)
+    zero = None if impl is ops else torch.zeros_like(w)  # the reference has no None params
+    s = impl.sgd_step([w, zero, w], [gr, gr, gr], [lr, lr, lr])
+    t = impl.sgd_step([w], [gr], 0.25)
     return d.sum() + (p ** 2).sum() + (s[0] ** 2).sum() + s[1].sum() + s[2].mean() + t[0].sum()
 
 
@@ -111,9 +113,11 @@ def test_compile_fullgraph_forward_and_backward():
     args = [rand(3, 7, 4, gen=g), rand(3, 2, 4, gen=g), rand(4, gen=g), rand(3, 4, gen=g), rand(gen=g)]
     args = [a.requires_grad_() for a in args]
     out = compiled(*args, LABELS)
-    expected = _all_ops(*args, LABELS)
-    assert_close(out, expected)
-    assert_close(torch.autograd.grad(out, args), torch.autograd.grad(expected, args))
+    grads = torch.autograd.grad(out, args)
+    for impl in (ops, reference):  # eager kernels, and torch's ops (independent of them)
+        expected = _all_ops(*args, LABELS, impl)
+        assert_close(out, expected)
+        assert_close(grads, torch.autograd.grad(expected, args))
     with torch.no_grad():  # inference graph, another dtype
         args32 = [a.detach().float() for a in args]
         assert_close(compiled(*args32, LABELS), _all_ops(*args32, LABELS), torch.float32)
