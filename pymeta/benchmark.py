@@ -142,6 +142,8 @@ def _verify(case: Case, grad_out, label: str) -> None:
     different computations would be meaningless."""
     want = _results(case.impls["pymeta"], case.inputs, grad_out)
     for name, fn in case.impls.items():
+        if name == "pymeta":
+            continue
         expected = want
         if name in case.same_as:
             expected = _results(case.same_as[name], case.inputs, grad_out)

@@ -14,7 +14,7 @@ void check(cudaError_t err, const char* name) {
 
 void ensure_driver() {}
 
-bool large_kernel_params() { return emu::driver_version() >= 12010; }
+bool large_kernel_params() { return emu::max_param_bytes() > 4096; }
 
 DeviceGuard::DeviceGuard(const Device& dev, const char*)
     : index_(dev.index), stream_(reinterpret_cast<cudaStream_t>(dev.stream)) {}
